@@ -1,0 +1,46 @@
+// Abs-max over colour channels: the last step of a Simonyan saliency map, applied to the input blob's diff.
+// The index math below is shared by the threaded CPU loop and the CUDA kernel, so CPU tests cover both.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+
+#if defined(__CUDACC__)
+#define FASTSAL_HOST_DEVICE __host__ __device__
+#else
+#define FASTSAL_HOST_DEVICE
+#endif
+
+namespace fastsal {
+
+// Gradients are (images, channels, pixels) in Caffe's NCHW order. The map of image i lands at
+// out + i * out_image_stride, so a batch of maps goes straight into its (n, k) slots of the result.
+struct ChannelAbsMaxLayout {
+  int images;
+  int channels;
+  int pixels;
+  std::ptrdiff_t out_image_stride;
+
+  FASTSAL_HOST_DEVICE std::ptrdiff_t size() const { return static_cast<std::ptrdiff_t>(images) * pixels; }
+  FASTSAL_HOST_DEVICE std::ptrdiff_t out_index(std::ptrdiff_t i) const {
+    return (i / pixels) * out_image_stride + i % pixels;
+  }
+};
+
+// max_c |gradient[image, c, pixel]| for output element i in [0, layout.size()); NaN propagates like NumPy's max.
+FASTSAL_HOST_DEVICE inline float channel_absmax_at(const float* gradient, const ChannelAbsMaxLayout& layout,
+                                                   std::ptrdiff_t i) {
+  const std::ptrdiff_t image = i / layout.pixels, pixel = i % layout.pixels;
+  const float* g = gradient + image * layout.channels * layout.pixels + pixel;
+  float result = fabsf(g[0]);
+  for (int c = 1; c < layout.channels; ++c) {
+    const float a = fabsf(g[static_cast<std::ptrdiff_t>(c) * layout.pixels]);
+    if ((a > result || a != a) && result == result) result = a;  // x != x: NaN, on host and device
+  }
+  return result;
+}
+
+// Threaded over output pixels; gradient and out are host memory.
+void channel_absmax_cpu(const float* gradient, const ChannelAbsMaxLayout& layout, float* out);
+
+}  // namespace fastsal

@@ -1,0 +1,265 @@
+"""Saliency maps of a caffe.Net: argument checks, streaming in batches, and the per-net engine cache."""
+
+from __future__ import annotations
+
+import numbers
+import threading
+import weakref
+from collections.abc import Sequence
+
+import caffe
+import numpy as np
+
+from . import _core
+
+DEFAULT_MEMORY_BUDGET = 1 << 30
+
+
+class Saliency:
+    """Saliency maps (Simonyan et al. 2013) of one ``caffe.Net``, reusable across calls.
+
+    Builds fastsal's internal net once: the layers between ``input`` and ``score``, with
+    force_backward on and weight gradients off, sharing the weights of ``net`` (no copy). ``net``
+    itself is never modified, and later changes to its weights are seen here.
+
+    Args:
+        net: a pycaffe ``caffe.Net``, typically a deploy net in TEST phase.
+        score: the blob whose entries are the class scores. Default: the bottom of the net's final
+            Softmax, else the net's only output. Use the pre-softmax scores, as Simonyan et al. do.
+        input: the blob to differentiate with respect to, produced by an Input layer.
+            Default: the net's first input.
+        batch_size: images per forward pass. Default: as many as fit ``memory_budget`` bytes of
+            blobs, at most 32. Memory stays bounded by it however many images a call gets.
+        memory_budget: bytes of activations and gradients the internal net may use when
+            ``batch_size`` is not given.
+    """
+
+    def __init__(
+        self,
+        net: caffe.Net,
+        *,
+        score: str | None = None,
+        input: str | None = None,  # noqa: A002 - the user's word for it
+        batch_size: int | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    ):
+        _check_net(net)
+        for name, value in (("score", score), ("input", input)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a blob name (str), got {type(value).__name__}")
+        if batch_size is not None:
+            _check_positive_int("batch_size", batch_size)
+        _check_positive_int("memory_budget", memory_budget)
+        self._engine = _core.Engine(
+            net,
+            input_blob=input or "",
+            score_blob=score or "",
+            batch_size=batch_size or 0,
+            memory_budget=memory_budget,
+        )
+
+    @property
+    def input(self) -> str:
+        """The blob the maps are gradients with respect to."""
+        return self._engine.input_blob
+
+    @property
+    def score(self) -> str:
+        """The blob of class scores being differentiated."""
+        return self._engine.score_blob
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one input image."""
+        return tuple(self._engine.image_shape)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class scores per image in the score blob."""
+        return self._engine.num_classes
+
+    @property
+    def batch_size(self) -> int:
+        """Images per internal forward pass."""
+        return self._engine.batch_size
+
+    def compute(self, images, classes, *, gradients: bool = False) -> np.ndarray:
+        """Saliency maps of ``images`` for ``classes``.
+
+        Args:
+            images: preprocessed images, (N, C, H, W) or one (C, H, W) image, of any real dtype and
+                memory order; (C, H, W) must match the net's input blob.
+            classes: which class scores to differentiate, in one of three forms:
+
+                - an int: the same class for every image (K = 1);
+                - a sequence of K ints: the same K classes for every image;
+                - an (N, K) integer array: K classes per image, row n for image n.
+            gradients: return the raw gradients, (N, K, C, H, W), instead of the maps.
+
+        Images holding NaN or Inf raise ValueError: their gradients are meaningless, and Caffe's max
+        pooling writes out of bounds on them (its argmax stays -1), corrupting memory.
+
+        Returns:
+            float32 maps (N, K, H, W) with ``maps[n, k] = max_c |d score[classes[n, k]] / d images[n, c]|``;
+            for a single (C, H, W) image, (K, H, W).
+        """
+        batch, single = self._images(images)
+        class_ids = self._classes(classes, len(batch))
+        maps, grads, _ = self._run(batch, class_ids, class_ids.shape[1], gradients)
+        result = grads if gradients else maps
+        return result[0] if single else result
+
+    def compute_top_k(
+        self, images, k: int = 1, *, gradients: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Saliency maps for each image's ``k`` highest-scoring classes.
+
+        Returns ``(maps, classes)``: maps as in :meth:`compute` and the (N, k) int64 class ids, best
+        first (ties: lower id first); for a single (C, H, W) image, (k, H, W) and (k,).
+        """
+        _check_positive_int("k", k)
+        if k > self.num_classes:
+            raise ValueError(f"k={k} exceeds the {self.num_classes} classes of score blob '{self.score}'")
+        batch, single = self._images(images)
+        maps, grads, top = self._run(batch, None, k, gradients)
+        result = grads if gradients else maps
+        return (result[0], top[0]) if single else (result, top)
+
+    def _run(self, images: np.ndarray, classes: np.ndarray | None, k: int, gradients: bool):
+        n = len(images)
+        c, h, w = self.image_shape
+        maps = np.empty((n, k, h, w), np.float32)
+        grads = np.empty((n, k, c, h, w), np.float32) if gradients else None
+        top = np.empty((n, k), np.int32) if classes is None else None
+        step = self.batch_size
+        for start in range(0, n, step):
+            part = slice(start, start + step)
+            # Converted one batch at a time, so a float64 or strided input is never copied whole.
+            self._engine.compute(
+                np.ascontiguousarray(images[part], dtype=np.float32),
+                None if classes is None else classes[part],
+                maps[part],
+                None if grads is None else grads[part],
+                None if top is None else top[part],
+            )
+        return maps, grads, None if top is None else top.astype(np.int64)
+
+    def _images(self, images) -> tuple[np.ndarray, bool]:
+        if not isinstance(images, np.ndarray):
+            images = np.asarray(images)
+        if images.dtype == np.bool_ or not np.issubdtype(images.dtype, np.number) or np.issubdtype(
+            images.dtype, np.complexfloating
+        ):
+            raise TypeError(f"images must hold real numbers, got dtype {images.dtype}")
+        single = images.ndim == 3
+        if single:
+            images = images[np.newaxis]
+        if images.ndim != 4:
+            raise ValueError(f"images must be (N, C, H, W) or one (C, H, W) image, got shape {images.shape}")
+        if images.shape[1:] != self.image_shape:
+            raise ValueError(
+                f"images have shape {images.shape[1:]} per image, but input blob '{self.input}' takes "
+                f"{self.image_shape}; resize or crop them first (fastsal never reshapes the net)"
+            )
+        if np.issubdtype(images.dtype, np.floating):
+            for start in range(0, len(images), self.batch_size):
+                finite = np.isfinite(images[start : start + self.batch_size]).reshape(
+                    min(self.batch_size, len(images) - start), -1
+                ).all(axis=1)
+                if not finite.all():
+                    bad = start + int(np.argmin(finite))
+                    raise ValueError(f"images[{bad}] contains NaN or Inf; saliency is undefined there")
+        return images, single
+
+    def _classes(self, classes, n: int) -> np.ndarray:
+        """(N, K) int32 class ids from any accepted form, range-checked against the score blob."""
+        if isinstance(classes, (bool, np.bool_)):
+            raise TypeError("classes must be integers, got a bool")
+        if isinstance(classes, numbers.Integral):
+            ids = np.full((n, 1), int(classes), np.int64)
+        elif isinstance(classes, (Sequence, np.ndarray)) and not isinstance(classes, (str, bytes)):
+            array = np.asarray(classes)
+            if array.size and not np.issubdtype(array.dtype, np.integer):
+                raise TypeError(f"classes must be integers, got dtype {array.dtype}")
+            if array.ndim == 1:
+                ids = np.broadcast_to(array.astype(np.int64), (n, array.shape[0]))
+            elif array.ndim == 2:
+                if array.shape[0] != n:
+                    raise ValueError(
+                        f"classes has {array.shape[0]} rows but there are {n} images; give one row per image "
+                        "or a flat sequence for all"
+                    )
+                ids = array.astype(np.int64)
+            else:
+                raise ValueError(f"classes must be an int, a sequence or an (N, K) array, got shape {array.shape}")
+        else:
+            raise TypeError(f"classes must be an int, a sequence of ints or an (N, K) array, got {type(classes).__name__}")
+        if ids.shape[1] == 0:
+            raise ValueError("classes is empty: give at least one class")
+        bad = (ids < 0) | (ids >= self.num_classes)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"class {int(ids[where])} (classes[{where[0]}, {where[1]}]) is out of range: score blob "
+                f"'{self.score}' has {self.num_classes} classes, 0 to {self.num_classes - 1}"
+            )
+        return np.ascontiguousarray(ids, dtype=np.int32)
+
+
+def _check_net(net) -> None:
+    if not isinstance(net, caffe.Net):
+        raise TypeError(f"net must be a caffe.Net, got {type(net).__name__}")
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+# One Saliency per (net, options); weak keys, so the cache never keeps a user's net alive (the engine
+# only shares the net's weight memory).
+_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_cache_lock = threading.Lock()
+
+
+def _saliency_for(net, score, input, batch_size) -> Saliency:  # noqa: A002
+    _check_net(net)
+    key = (score, input, batch_size)
+    with _cache_lock:
+        per_net = _cache.setdefault(net, {})
+        if key not in per_net:
+            per_net[key] = Saliency(net, score=score, input=input, batch_size=batch_size)
+        return per_net[key]
+
+
+def compute(
+    net: caffe.Net,
+    images,
+    classes,
+    *,
+    score: str | None = None,
+    input: str | None = None,  # noqa: A002
+    batch_size: int | None = None,
+    gradients: bool = False,
+) -> np.ndarray:
+    """Saliency maps of ``images`` for ``classes`` under ``net``: see :class:`Saliency` and
+    :meth:`Saliency.compute`. The internal engine is built on first use and cached per net."""
+    return _saliency_for(net, score, input, batch_size).compute(
+        images, classes, gradients=gradients
+    )
+
+
+def compute_top_k(
+    net: caffe.Net,
+    images,
+    k: int = 1,
+    *,
+    score: str | None = None,
+    input: str | None = None,  # noqa: A002
+    batch_size: int | None = None,
+    gradients: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Saliency maps for each image's ``k`` best classes: see :meth:`Saliency.compute_top_k`."""
+    return _saliency_for(net, score, input, batch_size).compute_top_k(
+        images, k, gradients=gradients
+    )

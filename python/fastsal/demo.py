@@ -1,0 +1,77 @@
+"""The demo: saliency of Yahoo's open_nsfw ResNet-50 on scikit-image's sample photos, as PNG overlays.
+
+    python -m fastsal.demo --out out
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+import fastsal
+from fastsal import examples
+
+
+def overlay(photo: np.ndarray, saliency_map: np.ndarray, colormap) -> np.ndarray:
+    """The photo dimmed to grey under the map, coloured where the gradient is large."""
+    heat = saliency_map / max(float(np.percentile(saliency_map, 99.5)), 1e-12)
+    rgba = colormap(np.clip(heat, 0.0, 1.0))
+    grey = photo.astype(np.float32).mean(axis=2, keepdims=True) / 255.0
+    alpha = np.clip(heat, 0.0, 1.0)[..., None]
+    return np.clip(0.6 * grey * (1 - alpha) + rgba[..., :3] * alpha, 0, 1)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("out"), help="folder for the PNG files")
+    parser.add_argument("--photos", nargs="+", default=list(examples.SAMPLE_PHOTOS),
+                        help="scikit-image sample photos to explain")
+    args = parser.parse_args(argv)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fastsal.set_caffe_log_level(2)  # Caffe's per-layer log lines would bury the result
+    prototxt, weights = examples.open_nsfw_files()
+    net = fastsal.load(prototxt, weights)
+    images, crops, names = examples.open_nsfw_batch(args.photos)
+
+    start = time.perf_counter()
+    saliency = fastsal.Saliency(net)
+    built = time.perf_counter()
+    maps = saliency.compute(images, range(saliency.num_classes))
+    done = time.perf_counter()
+
+    net.blobs[saliency.input].reshape(*images.shape)
+    probabilities = net.forward(**{saliency.input: images})["prob"].reshape(len(images), -1)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    colormap = plt.get_cmap("inferno")
+    columns = ["photo"] + [f"saliency: {c}" for c in examples.OPEN_NSFW_CLASSES]
+    figure, axes = plt.subplots(len(names), 3, figsize=(9, 3 * len(names)), squeeze=False)
+    for row, name in enumerate(names):
+        panels = [crops[row] / 255.0] + [overlay(crops[row], maps[row, k], colormap) for k in range(2)]
+        for col, panel in enumerate(panels):
+            axes[row, col].imshow(panel)
+            axes[row, col].set_axis_off()
+            title = columns[col] if col else f"{name}: P(nsfw) = {probabilities[row, 1]:.2f}"
+            axes[row, col].set_title(title, fontsize=9)
+        plt.imsave(args.out / f"{name}_saliency_sfw.png", panels[1])
+    figure.suptitle("fastsal on open_nsfw (ResNet-50-1by2): |d score / d pixel|, max over colour channels")
+    figure.tight_layout()
+    grid = args.out / "open_nsfw_saliency.png"
+    figure.savefig(grid, dpi=80)
+
+    n_maps = maps.shape[0] * maps.shape[1]
+    print(f"fastsal: {n_maps} maps ({len(names)} photos x {maps.shape[1]} classes, {maps.shape[2]}x{maps.shape[3]}) "
+          f"in {done - built:.2f} s = {n_maps / (done - built):.1f} maps/s on CPU "
+          f"(engine built in {built - start:.2f} s); wrote {grid}")
+
+
+if __name__ == "__main__":
+    main()

