@@ -4,16 +4,19 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 // Boost.Python after pybind11: both define Python macros, and this order compiles cleanly.
-#include <boost/python.hpp>
-#include <caffe/caffe.hpp>
 #include <dlfcn.h>
 #include <glog/logging.h>
 
+#include <boost/python.hpp>
+#include <caffe/caffe.hpp>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "saliency_engine.hpp"
+#ifdef FASTSAL_WITH_CUDA
+#include "cuda_kernels.hpp"
+#endif
 
 namespace py = pybind11;
 
@@ -25,7 +28,8 @@ const caffe::Net<float>& pycaffe_net(py::handle net) {
   boost::python::object object{boost::python::handle<>(boost::python::borrowed(net.ptr()))};
   boost::python::extract<caffe::Net<float>&> as_net(object);
   if (!as_net.check())
-    throw py::type_error("net must be a caffe.Net, got " + std::string(py::str(py::type::of(net).attr("__name__"))));
+    throw py::type_error("net must be a caffe.Net, got " +
+                         std::string(py::str(py::type::of(net).attr("__name__"))));
   return as_net();
 }
 
@@ -49,6 +53,40 @@ T* checked_buffer(const py::array& array, const char* name, const std::vector<py
   return static_cast<T*>(const_cast<void*>(array.data()));
 }
 
+fastsal::SaliencyRequest make_request(const fastsal::SaliencyEngine& engine, const py::array& images,
+                                      const py::object& classes, const py::array& maps,
+                                      const py::object& gradients, const py::object& top_classes) {
+  const auto& image_shape = engine.image_shape();
+  const py::ssize_t n = images.ndim() > 0 ? images.shape(0) : 0;
+  const py::ssize_t k = maps.ndim() > 1 ? maps.shape(1) : 0;
+  std::vector<py::ssize_t> images_shape = {n}, grad_shape = {n, k}, map_shape = {n, k};
+  images_shape.insert(images_shape.end(), image_shape.begin(), image_shape.end());
+  grad_shape.insert(grad_shape.end(), image_shape.begin(), image_shape.end());
+  map_shape.insert(map_shape.end(), image_shape.begin() + 1, image_shape.end());
+
+  fastsal::SaliencyRequest request;
+  request.images = checked_buffer<float>(images, "images", images_shape);
+  request.num_images = static_cast<int>(n);
+  request.classes_per_image = static_cast<int>(k);
+  request.maps = checked_buffer<float>(maps, "maps", map_shape);
+  if (!classes.is_none())
+    request.classes = checked_buffer<int>(classes.cast<py::array>(), "classes", {n, k});
+  else if (!top_classes.is_none())
+    request.top_classes = checked_buffer<int>(top_classes.cast<py::array>(), "top_classes", {n, k});
+  else
+    throw py::value_error("give classes, or top_classes to receive each image's top-k classes");
+  if (!gradients.is_none())
+    request.gradients = checked_buffer<float>(gradients.cast<py::array>(), "gradients", grad_shape);
+  return request;
+}
+
+fastsal::BatchLayout batch_layout(const std::string& name) {
+  if (name == "auto") return fastsal::BatchLayout::kAuto;
+  if (name == "per_class") return fastsal::BatchLayout::kPerClass;
+  if (name == "pairs") return fastsal::BatchLayout::kPairs;
+  throw py::value_error("batch_layout must be 'auto', 'per_class' or 'pairs', got '" + name + "'");
+}
+
 std::string libcaffe_path() {
   Dl_info info;
   if (!dladdr(reinterpret_cast<void*>(&caffe::Caffe::Get), &info) || !info.dli_fname) return "";
@@ -62,50 +100,76 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<fastsal::SaliencyEngine>(m, "Engine")
       .def(py::init([](py::handle net, const std::string& input_blob, const std::string& score_blob,
-                       int batch_size, std::size_t memory_budget) {
+                       int batch_size, bool fast_layers, int device, const std::string& layout,
+                       std::size_t memory_budget) {
+             fastsal::EngineOptions options;
+             options.input_blob = input_blob;
+             options.score_blob = score_blob;
+             options.batch_size = batch_size;
+             options.fast_layers = fast_layers;
+             options.device = device;
+             options.layout = batch_layout(layout);
+             options.memory_budget = memory_budget;
              // The user's net is read under the GIL: another thread could be running pycaffe on it.
-             return std::make_unique<fastsal::SaliencyEngine>(
-                 pycaffe_net(net), fastsal::EngineOptions{input_blob, score_blob, batch_size, memory_budget});
+             return std::make_unique<fastsal::SaliencyEngine>(pycaffe_net(net), options);
            }),
            py::arg("net"), py::kw_only(), py::arg("input_blob"), py::arg("score_blob"), py::arg("batch_size"),
-           py::arg("memory_budget"))
+           py::arg("fast_layers"), py::arg("device"), py::arg("layout"), py::arg("memory_budget"))
       .def_property_readonly("input_blob", &fastsal::SaliencyEngine::input_blob)
       .def_property_readonly("score_blob", &fastsal::SaliencyEngine::score_blob)
       .def_property_readonly("image_shape", &fastsal::SaliencyEngine::image_shape)
       .def_property_readonly("num_classes", &fastsal::SaliencyEngine::num_classes)
       .def_property_readonly("batch_size", &fastsal::SaliencyEngine::batch_size)
-      .def_property_readonly("num_layers", &fastsal::SaliencyEngine::num_layers)
+      .def_property_readonly("device", &fastsal::SaliencyEngine::device)
       .def(
           "compute",
           [](fastsal::SaliencyEngine& engine, const py::array& images, const py::object& classes,
              const py::array& maps, const py::object& gradients, const py::object& top_classes) {
-            const auto& image_shape = engine.image_shape();
-            const py::ssize_t n = images.ndim() > 0 ? images.shape(0) : 0;
-            const py::ssize_t k = maps.ndim() > 1 ? maps.shape(1) : 0;
-            std::vector<py::ssize_t> images_shape = {n}, grad_shape = {n, k}, map_shape = {n, k};
-            images_shape.insert(images_shape.end(), image_shape.begin(), image_shape.end());
-            grad_shape.insert(grad_shape.end(), image_shape.begin(), image_shape.end());
-            map_shape.insert(map_shape.end(), image_shape.begin() + 1, image_shape.end());
-
-            fastsal::SaliencyRequest request;
-            request.images = checked_buffer<float>(images, "images", images_shape);
-            request.num_images = static_cast<int>(n);
-            request.classes_per_image = static_cast<int>(k);
-            request.maps = checked_buffer<float>(maps, "maps", map_shape);
-            if (!classes.is_none())
-              request.classes = checked_buffer<int>(classes.cast<py::array>(), "classes", {n, k});
-            else if (!top_classes.is_none())
-              request.top_classes = checked_buffer<int>(top_classes.cast<py::array>(), "top_classes", {n, k});
-            else
-              throw py::value_error("give classes, or top_classes to receive each image's top-k classes");
-            if (!gradients.is_none())
-              request.gradients = checked_buffer<float>(gradients.cast<py::array>(), "gradients", grad_shape);
-            // Safe without the GIL: the engine owns its net and the caller keeps these arrays alive.
+            const fastsal::SaliencyRequest request =
+                make_request(engine, images, classes, maps, gradients, top_classes);
+            // Safe without the GIL: the engine owns its nets and the caller keeps these arrays alive.
             py::gil_scoped_release release;
             engine.compute(request);
           },
           py::arg("images"), py::arg("classes"), py::arg("maps"), py::arg("gradients") = py::none(),
-          py::arg("top_classes") = py::none());
+          py::arg("top_classes") = py::none())
+      .def(
+          "profile_layers",
+          [](fastsal::SaliencyEngine& engine, const py::array& images, const py::object& classes,
+             const py::array& maps) {
+            const fastsal::SaliencyRequest request =
+                make_request(engine, images, classes, maps, py::none(), py::none());
+            std::vector<fastsal::LayerTime> times;
+            {
+              py::gil_scoped_release release;
+              times = engine.profile_layers(request);
+            }
+            py::list result;
+            for (const auto& t : times)
+              result.append(py::make_tuple(t.name, t.type, t.forward_seconds, t.backward_seconds));
+            return result;
+          },
+          "(name, type, forward s, backward s) of every layer for compute()'s work.", py::arg("images"),
+          py::arg("classes"), py::arg("maps"));
+
+  m.def(
+      "plan_batches",
+      [](const std::string& layout, bool on_gpu, int num_images, int classes_per_image, int batch_size) {
+        const fastsal::BatchPlan plan =
+            fastsal::plan_batches(batch_layout(layout), on_gpu, num_images, classes_per_image, batch_size);
+        return py::make_tuple(plan.pairs ? "pairs" : "per_class", plan.images_per_pass);
+      },
+      "(layout, images per forward pass) the engine picks: its batch-layout rule, exposed for the tests.",
+      py::arg("layout"), py::arg("on_gpu"), py::arg("num_images"), py::arg("classes_per_image"),
+      py::arg("batch_size"));
+
+  m.def("cuda_device_count", [] {
+#ifdef FASTSAL_WITH_CUDA
+    return fastsal::cuda_device_count();
+#else
+    return 0;
+#endif
+  });
 
   m.def(
       "set_log_level", [](int level) { FLAGS_minloglevel = level; }, py::arg("level"),

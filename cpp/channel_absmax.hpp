@@ -27,7 +27,8 @@ struct ChannelAbsMaxLayout {
   }
 };
 
-// max_c |gradient[image, c, pixel]| for output element i in [0, layout.size()); NaN propagates like NumPy's max.
+// max_c |gradient[image, c, pixel]| for output element i in [0, layout.size()); NaN propagates like NumPy's
+// max.
 FASTSAL_HOST_DEVICE inline float channel_absmax_at(const float* gradient, const ChannelAbsMaxLayout& layout,
                                                    std::ptrdiff_t i) {
   const std::ptrdiff_t image = i / layout.pixels, pixel = i % layout.pixels;
@@ -40,7 +41,15 @@ FASTSAL_HOST_DEVICE inline float channel_absmax_at(const float* gradient, const 
   return result;
 }
 
-// Threaded over output pixels; gradient and out are host memory.
+// Where the one-hot seed of score row r goes: its class is classes[r * classes_stride + class_offset]
+// (one backward per class: stride K, offset k; (image, class) pairs in the batch: stride 1, offset 0).
+FASTSAL_HOST_DEVICE inline std::ptrdiff_t seed_index(int row, const int* classes, int num_classes,
+                                                     int classes_stride, int class_offset) {
+  return static_cast<std::ptrdiff_t>(row) * num_classes +
+         classes[static_cast<std::ptrdiff_t>(row) * classes_stride + class_offset];
+}
+
+// On the host; gradient and out are host memory.
 void channel_absmax_cpu(const float* gradient, const ChannelAbsMaxLayout& layout, float* out);
 
 }  // namespace fastsal

@@ -49,20 +49,22 @@ int producer_of(const caffe::Net<float>& net, int blob) {
 // Layers whose backward pass to their bottoms is missing, or aborts under force_backward.
 void check_differentiable(const caffe::Net<float>& net, int layer) {
   static const std::set<std::string> no_input_gradient = {
-      "ArgMax",    "Threshold", "Embed",     "Python", "Filter",  "BatchReindex", "Accuracy",
-      "Recurrent", "RNN",       "LSTM",      "LSTMUnit", "Data",  "ImageData",    "HDF5Data",
-      "WindowData", "MemoryData", "DummyData"};
+      "ArgMax",    "Threshold", "Embed",      "Python",     "Filter",   "BatchReindex",
+      "Accuracy",  "Recurrent", "RNN",        "LSTM",       "LSTMUnit", "Data",
+      "ImageData", "HDF5Data",  "WindowData", "MemoryData", "DummyData"};
   const caffe::LayerParameter& p = net.layers()[layer]->layer_param();
   const std::string type = p.type();
   const bool is_loss = type.size() >= 4 && type.compare(type.size() - 4, 4, "Loss") == 0;
   if (no_input_gradient.count(type) || is_loss)
-    throw error(describe(net, layer) + " has no gradient with respect to its input, so no saliency "
+    throw error(describe(net, layer) +
+                " has no gradient with respect to its input, so no saliency "
                 "can flow through it; choose a score blob before it with score=");
   if (type == "Pooling" && p.pooling_param().pool() == caffe::PoolingParameter_PoolMethod_STOCHASTIC)
     throw error(describe(net, layer) + " uses STOCHASTIC pooling, which Caffe cannot differentiate");
   if (type == "BatchNorm" && p.batch_norm_param().has_use_global_stats() &&
       !p.batch_norm_param().use_global_stats())
-    throw error(describe(net, layer) + " sets use_global_stats: false: its output would depend on the "
+    throw error(describe(net, layer) +
+                " sets use_global_stats: false: its output would depend on the "
                 "other images in a batch, and Caffe would overwrite the shared moving averages");
 }
 
@@ -77,7 +79,8 @@ void check_batch_axis_free(const caffe::Net<float>& net, int layer) {
     const bool keeps_batch = axis > 0 || (rp.shape().dim_size() > 0 && rp.shape().dim(0) == 0) ||
                              (rp.shape().dim_size() > 1 && rp.shape().dim(0) == -1);
     if (!keeps_batch)
-      throw error(describe(net, layer) + " fixes the batch dimension; write 'dim: 0' for axis 0 so the "
+      throw error(describe(net, layer) +
+                  " fixes the batch dimension; write 'dim: 0' for axis 0 so the "
                   "net runs at any batch size");
     return;
   }
@@ -98,7 +101,8 @@ void check_batch_axis_free(const caffe::Net<float>& net, int layer) {
     }
     if (axis < 0) axis += bottom_axes;
     if (axis == 0)
-      throw error(describe(net, layer) + " works along axis 0, the batch axis: the images of a batch "
+      throw error(describe(net, layer) +
+                  " works along axis 0, the batch axis: the images of a batch "
                   "would mix, so their saliency maps would not be their own");
   }
   // Reduction's default axis is 0 even when reduction_param is absent.
@@ -148,19 +152,21 @@ SaliencyNetPlan plan_saliency_net(const caffe::Net<float>& net, const std::strin
   } else if (net.output_blob_indices().size() == 1) {
     plan.score_blob = net.blob_names()[net.output_blob_indices()[0]];
   } else {
-    throw error("the net does not end in a Softmax and has outputs " + join_names(net, net.output_blob_indices()) +
-                "; name the blob of class scores with score=");
+    throw error("the net does not end in a Softmax and has outputs " +
+                join_names(net, net.output_blob_indices()) + "; name the blob of class scores with score=");
   }
   const int input_id = blob_id(net, plan.input_blob, "input");
   const int score_id = blob_id(net, plan.score_blob, "score");
 
   const int input_layer = producer_of(net, input_id);
   if (input_layer < 0 || std::string(net.layers()[input_layer]->type()) != "Input")
-    throw error("input blob '" + plan.input_blob + "' is not produced by an Input layer; fastsal feeds "
+    throw error("input blob '" + plan.input_blob +
+                "' is not produced by an Input layer; fastsal feeds "
                 "the images into an Input layer's blob");
   const int score_layer = producer_of(net, score_id);
   if (score_layer <= input_layer)
-    throw error("score blob '" + plan.score_blob + "' is not computed from input blob '" + plan.input_blob + "'");
+    throw error("score blob '" + plan.score_blob + "' is not computed from input blob '" + plan.input_blob +
+                "'");
 
   // Keep only the layers the score depends on: walk back from its producer, collecting bottoms.
   std::vector<bool> keep(score_layer + 1, false);
@@ -172,7 +178,8 @@ SaliencyNetPlan plan_saliency_net(const caffe::Net<float>& net, const std::strin
     for (int b : net.bottom_ids(l)) needed.insert(b);
   }
   if (!needed.count(input_id))
-    throw error("score blob '" + plan.score_blob + "' does not depend on input blob '" + plan.input_blob + "'");
+    throw error("score blob '" + plan.score_blob + "' does not depend on input blob '" + plan.input_blob +
+                "'");
 
   for (int l = 0; l <= score_layer; ++l) {
     if (!keep[l]) continue;

@@ -3,9 +3,9 @@
 // CHECK (and abort) is made here first and reported as std::invalid_argument.
 #pragma once
 
-#include <caffe/net.hpp>
 #include <caffe/proto/caffe.pb.h>
 
+#include <caffe/net.hpp>
 #include <cstddef>
 #include <string>
 #include <vector>
@@ -13,11 +13,11 @@
 namespace fastsal {
 
 struct SaliencyNetPlan {
-  caffe::NetParameter param;     // the internal net; its input batch dimension is set by with_batch_size()
-  std::string input_blob;        // differentiated with respect to this blob
-  std::string score_blob;        // whose entries are the class scores
-  std::vector<int> image_shape;  // one input image: the input blob's shape without the batch axis
-  int num_classes = 0;           // entries of the score blob per image
+  caffe::NetParameter param;        // the internal net; its input batch dimension is set by with_batch_size()
+  std::string input_blob;           // differentiated with respect to this blob
+  std::string score_blob;           // whose entries are the class scores
+  std::vector<int> image_shape;     // one input image: the input blob's shape without the batch axis
+  int num_classes = 0;              // entries of the score blob per image
   std::size_t bytes_per_image = 0;  // data + diff of every blob the internal net keeps, per image
 
   caffe::NetParameter with_batch_size(int batch_size) const;

@@ -31,19 +31,10 @@ jobs=${FASTSAL_JOBS:-$(nproc)}
 cuda_arch_bin=${CUDA_ARCH_BIN:-75 80 86 89 90}
 
 # Build dependencies, installed only when missing so a cached rerun needs no network.
-apt_packages=(build-essential cmake dpkg-dev patch libboost-system-dev libboost-thread-dev
-  libboost-filesystem-dev libboost-python-dev libprotobuf-dev protobuf-compiler libgoogle-glog-dev
-  libgflags-dev libhdf5-dev libopenblas-dev python3-dev python3-venv)
-missing=()
-for p in "${apt_packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  log "installing build dependencies: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-fi
+source "$here/apt_ensure.sh"
+apt_ensure build-essential cmake dpkg-dev patch libboost-system-dev libboost-thread-dev \
+  libboost-filesystem-dev libboost-python-dev libprotobuf-dev protobuf-compiler libgoogle-glog-dev \
+  libgflags-dev libhdf5-dev libopenblas-dev python3-dev python3-venv
 
 py_minor=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 py_tag=py$py_minor-np$("$python" -c 'import numpy; print(numpy.__version__.split(".")[0])')
@@ -57,7 +48,9 @@ else
   cmake_options+=(-DCPU_ONLY=ON)
 fi
 
-key=$( { echo "$CAFFE_VERSION $RECIPE_REVISION $variant $py_tag ${cmake_options[*]}"; cat "$patch_dir"/*.patch; } \
+patches=("$patch_dir"/*.patch)
+[ "$variant" = cuda ] && patches+=("$patch_dir"/cuda/*.patch)  # CUDA 13 fixes touch only CUDA code
+key=$( { echo "$CAFFE_VERSION $RECIPE_REVISION $variant $py_tag ${cmake_options[*]}"; cat "${patches[@]}"; } \
   | sha256sum | cut -c1-12)
 prefix=$cache/caffe-${CAFFE_VERSION%%+*}-$variant-$key
 
@@ -91,7 +84,7 @@ apt-get "${apt_private[@]}" update -qq >&2
 (cd "$work" && apt-get "${apt_private[@]}" source -qq "caffe=$CAFFE_VERSION" >&2)
 src=$(find "$work" -maxdepth 1 -type d -name 'caffe-*' | head -n1)
 
-for p in "$patch_dir"/*.patch; do
+for p in "${patches[@]}"; do
   log "applying $(basename "$p")"
   patch -d "$src" -p1 --forward --quiet < "$p"
 done

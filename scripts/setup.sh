@@ -2,9 +2,13 @@
 # The one set-up command: a .venv at the repository root in which `import caffe` and `import fastsal`
 # work, then the demo on the real open_nsfw model. Safe to rerun; a rerun with the cache takes seconds.
 #
-#   scripts/setup.sh [--no-demo]
+#   scripts/setup.sh [--cuda] [--no-demo]
+#
+#   --cuda     Caffe and fastsal with CUDA (CUDA toolkit needed; a GPU only to run it)
+#   --no-demo  stop after installing
 #
 # Environment:
+#   FASTSAL_VENV                 the virtual environment to create or reuse (default .venv)
 #   PYTHON                       interpreter for .venv (default: Debian's /usr/bin/python3, whose
 #                                Boost.Python pycaffe links against)
 #   CAFFE_ROOT or Caffe_DIR      use your own Caffe build instead of building one (see README)
@@ -14,21 +18,27 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 run_demo=1
-[ "${1:-}" = "--no-demo" ] && run_demo=0
+variant=cpu
+for arg in "$@"; do
+  case "$arg" in
+    --no-demo) run_demo=0 ;;
+    --cuda) variant=cuda ;;
+    *) echo "setup.sh: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+venv=${FASTSAL_VENV:-.venv}
 log() { echo "[setup] $*" >&2; }
 
 python=${PYTHON:-/usr/bin/python3}
-if ! "$python" -c 'import ensurepip, sysconfig, os; assert os.path.exists(sysconfig.get_paths()["include"] + "/Python.h")' 2>/dev/null \
-  && [ "$python" = /usr/bin/python3 ]; then
-  log "installing python3-venv and python3-dev"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-venv python3-dev >&2
+# fastsal's own apt needs (Caffe's are scripts/build_caffe.sh's): a venv, Python headers, and oneDNN
+# for the fast convolution backward.
+source scripts/apt_ensure.sh
+apt_ensure python3-venv python3-dev libdnnl-dev clang-format  # clang-format: the style test
+if [ ! -x "$venv/bin/python" ]; then
+  log "creating $venv with $python"
+  "$python" -m venv "$venv"
 fi
-if [ ! -x .venv/bin/python ]; then
-  log "creating .venv with $python"
-  "$python" -m venv .venv
-fi
-venv_python=$root/.venv/bin/python
+venv_python=$root/$venv/bin/python
 "$venv_python" -m pip install -q --upgrade pip
 # What building Caffe's pycaffe and fastsal needs inside the venv (fastsal builds without isolation, so
 # its CMake build directory is reused across reruns).
@@ -41,17 +51,17 @@ if [ -n "${Caffe_DIR:-}" ] || [ -n "${CAFFE_ROOT:-}" ]; then
     [ -f "$d/caffe/__init__.py" ] && caffe_python=$d
   done
 else
-  prefix=$(scripts/build_caffe.sh --python "$venv_python")
+  prefix=$(scripts/build_caffe.sh --python "$venv_python" $([ "$variant" = cuda ] && echo --cuda))
   export Caffe_DIR=$prefix/share/Caffe
   caffe_python=$prefix/lib/python3/dist-packages
 fi
 site=$("$venv_python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 if [ -n "$caffe_python" ]; then
-  echo "$caffe_python" > "$site/fastsal-pycaffe.pth"  # `import caffe` inside .venv
+  echo "$caffe_python" > "$site/fastsal-pycaffe.pth"  # `import caffe` inside the venv
 fi
 
-log "installing fastsal"
-"$venv_python" -m pip install -q --no-build-isolation ".[demo,test]"
+log "installing fastsal ($variant)"
+"$venv_python" -m pip install -q --no-build-isolation -Cbuild-dir="build/$variant" ".[demo,test]"
 "$venv_python" -c 'import caffe, fastsal; print("[setup] fastsal", fastsal.__version__, fastsal.build_info())' >&2
 
 if [ "$run_demo" = 1 ]; then

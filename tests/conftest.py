@@ -3,10 +3,10 @@ checked against, the seed recipe from the caffe-users thread (force_backward, on
 
 from __future__ import annotations
 
+import caffe
 import numpy as np
 import pytest
 
-import caffe
 import fastsal
 
 fastsal.set_caffe_log_level(1)
@@ -80,6 +80,24 @@ NETS = {
         + layer("drop", "Dropout", "pool", "pool", "dropout_param { dropout_ratio: 0.5 }")
         + fc("score", "pool", 6),
         "score",
+    ),
+    # The convolution shapes fastsal's oneDNN backward must map exactly: stride with Caffe's floored output
+    # (asymmetric padding), groups, dilation, a stride-2 1x1 whose padding falls back to Caffe; leaky ReLU.
+    "conv_strides_groups_dilation_leaky": (
+        _input((4, 11, 11))
+        + conv("strided", "data", 6, k=3, pad=1, stride=2)
+        + layer("leaky", "ReLU", "strided", "strided", "relu_param { negative_slope: 0.1 }")
+        + conv("grouped", "strided", 6, k=3, pad=1, group=3)
+        + layer("relu", "ReLU", "grouped", "grouped")
+        + layer(
+            "dilated",
+            "Convolution",
+            "grouped",
+            params="convolution_param { num_output: 4 kernel_size: 3 pad: 2 dilation: 2 }",
+        )
+        + conv("shrink", "dilated", 4, k=1, pad=0, stride=2)
+        + fc("fc", "shrink", 5),
+        "fc",
     ),
     "eltwise_max_prod_sigmoid_tanh": (
         _input((2, 8, 8))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 import caffe
-import fastsal
+import numpy as np
 from caffe import layers as L
 from caffe import params as P
+
+import fastsal
 
 
 def test_build_info_names_the_loaded_caffe():

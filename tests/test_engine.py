@@ -5,10 +5,14 @@ from __future__ import annotations
 import gc
 import threading
 
+import caffe
 import numpy as np
 import pytest
+
+import fastsal
 from conftest import (
     NETS,
+    _input,
     assert_close_to_reference,
     conv,
     fc,
@@ -17,11 +21,7 @@ from conftest import (
     random_images,
     seed_recipe,
     write,
-    _input,
 )
-
-import caffe
-import fastsal
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3, None], ids=lambda b: f"batch{b}")
@@ -69,6 +69,15 @@ def test_streaming_edges(tmp_path, rng, n, k):
     assert_close_to_reference(maps, reference)
 
 
+def test_fast_layers_agree_with_caffes_own(small_net, rng):
+    """fastsal's CPU layers (oneDNN backward-data convolution, masked ReLU) against Caffe's own code."""
+    net, _, score = small_net
+    images = random_images(rng, net, 3)
+    fast = fastsal.Saliency(net, batch_size=2).compute(images, [0, 1], gradients=True)
+    stock = fastsal.Saliency(net, batch_size=2, fast_layers=False).compute(images, [0, 1], gradients=True)
+    assert_close_to_reference(fast, stock)
+
+
 def test_finite_differences_on_a_smooth_net(tmp_path, rng):
     """Central differences of the score through pycaffe's own forward, on a net with no kinks."""
     text = (
@@ -92,7 +101,9 @@ def test_finite_differences_on_a_smooth_net(tmp_path, rng):
             numeric[(slice(None), *index)] += sign * scores[[0, 2]] / (2 * eps)
     np.testing.assert_allclose(grads, numeric, rtol=2e-3, atol=2e-3 * np.abs(numeric).max())
     maps = fastsal.compute(net, image, [0, 2])
-    np.testing.assert_allclose(maps, np.abs(numeric).max(axis=1), rtol=2e-3, atol=2e-3 * np.abs(numeric).max())
+    np.testing.assert_allclose(
+        maps, np.abs(numeric).max(axis=1), rtol=2e-3, atol=2e-3 * np.abs(numeric).max()
+    )
 
 
 def test_class_forms_agree(tmp_path, rng):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import caffe
 import numpy as np
 import pytest
-from conftest import NETS, _input, conv, fc, layer, make_net, random_images, write
 
-import caffe
 import fastsal
+from conftest import NETS, _input, conv, fc, layer, make_net, random_images, write
 
 
 @pytest.fixture
@@ -32,7 +32,10 @@ def test_net_must_be_a_caffe_net(images):
     [
         ((3, 12), r"images must be \(N, C, H, W\) or one \(C, H, W\) image, got shape \(3, 12\)"),
         ((1, 1, 3, 12, 12), r"got shape \(1, 1, 3, 12, 12\)"),
-        ((2, 4, 12, 12), r"images have shape \(4, 12, 12\) per image, but input blob 'data' takes \(3, 12, 12\)"),
+        (
+            (2, 4, 12, 12),
+            r"images have shape \(4, 12, 12\) per image, but input blob 'data' takes \(3, 12, 12\)",
+        ),
         ((2, 3, 12, 13), r"images have shape \(3, 12, 13\) per image.*never reshapes the net"),
     ],
     ids=["ndim2", "ndim5", "channels", "width"],
@@ -43,8 +46,13 @@ def test_image_shape_errors(net, shape, message):
 
 
 @pytest.mark.parametrize(
-    "bad", [np.ones((1, 3, 12, 12), np.complex64), np.full((1, 3, 12, 12), "x"), np.ones((1, 3, 12, 12), bool),
-            np.empty((1, 3, 12, 12), object)],
+    "bad",
+    [
+        np.ones((1, 3, 12, 12), np.complex64),
+        np.full((1, 3, 12, 12), "x"),
+        np.ones((1, 3, 12, 12), bool),
+        np.empty((1, 3, 12, 12), object),
+    ],
     ids=["complex", "str", "bool", "object"],
 )
 def test_images_must_be_real_numbers(net, bad):
@@ -62,7 +70,11 @@ def test_non_finite_images_are_refused(net, images, value):
 @pytest.mark.parametrize(
     "classes, error, message",
     [
-        (7, ValueError, r"class 7 \(classes\[0, 0\]\) is out of range: score blob 'fc' has 7 classes, 0 to 6"),
+        (
+            7,
+            ValueError,
+            r"class 7 \(classes\[0, 0\]\) is out of range: score blob 'fc' has 7 classes, 0 to 6",
+        ),
         (-1, ValueError, r"class -1 .* is out of range"),
         ([0, 99], ValueError, r"class 99 \(classes\[0, 1\]\) is out of range"),
         (np.array([[0], [1], [70]]), ValueError, r"class 70 \(classes\[2, 0\]\)"),
@@ -75,8 +87,20 @@ def test_non_finite_images_are_refused(net, images, value):
         (np.zeros((2, 1), int), ValueError, "classes has 2 rows but there are 3 images"),
         (np.zeros((3, 1, 1), int), ValueError, r"got shape \(3, 1, 1\)"),
     ],
-    ids=["too-big", "negative", "in-list", "per-image", "huge", "float", "float-list", "bool", "str", "empty",
-         "rows", "ndim3"],
+    ids=[
+        "too-big",
+        "negative",
+        "in-list",
+        "per-image",
+        "huge",
+        "float",
+        "float-list",
+        "bool",
+        "str",
+        "empty",
+        "rows",
+        "ndim3",
+    ],
 )
 def test_class_errors(net, images, classes, error, message):
     with pytest.raises(error, match=message):
@@ -97,7 +121,9 @@ def test_batch_size_errors(net, batch_size):
 
 
 def test_unknown_blob_names(net):
-    with pytest.raises(ValueError, match="unknown score blob 'logits'; the net's blobs are: data, conv1, pool1"):
+    with pytest.raises(
+        ValueError, match="unknown score blob 'logits'; the net's blobs are: data, conv1, pool1"
+    ):
         fastsal.Saliency(net, score="logits")
     with pytest.raises(ValueError, match="unknown input blob 'image'"):
         fastsal.Saliency(net, input="image")
@@ -119,28 +145,83 @@ def _with_tail(tail: str) -> str:
 @pytest.mark.parametrize(
     "text, score, message",
     [
-        (_with_tail(fc("a", "conv", 3) + fc("b", "conv", 2)), None,
-         "does not end in a Softmax and has outputs 'a', 'b'; name the blob of class scores with score="),
-        (_input((3, 6, 6)) + layer("other", "Input", [], "extra", "input_param { shape { dim: 2 dim: 3 } }")
-         + conv("conv", "data", 4) + fc("f", "conv", 3) + layer("both", "Concat", ["f", "extra"]), "both",
-         "also depends on input 'extra'|also depends on layer 'other'"),
-        (_with_tail(layer("am", "ArgMax", "conv") + fc("s", "am", 2)), "s",
-         r"layer 'am' \(ArgMax\) has no gradient with respect to its input"),
-        (_with_tail(layer("r", "Reshape", "conv", params="reshape_param { shape { dim: 2 dim: -1 } }")
-                    + fc("s", "r", 2)), "s", r"layer 'r' \(Reshape\) fixes the batch dimension; write 'dim: 0'"),
-        (_with_tail(layer("cat", "Concat", ["conv", "conv"], params="concat_param { axis: 0 }") + fc("s", "cat", 2)),
-         "s", r"layer 'cat' \(Concat\) works along axis 0, the batch axis"),
-        (_with_tail(layer("bn", "BatchNorm", "conv", params="batch_norm_param { use_global_stats: false }")
-                    + fc("s", "bn", 2)), "s", r"layer 'bn' \(BatchNorm\) sets use_global_stats: false"),
-        (_with_tail(layer("p", "Pooling", "conv", params="pooling_param { pool: STOCHASTIC kernel_size: 2 }")
-                    + fc("s", "p", 2)), "s", "uses STOCHASTIC pooling"),
-        (_with_tail(fc("s", "conv", 2) + fc("t", "data", 2)), "t", None),  # fine: a score needs only its ancestors
-        (_input((3, 6, 6)) + conv("conv", "data", 2, k=6, pad=0) + layer("flat", "Flatten", "conv")
-         + layer("red", "Reduction", "flat") + fc("s", "conv", 1), "red",
-         r"layer 'red' \(Reduction\) reduces over axis 0, the batch axis"),
+        (
+            _with_tail(fc("a", "conv", 3) + fc("b", "conv", 2)),
+            None,
+            "does not end in a Softmax and has outputs 'a', 'b'; name the blob of class scores with score=",
+        ),
+        (
+            _input((3, 6, 6))
+            + layer("other", "Input", [], "extra", "input_param { shape { dim: 2 dim: 3 } }")
+            + conv("conv", "data", 4)
+            + fc("f", "conv", 3)
+            + layer("both", "Concat", ["f", "extra"]),
+            "both",
+            "also depends on input 'extra'|also depends on layer 'other'",
+        ),
+        (
+            _with_tail(layer("am", "ArgMax", "conv") + fc("s", "am", 2)),
+            "s",
+            r"layer 'am' \(ArgMax\) has no gradient with respect to its input",
+        ),
+        (
+            _with_tail(
+                layer("r", "Reshape", "conv", params="reshape_param { shape { dim: 2 dim: -1 } }")
+                + fc("s", "r", 2)
+            ),
+            "s",
+            r"layer 'r' \(Reshape\) fixes the batch dimension; write 'dim: 0'",
+        ),
+        (
+            _with_tail(
+                layer("cat", "Concat", ["conv", "conv"], params="concat_param { axis: 0 }")
+                + fc("s", "cat", 2)
+            ),
+            "s",
+            r"layer 'cat' \(Concat\) works along axis 0, the batch axis",
+        ),
+        (
+            _with_tail(
+                layer("bn", "BatchNorm", "conv", params="batch_norm_param { use_global_stats: false }")
+                + fc("s", "bn", 2)
+            ),
+            "s",
+            r"layer 'bn' \(BatchNorm\) sets use_global_stats: false",
+        ),
+        (
+            _with_tail(
+                layer("p", "Pooling", "conv", params="pooling_param { pool: STOCHASTIC kernel_size: 2 }")
+                + fc("s", "p", 2)
+            ),
+            "s",
+            "uses STOCHASTIC pooling",
+        ),
+        (
+            _with_tail(fc("s", "conv", 2) + fc("t", "data", 2)),
+            "t",
+            None,
+        ),  # fine: a score needs only its ancestors
+        (
+            _input((3, 6, 6))
+            + conv("conv", "data", 2, k=6, pad=0)
+            + layer("flat", "Flatten", "conv")
+            + layer("red", "Reduction", "flat")
+            + fc("s", "conv", 1),
+            "red",
+            r"layer 'red' \(Reduction\) reduces over axis 0, the batch axis",
+        ),
     ],
-    ids=["two-outputs", "second-input", "argmax", "fixed-batch-reshape", "concat-axis0", "batch-stats", "stochastic",
-         "side-branch", "reduction"],
+    ids=[
+        "two-outputs",
+        "second-input",
+        "argmax",
+        "fixed-batch-reshape",
+        "concat-axis0",
+        "batch-stats",
+        "stochastic",
+        "side-branch",
+        "reduction",
+    ],
 )
 def test_nets_fastsal_cannot_differentiate(tmp_path, text, score, message):
     net = make_net(tmp_path, text)
@@ -154,7 +235,8 @@ def test_nets_fastsal_cannot_differentiate(tmp_path, text, score, message):
 def test_embed_layer_is_refused_before_caffe_aborts(tmp_path):
     """force_backward makes Embed hit CHECK(!propagate_down[0]), which would abort the interpreter."""
     text = (
-        _input((1, 4, 4)) + layer("emb", "Embed", "data", params="embed_param { num_output: 3 input_dim: 10 }")
+        _input((1, 4, 4))
+        + layer("emb", "Embed", "data", params="embed_param { num_output: 3 input_dim: 10 }")
         + fc("s", "emb", 2)
     )
     net = make_net(tmp_path, text)
@@ -172,7 +254,12 @@ def test_errors_lose_nothing(net, images):
 
 # ---- fastsal.load: bad files raise instead of aborting the interpreter ----
 
-GOOD = _input((3, 6, 6), batch=1) + conv("conv", "data", 4) + fc("fc", "conv", 3) + layer("prob", "Softmax", "fc")
+GOOD = (
+    _input((3, 6, 6), batch=1)
+    + conv("conv", "data", 4)
+    + fc("fc", "conv", 3)
+    + layer("prob", "Softmax", "fc")
+)
 
 
 @pytest.fixture
@@ -200,12 +287,18 @@ def test_load_missing_files(tmp_path, weights):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("layer { name: 'x' type: 'Input' top: 'data' input_param { shape { dim: 1 } }", "Error parsing text-format"),
+        (
+            "layer { name: 'x' type: 'Input' top: 'data' input_param { shape { dim: 1 } }",
+            "Error parsing text-format",
+        ),
         ("layer { name: 'x' colour: 3 }", "Error parsing text-format.*colour"),
         (_input((3, 6, 6)) + fc("fc", "missing", 3), "Unknown bottom blob 'missing'"),
         (_input((3, 6, 6)) + layer("w", "NoSuchLayer", "data"), "Unknown layer type: NoSuchLayer"),
-        (_input((3, 6, 6)) + layer("c", "Convolution", "data", params="convolution_param { num_output: 2 }"),
-         "kernel_size|Check failed"),
+        (
+            _input((3, 6, 6))
+            + layer("c", "Convolution", "data", params="convolution_param { num_output: 2 }"),
+            "kernel_size|Check failed",
+        ),
     ],
     ids=["unterminated", "unknown-field", "unknown-bottom", "unknown-type", "no-kernel"],
 )

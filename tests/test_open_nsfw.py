@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import assert_close_to_reference, seed_recipe
 
 import fastsal
+from conftest import assert_close_to_reference, seed_recipe
 from fastsal import examples
 
 pytestmark = pytest.mark.slow

@@ -17,6 +17,11 @@ def has_cuda() -> bool:
     return bool(_core.build_info()["cuda"])
 
 
+def cuda_device_count() -> int:
+    """CUDA devices fastsal can use: 0 without a CUDA build, or without a GPU."""
+    return int(_core.cuda_device_count())
+
+
 def set_caffe_log_level(level: int) -> None:
     """Caffe's (glog's) minimum log level from now on: 0 INFO (Caffe's default), 1 WARNING, 2 ERROR.
 

