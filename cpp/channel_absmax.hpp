@@ -49,7 +49,7 @@ FASTSAL_HOST_DEVICE inline std::ptrdiff_t seed_index(int row, const int* classes
          classes[static_cast<std::ptrdiff_t>(row) * classes_stride + class_offset];
 }
 
-// On the host; gradient and out are host memory.
+// On the host, threaded (OpenMP); gradient and out are host memory.
 void channel_absmax_cpu(const float* gradient, const ChannelAbsMaxLayout& layout, float* out);
 
 }  // namespace fastsal

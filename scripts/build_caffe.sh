@@ -91,7 +91,8 @@ done
 
 # Install straight into the prefix (Caffe's CMake bakes it into rpaths); .complete marks it usable.
 rm -rf "$prefix"
-cmake -S "$src" -B "$work/build" -DCMAKE_INSTALL_PREFIX="$prefix" \
+# (No registration of the throwaway build tree in ~/.cmake/packages, where other projects would find it.)
+cmake -S "$src" -B "$work/build" -DCMAKE_INSTALL_PREFIX="$prefix" -DCMAKE_EXPORT_NO_PACKAGE_REGISTRY=ON \
   -DPYTHON_EXECUTABLE="$("$python" -c 'import sys; print(sys.executable)')" "${cmake_options[@]}" >&2
 cmake --build "$work/build" -j "$jobs" >&2
 cmake --install "$work/build" >&2

@@ -61,7 +61,9 @@ if [ -n "$caffe_python" ]; then
 fi
 
 log "installing fastsal ($variant)"
-"$venv_python" -m pip install -q --no-build-isolation -Cbuild-dir="build/$variant" ".[demo,test]"
+caffe_define=()
+[ -n "${Caffe_DIR:-}" ] && caffe_define=(-Ccmake.define.Caffe_DIR="$Caffe_DIR")
+"$venv_python" -m pip install -q --no-build-isolation -Cbuild-dir="build/$variant" "${caffe_define[@]}" ".[demo,test]"
 "$venv_python" -c 'import caffe, fastsal; print("[setup] fastsal", fastsal.__version__, fastsal.build_info())' >&2
 
 if [ "$run_demo" = 1 ]; then
