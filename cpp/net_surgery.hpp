@@ -18,7 +18,7 @@ struct SaliencyNetPlan {
   std::string score_blob;           // whose entries are the class scores
   std::vector<int> image_shape;     // one input image: the input blob's shape without the batch axis
   int num_classes = 0;              // entries of the score blob per image
-  std::size_t bytes_per_image = 0;  // data + diff of every blob the internal net keeps, per image
+  std::size_t bytes_per_image = 0;  // data + diff of every blob the internal net keeps, and layer state
 
   caffe::NetParameter with_batch_size(int batch_size) const;
 };
