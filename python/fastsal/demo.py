@@ -76,8 +76,8 @@ def main(argv=None) -> None:
     n_maps = maps.shape[0] * maps.shape[1]
     print(
         f"fastsal: {n_maps} maps ({len(names)} photos x {maps.shape[1]} classes, {maps.shape[2]}x{maps.shape[3]}) "
-        f"in {done - built:.2f} s = {n_maps / (done - built):.1f} maps/s on CPU "
-        f"(engine built in {built - start:.2f} s); wrote {grid}"
+        f"in {done - built:.2f} s = {n_maps / (done - built):.1f} maps/s on CPU, a first call that also "
+        f"allocates the net's memory (engine built in {built - start:.2f} s); wrote {grid}"
     )
 
 
