@@ -1,12 +1,12 @@
 // fastsal._core: converts and checks arguments, releases the GIL and calls the engine. Normalising user
 // input (dtypes, class forms, NaN checks) is the Python layer's job; this file only guards the buffers.
+#include <dlfcn.h>
+#include <glog/logging.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
-// Boost.Python after pybind11: both define Python macros, and this order compiles cleanly.
-#include <dlfcn.h>
-#include <glog/logging.h>
 
+// Boost.Python after pybind11: both define Python macros, and this order compiles cleanly.
 #include <boost/python.hpp>
 #include <caffe/caffe.hpp>
 #include <sstream>
@@ -127,7 +127,7 @@ PYBIND11_MODULE(_core, m) {
              const py::array& maps, const py::object& gradients, const py::object& top_classes) {
             const fastsal::SaliencyRequest request =
                 make_request(engine, images, classes, maps, gradients, top_classes);
-            // Safe without the GIL: the engine owns its nets and the caller keeps these arrays alive.
+            // Safe without the GIL: the engine owns its net and the caller keeps these arrays alive.
             py::gil_scoped_release release;
             engine.compute(request);
           },

@@ -14,6 +14,10 @@
 
 namespace fastsal {
 
+namespace {
+
+// ReLU as Caffe computes it, plus a byte mask of x > 0 written while the data is hot. Caffe's backward
+// re-reads x (cold by then, and once per class) in a scalar loop; the mask is a quarter of that.
 // Caffe's expressions, term for term, so every value (NaN and Inf included) matches Caffe's layer.
 void relu_forward(const float* bottom_data, float* top_data, std::uint8_t* positive, std::int64_t count,
                   float negative_slope) {
@@ -31,8 +35,6 @@ void relu_backward(const std::uint8_t* positive, const float* top_diff, float* b
 #pragma omp parallel for simd schedule(static) if (count >= (1 << 16))
   for (std::int64_t i = 0; i < count; ++i) bottom_diff[i] = top_diff[i] * static_cast<float>(positive[i]);
 }
-
-namespace {
 
 class ReLULayer : public caffe::ReLULayer<float> {
  public:

@@ -37,15 +37,6 @@ int blob_id(const caffe::Net<float>& net, const std::string& name, const char* r
   return static_cast<int>(it - names.begin());
 }
 
-// The last layer writing a blob produces its final value (in-place layers write the same blob again).
-int producer_of(const caffe::Net<float>& net, int blob) {
-  for (int l = static_cast<int>(net.layers().size()) - 1; l >= 0; --l) {
-    const auto& tops = net.top_ids(l);
-    if (std::find(tops.begin(), tops.end(), blob) != tops.end()) return l;
-  }
-  return -1;
-}
-
 // Layers whose backward pass to their bottoms is missing, or aborts under force_backward.
 void check_differentiable(const caffe::Net<float>& net, int layer) {
   static const std::set<std::string> no_input_gradient = {
@@ -149,6 +140,14 @@ void use_constant_fillers(Message* message) {
 }
 
 }  // namespace
+
+int producer_of(const caffe::Net<float>& net, int blob) {
+  for (int l = static_cast<int>(net.layers().size()) - 1; l >= 0; --l) {
+    const auto& tops = net.top_ids(l);
+    if (std::find(tops.begin(), tops.end(), blob) != tops.end()) return l;
+  }
+  return -1;
+}
 
 SaliencyNetPlan plan_saliency_net(const caffe::Net<float>& net, const std::string& input_blob,
                                   const std::string& score_blob) {

@@ -23,6 +23,10 @@ struct SaliencyNetPlan {
   caffe::NetParameter with_batch_size(int batch_size) const;
 };
 
+// The layer that writes a blob's final value: the last one with it among its tops (in-place layers
+// write the same blob again); -1 when no layer does.
+int producer_of(const caffe::Net<float>& net, int blob_id);
+
 // input_blob / score_blob may be empty: the net's first input / the bottom of a final Softmax, else the
 // net's only output.
 SaliencyNetPlan plan_saliency_net(const caffe::Net<float>& net, const std::string& input_blob,

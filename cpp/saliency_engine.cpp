@@ -88,14 +88,6 @@ class CaffeModeScope {
   caffe::Caffe::Brew saved_;
 };
 
-int last_producer(const caffe::Net<float>& net, const std::string& blob) {
-  const caffe::Blob<float>* target = net.blob_by_name(blob).get();
-  for (int l = static_cast<int>(net.layers().size()) - 1; l >= 0; --l)
-    for (const auto* top : net.top_vecs()[l])
-      if (top == target) return l;
-  return -1;
-}
-
 int choose_batch_size(const EngineOptions& options, std::size_t bytes_per_image) {
   if (options.batch_size < 0) throw std::invalid_argument("batch_size must be positive");
   if (options.batch_size > 0) return options.batch_size;
@@ -146,7 +138,9 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
       layer->set_param_propagate_down(i, false);
   input_ = net_->blob_by_name(plan_.input_blob).get();
   score_ = net_->blob_by_name(plan_.score_blob).get();
-  score_layer_ = last_producer(*net_, plan_.score_blob);
+  const auto& names = net_->blob_names();
+  score_layer_ = producer_of(
+      *net_, static_cast<int>(std::find(names.begin(), names.end(), plan_.score_blob) - names.begin()));
 }
 
 SaliencyEngine::~SaliencyEngine() = default;
