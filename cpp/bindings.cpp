@@ -55,7 +55,8 @@ T* checked_buffer(const py::array& array, const char* name, const std::vector<py
 
 fastsal::SaliencyRequest make_request(const fastsal::SaliencyEngine& engine, const py::array& images,
                                       const py::object& classes, const py::array& maps,
-                                      const py::object& gradients, const py::object& top_classes) {
+                                      const py::object& gradients, const py::object& top_classes,
+                                      std::int64_t first_index) {
   const auto& image_shape = engine.image_shape();
   const py::ssize_t n = images.ndim() > 0 ? images.shape(0) : 0;
   const py::ssize_t k = maps.ndim() > 1 ? maps.shape(1) : 0;
@@ -67,6 +68,7 @@ fastsal::SaliencyRequest make_request(const fastsal::SaliencyEngine& engine, con
   fastsal::SaliencyRequest request;
   request.images = checked_buffer<float>(images, "images", images_shape);
   request.num_images = static_cast<int>(n);
+  request.first_index = first_index;
   request.classes_per_image = static_cast<int>(k);
   request.maps = checked_buffer<float>(maps, "maps", map_shape);
   if (!classes.is_none())
@@ -119,26 +121,35 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("score_blob", &fastsal::SaliencyEngine::score_blob)
       .def_property_readonly("image_shape", &fastsal::SaliencyEngine::image_shape)
       .def_property_readonly("num_classes", &fastsal::SaliencyEngine::num_classes)
+      .def_property_readonly("bytes_per_image", &fastsal::SaliencyEngine::bytes_per_image)
+      .def_property_readonly("score_rewrites", &fastsal::SaliencyEngine::score_rewrites)
+      .def(
+          "matches",
+          [](const fastsal::SaliencyEngine& engine, py::handle net) {
+            return engine.matches(pycaffe_net(net));
+          },
+          "Whether the engine still describes net: same image shape, same weight memory.", py::arg("net"))
       .def_property_readonly("batch_size", &fastsal::SaliencyEngine::batch_size)
       .def_property_readonly("device", &fastsal::SaliencyEngine::device)
       .def(
           "compute",
           [](fastsal::SaliencyEngine& engine, const py::array& images, const py::object& classes,
-             const py::array& maps, const py::object& gradients, const py::object& top_classes) {
+             const py::array& maps, const py::object& gradients, const py::object& top_classes,
+             std::int64_t first_index) {
             const fastsal::SaliencyRequest request =
-                make_request(engine, images, classes, maps, gradients, top_classes);
+                make_request(engine, images, classes, maps, gradients, top_classes, first_index);
             // Safe without the GIL: the engine owns its net and the caller keeps these arrays alive.
             py::gil_scoped_release release;
             engine.compute(request);
           },
           py::arg("images"), py::arg("classes"), py::arg("maps"), py::arg("gradients") = py::none(),
-          py::arg("top_classes") = py::none())
+          py::arg("top_classes") = py::none(), py::arg("first_index") = 0)
       .def(
           "profile_layers",
           [](fastsal::SaliencyEngine& engine, const py::array& images, const py::object& classes,
              const py::array& maps) {
             const fastsal::SaliencyRequest request =
-                make_request(engine, images, classes, maps, py::none(), py::none());
+                make_request(engine, images, classes, maps, py::none(), py::none(), 0);
             std::vector<fastsal::LayerTime> times;
             {
               py::gil_scoped_release release;
@@ -157,11 +168,21 @@ PYBIND11_MODULE(_core, m) {
       [](const std::string& layout, bool on_gpu, int num_images, int classes_per_image, int batch_size) {
         const fastsal::BatchPlan plan =
             fastsal::plan_batches(batch_layout(layout), on_gpu, num_images, classes_per_image, batch_size);
-        return py::make_tuple(plan.pairs ? "pairs" : "per_class", plan.images_per_pass);
+        return py::make_tuple(plan.pairs ? "pairs" : "per_class", plan.rows_per_pass);
       },
-      "(layout, images per forward pass) the engine picks: its batch-layout rule, exposed for the tests.",
+      "(layout, batch rows per forward pass) the engine picks: its batch-layout rule, exposed for the tests.",
       py::arg("layout"), py::arg("on_gpu"), py::arg("num_images"), py::arg("classes_per_image"),
       py::arg("batch_size"));
+
+  m.def("cuda_current_device", [] {
+#ifdef FASTSAL_WITH_CUDA
+    int device = -1;
+    fastsal::check_cuda_call(cudaGetDevice(&device), "reading the current CUDA device");
+    return device;
+#else
+    return -1;
+#endif
+  });
 
   m.def("cuda_device_count", [] {
 #ifdef FASTSAL_WITH_CUDA
@@ -170,6 +191,10 @@ PYBIND11_MODULE(_core, m) {
     return 0;
 #endif
   });
+
+  m.def(
+      "caffe_mode", [] { return caffe::Caffe::mode() == caffe::Caffe::GPU ? "GPU" : "CPU"; },
+      "Caffe's mode on the calling thread (pycaffe can set it but not read it).");
 
   m.def(
       "set_log_level", [](int level) { FLAGS_minloglevel = level; }, py::arg("level"),

@@ -21,10 +21,11 @@ __global__ void channel_absmax_kernel(const float* gradient, ChannelAbsMaxLayout
     out[layout.out_index(i)] = channel_absmax_at(gradient, layout, i);
 }
 
+// Grid-stride: blocks_for caps the grid at 65,535 blocks, and a batch may hold more rows than that covers.
 __global__ void seed_one_hot_kernel(float* score_diff, int rows, int num_classes, const int* classes,
                                     int classes_stride, int class_offset) {
-  const int row = blockIdx.x * blockDim.x + threadIdx.x;
-  if (row < rows) score_diff[seed_index(row, classes, num_classes, classes_stride, class_offset)] = 1.f;
+  for (int row = blockIdx.x * blockDim.x + threadIdx.x; row < rows; row += blockDim.x * gridDim.x)
+    score_diff[seed_index(row, classes, num_classes, classes_stride, class_offset)] = 1.f;
 }
 
 }  // namespace
@@ -32,6 +33,12 @@ __global__ void seed_one_hot_kernel(float* score_diff, int rows, int num_classes
 void check_cuda(const char* what) {
   const cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(error));
+}
+
+void check_cuda_call(cudaError_t status, const char* what) {
+  if (status == cudaSuccess) return;
+  cudaGetLastError();
+  throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
 }
 
 void channel_absmax_gpu(const float* gradient, const ChannelAbsMaxLayout& layout, float* out) {
@@ -42,7 +49,9 @@ void channel_absmax_gpu(const float* gradient, const ChannelAbsMaxLayout& layout
 
 void seed_one_hot_gpu(float* score_diff, int rows, int num_classes, const int* classes, int classes_stride,
                       int class_offset) {
-  cudaMemsetAsync(score_diff, 0, sizeof(float) * rows * static_cast<std::size_t>(num_classes), 0);
+  check_cuda_call(
+      cudaMemsetAsync(score_diff, 0, sizeof(float) * rows * static_cast<std::size_t>(num_classes), 0),
+      "zeroing the score diff");
   seed_one_hot_kernel<<<blocks_for(rows), kThreads>>>(score_diff, rows, num_classes, classes, classes_stride,
                                                       class_offset);
   check_cuda("seed_one_hot_kernel");

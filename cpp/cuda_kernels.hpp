@@ -2,6 +2,8 @@
 // after its work with no extra synchronisation. Declared in plain C++; defined in cuda_kernels.cu.
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include "channel_absmax.hpp"
 
 namespace fastsal {
@@ -15,6 +17,10 @@ void seed_one_hot_gpu(float* score_diff, int rows, int num_classes, const int* c
 
 // Throws std::runtime_error naming what failed if the last CUDA call or launch failed.
 void check_cuda(const char* what);
+
+// Throws std::runtime_error naming what failed if `status` is an error (clearing it, so that the next
+// call starts clean).
+void check_cuda_call(cudaError_t status, const char* what);
 
 int cuda_device_count();
 

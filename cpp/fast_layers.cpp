@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <caffe/layers/conv_layer.hpp>
+#include <caffe/layers/pooling_layer.hpp>
 #include <caffe/layers/relu_layer.hpp>
 #include <cstdint>
 #include <memory>
@@ -59,6 +60,63 @@ class ReLULayer : public caffe::ReLULayer<float> {
  private:
   float slope() const { return this->layer_param_.relu_param().negative_slope(); }
   std::vector<std::uint8_t> positive_;  // x > 0, from the forward pass every backward pass follows
+};
+
+// Caffe's max pooling keeps index -1 for a window holding no number above -FLT_MAX (all NaN or -Inf,
+// as when activations overflow) and its CPU backward then writes before the plane: heap corruption.
+// This one skips such windows, records the first row that had one (the engine refuses that image),
+// and spreads the backward over (image, channel) planes. Its GPU code is Caffe's, which gathers per
+// bottom element and so never indexes with -1. Forward is Caffe's own.
+class PoolingLayer : public caffe::PoolingLayer<float> {
+ public:
+  using caffe::PoolingLayer<float>::PoolingLayer;
+
+  int overflowed_row() const { return overflowed_row_; }
+
+ protected:
+  void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
+                   const std::vector<caffe::Blob<float>*>& top) override {
+    caffe::PoolingLayer<float>::Forward_cpu(bottom, top);
+    overflowed_row_ = -1;
+    if (!is_max()) return;
+    const std::int64_t per_row = top[0]->count(1);
+    for (int n = 0; n < top[0]->shape(0) && overflowed_row_ < 0; ++n)
+      for (std::int64_t i = 0; i < per_row; ++i)
+        if (mask_at(top, n * per_row + i) < 0) {
+          overflowed_row_ = n;
+          break;
+        }
+  }
+
+  void Backward_cpu(const std::vector<caffe::Blob<float>*>& top, const std::vector<bool>& propagate_down,
+                    const std::vector<caffe::Blob<float>*>& bottom) override {
+    if (!is_max()) return caffe::PoolingLayer<float>::Backward_cpu(top, propagate_down, bottom);
+    if (!propagate_down[0]) return;
+    const float* top_diff = top[0]->cpu_diff();
+    float* bottom_diff = bottom[0]->mutable_cpu_diff();
+    const std::int64_t planes = std::int64_t(top[0]->shape(0)) * this->channels_;
+    const std::int64_t top_plane = std::int64_t(this->pooled_height_) * this->pooled_width_;
+    const std::int64_t bottom_plane = std::int64_t(this->height_) * this->width_;
+#pragma omp parallel for schedule(static) if (planes * bottom_plane >= (1 << 16))
+    for (std::int64_t p = 0; p < planes; ++p) {
+      float* diff = bottom_diff + p * bottom_plane;
+      std::fill_n(diff, bottom_plane, 0.f);
+      for (std::int64_t i = p * top_plane; i < (p + 1) * top_plane; ++i) {
+        const int index = mask_at(top, i);
+        if (index >= 0) diff[index] += top_diff[i];
+      }
+    }
+  }
+
+ private:
+  bool is_max() const {
+    return this->layer_param_.pooling_param().pool() == caffe::PoolingParameter_PoolMethod_MAX;
+  }
+  // The argmax within its plane, from Caffe's int mask or, when the layer has a second top, from there.
+  int mask_at(const std::vector<caffe::Blob<float>*>& top, std::int64_t i) const {
+    return top.size() > 1 ? static_cast<int>(top[1]->cpu_data()[i]) : this->max_idx_.cpu_data()[i];
+  }
+  int overflowed_row_ = -1;
 };
 
 #ifdef FASTSAL_WITH_DNNL
@@ -163,18 +221,21 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
 
 }  // namespace
 
-SaliencyNet::SaliencyNet(const caffe::NetParameter& param) : caffe::Net<float>(param) {
+SaliencyNet::SaliencyNet(const caffe::NetParameter& param, bool fast_layers) : caffe::Net<float>(param) {
   // Each replacement gets the same parameter and the old layer's blobs (so nothing is re-initialised,
   // and weights shared later are shared with it), then is set up on the same bottoms and tops.
   for (std::size_t i = 0; i < layers_.size(); ++i) {
     const std::string type = layers_[i]->type();
+    const caffe::LayerParameter& p = layers_[i]->layer_param();
     boost::shared_ptr<caffe::Layer<float>> layer;
-    if (type == "ReLU") {
-      layer.reset(new ReLULayer(layers_[i]->layer_param()));
+    if (type == "Pooling") {
+      layer.reset(new PoolingLayer(p));
+    } else if (fast_layers && type == "ReLU") {
+      layer.reset(new ReLULayer(p));
 #ifdef FASTSAL_WITH_DNNL
-    } else if (type == "Convolution" &&
-               DnnlConvolutionLayer::supports(layers_[i]->layer_param(), *bottom_vecs_[i][0])) {
-      layer.reset(new DnnlConvolutionLayer(layers_[i]->layer_param()));
+    } else if (fast_layers && type == "Convolution" &&
+               DnnlConvolutionLayer::supports(p, *bottom_vecs_[i][0])) {
+      layer.reset(new DnnlConvolutionLayer(p));
 #endif
     } else {
       continue;
@@ -183,6 +244,19 @@ SaliencyNet::SaliencyNet(const caffe::NetParameter& param) : caffe::Net<float>(p
     layer->SetUp(bottom_vecs_[i], top_vecs_[i]);
     layers_[i] = layer;
   }
+}
+
+int SaliencyNet::first_overflowed_row(int last, std::string* layer) const {
+  int first = -1;
+  for (int l = 0; l <= last; ++l) {
+    const auto* pooling = dynamic_cast<const PoolingLayer*>(layers_[l].get());
+    if (!pooling || pooling->overflowed_row() < 0) continue;
+    if (first < 0 || pooling->overflowed_row() < first) {
+      first = pooling->overflowed_row();
+      *layer = "layer '" + layer_names_[l] + "' (Pooling)";
+    }
+  }
+  return first;
 }
 
 }  // namespace fastsal

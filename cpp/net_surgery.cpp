@@ -101,8 +101,8 @@ void check_batch_axis_free(const caffe::Net<float>& net, int layer) {
     throw error(describe(net, layer) + " reduces over axis 0, the batch axis, by default");
 }
 
-// Floats per image a layer keeps besides its tops (CAFFE_NOTES section 5), so that the default batch
-// size stays within the memory budget: measured on open_nsfw, they are ~40% of the total.
+// Floats per image a layer keeps besides its tops (docs/caffe_internals.md section 5), so that the
+// default batch size stays within the memory budget: measured on open_nsfw, they are ~40% of the total.
 std::size_t hidden_floats_per_image(const caffe::Net<float>& net, int layer) {
   const std::string type = net.layers()[layer]->type();
   const auto& bottoms = net.bottom_vecs()[layer];
@@ -139,21 +139,57 @@ void use_constant_fillers(Message* message) {
   }
 }
 
+std::string shape_of(const std::vector<int>& shape) {
+  std::string text = "(";
+  for (std::size_t i = 0; i < shape.size(); ++i) text += (i ? ", " : "") + std::to_string(shape[i]);
+  return text + (shape.size() == 1 ? ",)" : ")");
+}
+
+bool writes(const caffe::Net<float>& net, int layer, int blob) {
+  const auto& tops = net.top_ids(layer);
+  return std::find(tops.begin(), tops.end(), blob) != tops.end();
+}
+
+bool in_place(const caffe::Net<float>& net, int layer, int blob) {
+  const auto& bottoms = net.bottom_ids(layer);
+  return writes(net, layer, blob) && std::find(bottoms.begin(), bottoms.end(), blob) != bottoms.end();
+}
+
+// The default score: the input of the net's one Softmax whose output nobody consumes (pre-softmax
+// scores, as Simonyan et al. use), else the net's only output. Several candidates: refuse, naming them.
+std::string default_score_blob(const caffe::Net<float>& net) {
+  const auto& outputs = net.output_blob_indices();
+  std::vector<int> heads;
+  for (int l = 0; l < static_cast<int>(net.layers().size()); ++l)
+    if (std::string(net.layers()[l]->type()) == "Softmax" && !net.top_ids(l).empty() &&
+        std::find(outputs.begin(), outputs.end(), net.top_ids(l)[0]) != outputs.end())
+      heads.push_back(l);
+  if (heads.size() == 1) return net.blob_names()[net.bottom_ids(heads[0])[0]];
+  if (heads.size() > 1) {
+    std::string names;
+    for (int l : heads)
+      names += (names.empty() ? "'" : ", '") + net.blob_names()[net.bottom_ids(l)[0]] + "' (under " +
+               describe(net, l) + ")";
+    throw error("the net has " + std::to_string(heads.size()) + " Softmax outputs, on " + names +
+                "; name the blob of class scores with score=");
+  }
+  if (outputs.size() == 1) return net.blob_names()[outputs[0]];
+  throw error("the net has no Softmax output and has outputs " + join_names(net, outputs) +
+              "; name the blob of class scores with score=");
+}
+
 }  // namespace
 
-int producer_of(const caffe::Net<float>& net, int blob) {
-  for (int l = static_cast<int>(net.layers().size()) - 1; l >= 0; --l) {
-    const auto& tops = net.top_ids(l);
-    if (std::find(tops.begin(), tops.end(), blob) != tops.end()) return l;
-  }
+int producer_of(const caffe::Net<float>& net, int blob, int before) {
+  if (before < 0) before = static_cast<int>(net.layers().size());
+  for (int l = before - 1; l >= 0; --l)
+    if (writes(net, l, blob)) return l;
   return -1;
 }
 
 SaliencyNetPlan plan_saliency_net(const caffe::Net<float>& net, const std::string& input_blob,
                                   const std::string& score_blob) {
-  const int num_layers = static_cast<int>(net.layers().size());
   SaliencyNetPlan plan;
-
   if (!input_blob.empty()) {
     plan.input_blob = input_blob;
   } else if (!net.input_blob_indices().empty()) {
@@ -161,28 +197,32 @@ SaliencyNetPlan plan_saliency_net(const caffe::Net<float>& net, const std::strin
   } else {
     throw error("the net has no Input layer; name the blob to differentiate with input=");
   }
-  if (!score_blob.empty()) {
-    plan.score_blob = score_blob;
-  } else if (num_layers > 0 && std::string(net.layers().back()->type()) == "Softmax") {
-    plan.score_blob = net.blob_names()[net.bottom_ids(num_layers - 1)[0]];
-  } else if (net.output_blob_indices().size() == 1) {
-    plan.score_blob = net.blob_names()[net.output_blob_indices()[0]];
-  } else {
-    throw error("the net does not end in a Softmax and has outputs " +
-                join_names(net, net.output_blob_indices()) + "; name the blob of class scores with score=");
-  }
+  plan.score_blob = score_blob.empty() ? default_score_blob(net) : score_blob;
   const int input_id = blob_id(net, plan.input_blob, "input");
   const int score_id = blob_id(net, plan.score_blob, "score");
 
-  const int input_layer = producer_of(net, input_id);
-  if (input_layer < 0 || std::string(net.layers()[input_layer]->type()) != "Input")
+  // The input is the Input layer's top; layers may then rewrite it in place (a Power scaling it, say):
+  // they are part of the net being differentiated, as in the seed recipe.
+  int input_layer = 0;
+  while (input_layer < static_cast<int>(net.layers().size()) && !writes(net, input_layer, input_id))
+    ++input_layer;
+  if (input_layer == static_cast<int>(net.layers().size()) ||
+      std::string(net.layers()[input_layer]->type()) != "Input")
     throw error("input blob '" + plan.input_blob +
                 "' is not produced by an Input layer; fastsal feeds "
                 "the images into an Input layer's blob");
-  const int score_layer = producer_of(net, score_id);
+  // The score is the blob as pycaffe shows it after the forward pass, but a Softmax applied in place is
+  // never part of it: probabilities are not the class scores (the default takes the Softmax's input).
+  int score_layer = producer_of(net, score_id);
+  while (score_layer > input_layer && std::string(net.layers()[score_layer]->type()) == "Softmax" &&
+         in_place(net, score_layer, score_id))
+    score_layer = producer_of(net, score_id, score_layer);
   if (score_layer <= input_layer)
     throw error("score blob '" + plan.score_blob + "' is not computed from input blob '" + plan.input_blob +
                 "'");
+  plan.score_layer = net.layer_names()[score_layer];
+  for (int l = score_layer; l > input_layer && in_place(net, l, score_id); l = producer_of(net, score_id, l))
+    plan.score_rewrites.insert(plan.score_rewrites.begin(), describe(net, l));
 
   // Keep only the layers the score depends on: walk back from its producer, collecting bottoms.
   std::vector<bool> keep(score_layer + 1, false);
@@ -214,26 +254,14 @@ SaliencyNetPlan plan_saliency_net(const caffe::Net<float>& net, const std::strin
   }
 
   const caffe::Blob<float>& input = *net.blobs()[input_id];
-  const caffe::Blob<float>& score = *net.blobs()[score_id];
   if (input.num_axes() != 4)
     throw error("input blob '" + plan.input_blob + "' has shape " + input.shape_string() +
                 "; fastsal computes maps for image inputs of shape (N, C, H, W)");
-  if (score.num_axes() < 1 || score.shape(0) != input.shape(0))
-    throw error("score blob '" + plan.score_blob + "' has shape " + score.shape_string() +
-                ", whose first axis is not the batch axis of input blob '" + plan.input_blob + "' " +
-                input.shape_string());
   plan.image_shape.assign(input.shape().begin() + 1, input.shape().end());
-  plan.num_classes = score.count(1);
-
-  std::set<int> kept_blobs;
-  for (int l = 0; l <= score_layer; ++l) {
-    if (!keep[l]) continue;
-    kept_blobs.insert(net.top_ids(l).begin(), net.top_ids(l).end());
-    plan.bytes_per_image += sizeof(float) * hidden_floats_per_image(net, l);
-  }
-  for (int b : kept_blobs)
-    plan.bytes_per_image += 2 * sizeof(float) * static_cast<std::size_t>(net.blobs()[b]->count()) /
-                            std::max(1, net.blobs()[b]->shape(0));
+  for (int d : plan.image_shape)
+    if (d < 1)
+      throw error("input blob '" + plan.input_blob + "' has shape " + input.shape_string() +
+                  "; every image dimension must be at least 1");
 
   caffe::NetParameter& param = plan.param;
   param.set_name(net.name());
@@ -247,23 +275,48 @@ SaliencyNetPlan plan_saliency_net(const caffe::Net<float>& net, const std::strin
     layer->clear_include();
     layer->clear_exclude();
     layer->set_phase(caffe::TEST);
-    if (l == input_layer) {  // the one input, its shape at batch 1 for now
+    if (l == input_layer) {  // the one input, at batch 1: the engine resizes it for each batch
       layer->clear_top();
       layer->add_top(plan.input_blob);
       layer->mutable_input_param()->clear_shape();
       caffe::BlobShape* shape = layer->mutable_input_param()->add_shape();
-      for (int d : input.shape()) shape->add_dim(d);
+      shape->add_dim(1);
+      for (int d : plan.image_shape) shape->add_dim(d);
     }
     use_constant_fillers(layer);
   }
   return plan;
 }
 
-caffe::NetParameter SaliencyNetPlan::with_batch_size(int batch_size) const {
-  caffe::NetParameter sized = param;
-  for (auto& layer : *sized.mutable_layer())
-    if (layer.type() == "Input") layer.mutable_input_param()->mutable_shape(0)->set_dim(0, batch_size);
-  return sized;
+void check_weights_fit(const caffe::Net<float>& internal, const caffe::Net<float>& user) {
+  const auto& user_names = user.layer_names();
+  for (std::size_t i = 0; i < internal.layers().size(); ++i) {
+    const auto it = std::find(user_names.begin(), user_names.end(), internal.layer_names()[i]);
+    if (it == user_names.end()) continue;
+    const auto& mine = internal.layers()[i]->blobs();
+    const auto& theirs = user.layers()[it - user_names.begin()]->blobs();
+    bool fits = mine.size() == theirs.size();
+    for (std::size_t j = 0; fits && j < mine.size(); ++j) fits = mine[j]->shape() == theirs[j]->shape();
+    if (fits) continue;
+    const auto shapes = [](const std::vector<boost::shared_ptr<caffe::Blob<float>>>& blobs) {
+      std::string text;
+      for (const auto& b : blobs) text += (text.empty() ? "" : " and ") + shape_of(b->shape());
+      return text.empty() ? std::string("none") : text;
+    };
+    const caffe::Blob<float>& input = *internal.blobs()[internal.input_blob_indices()[0]];
+    throw error("images of shape " + shape_of({input.shape().begin() + 1, input.shape().end()}) + " need " +
+                describe(internal, static_cast<int>(i)) + " to hold weights " + shapes(mine) +
+                ", but the net holds " + shapes(theirs) +
+                ": the net's input blob was reshaped to a size its weights do not fit");
+  }
+}
+
+std::size_t bytes_per_image(const caffe::Net<float>& net) {
+  std::size_t floats = 0;
+  for (const auto& blob : net.blobs())
+    floats += 2 * static_cast<std::size_t>(blob->count()) / std::max(1, blob->shape(0));  // data, diff
+  for (int l = 0; l < static_cast<int>(net.layers().size()); ++l) floats += hidden_floats_per_image(net, l);
+  return floats * sizeof(float);
 }
 
 }  // namespace fastsal

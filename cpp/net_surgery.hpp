@@ -1,4 +1,4 @@
-// Plans fastsal's internal saliency net from a user's deploy net: the layers the score blob depends on,
+// Plans fastsal's internal saliency net from a user's deploy net: the layers the score depends on,
 // force_backward, TEST phase, a free batch dimension. Every check that Caffe would answer with a glog
 // CHECK (and abort) is made here first and reported as std::invalid_argument.
 #pragma once
@@ -13,23 +13,30 @@
 namespace fastsal {
 
 struct SaliencyNetPlan {
-  caffe::NetParameter param;        // the internal net; its input batch dimension is set by with_batch_size()
-  std::string input_blob;           // differentiated with respect to this blob
-  std::string score_blob;           // whose entries are the class scores
-  std::vector<int> image_shape;     // one input image: the input blob's shape without the batch axis
-  int num_classes = 0;              // entries of the score blob per image
-  std::size_t bytes_per_image = 0;  // data + diff of every blob the internal net keeps, and layer state
-
-  caffe::NetParameter with_batch_size(int batch_size) const;
+  caffe::NetParameter param;     // the internal net, its input at batch 1 (the engine resizes it per batch)
+  std::string input_blob;        // differentiated with respect to this blob
+  std::string score_blob;        // whose entries are the class scores
+  std::string score_layer;       // the last layer the score is read after (an in-place Softmax never is)
+  std::vector<int> image_shape;  // one input image: the input blob's shape without the batch axis
+  std::vector<std::string> score_rewrites;  // in-place layers after the score's producer, kept (documented)
 };
 
 // The layer that writes a blob's final value: the last one with it among its tops (in-place layers
-// write the same blob again); -1 when no layer does.
-int producer_of(const caffe::Net<float>& net, int blob_id);
+// write the same blob again); -1 when no layer does. `before` limits the search to layers < before.
+int producer_of(const caffe::Net<float>& net, int blob_id, int before = -1);
 
-// input_blob / score_blob may be empty: the net's first input / the bottom of a final Softmax, else the
-// net's only output.
+// input_blob / score_blob may be empty: the net's first input / the bottom of the net's one Softmax
+// output, else the net's only output. Reads only the net's layers and its input blob's (C, H, W):
+// never the batch size or the other blobs' current shapes, which pycaffe users change freely.
 SaliencyNetPlan plan_saliency_net(const caffe::Net<float>& net, const std::string& input_blob,
                                   const std::string& score_blob);
+
+// Throws if a layer of `internal` would not take the user's weights as they are (ShareTrainedLayersWith
+// CHECK-aborts on a count or shape mismatch), naming the layer and both shapes.
+void check_weights_fit(const caffe::Net<float>& internal, const caffe::Net<float>& user);
+
+// Bytes per image of everything the net keeps per batch row: data and diff of every blob, and the
+// layers' hidden state. `net` must be at batch 1.
+std::size_t bytes_per_image(const caffe::Net<float>& net);
 
 }  // namespace fastsal

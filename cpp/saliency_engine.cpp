@@ -5,12 +5,12 @@
 #include <algorithm>
 #include <caffe/util/math_functions.hpp>
 #include <chrono>
+#include <cmath>
 #include <numeric>
 #include <stdexcept>
 #include <string>
 
 #include "channel_absmax.hpp"
-#include "fast_layers.hpp"
 #ifdef FASTSAL_WITH_CUDA
 #include <cuda_runtime.h>
 
@@ -24,12 +24,13 @@ BatchPlan plan_batches(BatchLayout layout, bool on_gpu, int num_images, int clas
   const bool under_filled = num_images < batch_size;
   const bool pairs = layout == BatchLayout::kPairs ||
                      (layout == BatchLayout::kAuto && on_gpu && classes_per_image > 1 && under_filled);
-  return {pairs, pairs ? std::max(1, batch_size / classes_per_image) : batch_size};
+  return {pairs, batch_size};
 }
 
 #ifdef FASTSAL_WITH_CUDA
 // Grown on demand, freed with the engine. The maps of a batch are reduced on the device, copied to
-// pinned memory in one transfer, then into the caller's array.
+// pinned memory in one transfer, then into the caller's array. A capacity is recorded only once its
+// allocation succeeded, so a caught out-of-memory leaves nothing dangling for the next call.
 struct SaliencyEngine::DeviceBuffers {
   int* classes = nullptr;
   float* maps = nullptr;
@@ -39,17 +40,22 @@ struct SaliencyEngine::DeviceBuffers {
   void reserve(std::size_t classes_needed, std::size_t maps_needed) {
     if (classes_needed > class_capacity) {
       cudaFree(classes);
-      cudaMalloc(&classes, classes_needed * sizeof(int));
+      classes = nullptr;
+      class_capacity = 0;
+      check_cuda_call(cudaMalloc(&classes, classes_needed * sizeof(int)),
+                      "allocating the classes on the GPU");
       class_capacity = classes_needed;
     }
     if (maps_needed > map_capacity) {
       cudaFree(maps);
       cudaFreeHost(pinned_maps);
-      cudaMalloc(&maps, maps_needed * sizeof(float));
-      cudaMallocHost(&pinned_maps, maps_needed * sizeof(float));
+      maps = pinned_maps = nullptr;
+      map_capacity = 0;
+      check_cuda_call(cudaMalloc(&maps, maps_needed * sizeof(float)), "allocating the maps on the GPU");
+      check_cuda_call(cudaMallocHost(&pinned_maps, maps_needed * sizeof(float)),
+                      "allocating pinned host memory for the maps");
       map_capacity = maps_needed;
     }
-    check_cuda("allocating fastsal's device buffers");
   }
   ~DeviceBuffers() {
     cudaFree(classes);
@@ -57,6 +63,28 @@ struct SaliencyEngine::DeviceBuffers {
     cudaFreeHost(pinned_maps);
   }
 };
+
+namespace {
+// The weights are the user's memory: their device copy lives where they were first uploaded. A kernel
+// on another device cannot read it, so refuse rather than let Caffe fault.
+void check_weights_on_device(const caffe::Net<float>& net, int device) {
+  for (const auto& blob : net.params()) {
+    const auto& memory = blob->data();
+    const auto head = memory->head();
+    if (head != caffe::SyncedMemory::HEAD_AT_GPU && head != caffe::SyncedMemory::SYNCED) continue;
+    cudaPointerAttributes attributes;
+    if (cudaPointerGetAttributes(&attributes, memory->gpu_data()) != cudaSuccess) {
+      cudaGetLastError();
+      continue;
+    }
+    if (attributes.device != device)
+      throw std::invalid_argument(
+          "the net's weights are on CUDA device " + std::to_string(attributes.device) +
+          " (where a GPU run uploaded them), but device=" + std::to_string(device) +
+          "; use device=" + std::to_string(attributes.device) + " or load the net again for this device");
+  }
+}
+}  // namespace
 #else
 struct SaliencyEngine::DeviceBuffers {};
 #endif
@@ -73,19 +101,31 @@ class QuietGlog {
   int saved_;
 };
 
-// Caffe's mode and device are per thread and belong to the caller (pycaffe's set_mode_*): restore them.
+// Caffe's mode and device are per thread and belong to the caller (pycaffe's set_mode_*, set_device):
+// set them for the call, restore them after. Caffe::SetDevice rebuilds the thread's cuBLAS handle, so
+// the device is switched back only when it differs.
 class CaffeModeScope {
  public:
-  explicit CaffeModeScope(int device) : saved_(caffe::Caffe::mode()) {
-    caffe::Caffe::set_mode(device >= 0 ? caffe::Caffe::GPU : caffe::Caffe::CPU);
+  explicit CaffeModeScope(int device) : saved_mode_(caffe::Caffe::mode()), device_(device) {
 #ifdef FASTSAL_WITH_CUDA
-    if (device >= 0) caffe::Caffe::SetDevice(device);
+    if (device >= 0) {
+      check_cuda_call(cudaGetDevice(&saved_device_), "reading the current CUDA device");
+      caffe::Caffe::SetDevice(device);
+    }
+#endif
+    caffe::Caffe::set_mode(device >= 0 ? caffe::Caffe::GPU : caffe::Caffe::CPU);
+  }
+  ~CaffeModeScope() {
+    caffe::Caffe::set_mode(saved_mode_);
+#ifdef FASTSAL_WITH_CUDA
+    if (device_ >= 0 && saved_device_ != device_) caffe::Caffe::SetDevice(saved_device_);
 #endif
   }
-  ~CaffeModeScope() { caffe::Caffe::set_mode(saved_); }
 
  private:
-  caffe::Caffe::Brew saved_;
+  caffe::Caffe::Brew saved_mode_;
+  int device_;
+  int saved_device_ = -1;
 };
 
 int choose_batch_size(const EngineOptions& options, std::size_t bytes_per_image) {
@@ -111,6 +151,11 @@ int checked_device(int device) {
 #endif
 }
 
+int layer_index(const caffe::Net<float>& net, const std::string& name) {
+  const auto& names = net.layer_names();
+  return static_cast<int>(std::find(names.begin(), names.end(), name) - names.begin());
+}
+
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
@@ -120,30 +165,54 @@ double seconds_since(Clock::time_point start) {
 
 SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOptions& options)
     : plan_(plan_saliency_net(user_net, options.input_blob, options.score_blob)),
-      batch_size_(choose_batch_size(options, plan_.bytes_per_image)),
       device_(checked_device(options.device)),
       layout_(options.layout),
       device_buffers_(std::make_unique<DeviceBuffers>()) {
   {
     QuietGlog quiet;
-    const caffe::NetParameter param = plan_.with_batch_size(batch_size_);
-    // fastsal's layers replace CPU code only; on a GPU, Caffe's own (cuDNN's where built) stay.
-    net_ = options.fast_layers && device_ < 0 ? std::make_unique<SaliencyNet>(param)
-                                              : std::make_unique<caffe::Net<float>>(param);
-    net_->ShareTrainedLayersWith(&user_net);
+    // At batch 1; every batch resizes the input. fastsal's speed swaps replace CPU code only: on a GPU,
+    // Caffe's own layers (cuDNN's where built) run.
+    net_ = std::make_unique<SaliencyNet>(plan_.param, options.fast_layers && device_ < 0);
   }
+  check_weights_fit(*net_, user_net);
+  net_->ShareTrainedLayersWith(&user_net);
+  for (int l = 0; l < static_cast<int>(net_->layers().size()); ++l)
+    if (!net_->layers()[l]->blobs().empty())
+      shared_layers_.emplace_back(l, layer_index(user_net, net_->layer_names()[l]));
   // force_backward turned on every weight gradient; saliency needs only the data gradients.
   for (const auto& layer : net_->layers())
     for (int i = 0; i < static_cast<int>(layer->blobs().size()); ++i)
       layer->set_param_propagate_down(i, false);
   input_ = net_->blob_by_name(plan_.input_blob).get();
   score_ = net_->blob_by_name(plan_.score_blob).get();
-  const auto& names = net_->blob_names();
-  score_layer_ = producer_of(
-      *net_, static_cast<int>(std::find(names.begin(), names.end(), plan_.score_blob) - names.begin()));
+  score_layer_ = layer_index(*net_, plan_.score_layer);
+  if (score_->num_axes() < 1 || score_->shape(0) != 1)
+    throw std::invalid_argument("score blob '" + plan_.score_blob + "' has shape " + score_->shape_string() +
+                                " for one image: its first axis is not the batch axis");
+  num_classes_ = score_->count(1);
+  bytes_per_image_ = fastsal::bytes_per_image(*net_);
+  batch_size_ = choose_batch_size(options, bytes_per_image_);
 }
 
 SaliencyEngine::~SaliencyEngine() = default;
+
+bool SaliencyEngine::matches(const caffe::Net<float>& user_net) const {
+  if (!user_net.has_blob(plan_.input_blob)) return false;
+  const auto& shape = user_net.blob_by_name(plan_.input_blob)->shape();
+  if (shape.size() != plan_.image_shape.size() + 1 ||
+      !std::equal(plan_.image_shape.begin(), plan_.image_shape.end(), shape.begin() + 1))
+    return false;
+  const int user_layers = static_cast<int>(user_net.layers().size());
+  for (const auto& [mine, theirs] : shared_layers_) {
+    if (theirs >= user_layers) return false;
+    const auto& own = net_->layers()[mine]->blobs();
+    const auto& users = user_net.layers()[theirs]->blobs();
+    if (own.size() != users.size()) return false;
+    for (std::size_t j = 0; j < own.size(); ++j)
+      if (own[j]->data() != users[j]->data()) return false;  // the engine holds its memory: no reuse
+  }
+  return true;
+}
 
 std::size_t SaliencyEngine::image_size() const {
   return std::accumulate(plan_.image_shape.begin(), plan_.image_shape.end(), std::size_t(1),
@@ -155,16 +224,16 @@ std::size_t SaliencyEngine::map_size() const { return image_size() / plan_.image
 void SaliencyEngine::check_classes(const SaliencyRequest& request) const {
   if (request.num_images < 0 || request.classes_per_image < 1)
     throw std::invalid_argument("need at least one class per image");
-  if (!request.classes && request.classes_per_image > plan_.num_classes)
+  if (!request.classes && request.classes_per_image > num_classes_)
     throw std::invalid_argument("top_k=" + std::to_string(request.classes_per_image) + " exceeds the " +
-                                std::to_string(plan_.num_classes) + " classes of score blob '" +
-                                plan_.score_blob + "'");
+                                std::to_string(num_classes_) + " classes of score blob '" + plan_.score_blob +
+                                "'");
   if (!request.classes) return;
   const std::size_t n = std::size_t(request.num_images) * request.classes_per_image;
   for (std::size_t i = 0; i < n; ++i)
-    if (request.classes[i] < 0 || request.classes[i] >= plan_.num_classes)
+    if (request.classes[i] < 0 || request.classes[i] >= num_classes_)
       throw std::invalid_argument("class " + std::to_string(request.classes[i]) + " is out of range [0, " +
-                                  std::to_string(plan_.num_classes) + ")");
+                                  std::to_string(num_classes_) + ")");
 }
 
 void SaliencyEngine::compute(const SaliencyRequest& request) { run(request, nullptr); }
@@ -179,35 +248,57 @@ void SaliencyEngine::run(const SaliencyRequest& request, std::vector<LayerTime>*
   check_classes(request);
   std::lock_guard<std::mutex> lock(mutex_);  // one internal net: one call at a time
   CaffeModeScope mode(device_);
+#ifdef FASTSAL_WITH_CUDA
+  if (device_ >= 0) check_weights_on_device(*net_, device_);
+#endif
   if (times) {
     times->resize(score_layer_ + 1);
     for (int l = 0; l <= score_layer_; ++l) (*times)[l] = {net_->layer_names()[l], net_->layers()[l]->type()};
   }
   const BatchPlan batches =
       plan_batches(layout_, device_ >= 0, request.num_images, request.classes_per_image, batch_size_);
-  for (int first = 0; first < request.num_images; first += batches.images_per_pass)
-    run_batch(request, first, std::min(batches.images_per_pass, request.num_images - first), batches.pairs,
-              times);
+  const std::int64_t units =
+      std::int64_t(request.num_images) * (batches.pairs ? request.classes_per_image : 1);
+  for (std::int64_t first = 0; first < units; first += batches.rows_per_pass)
+    run_batch(request, first, static_cast<int>(std::min<std::int64_t>(batches.rows_per_pass, units - first)),
+              batches.pairs, times);
 }
 
-void SaliencyEngine::run_batch(const SaliencyRequest& request, int first, int count, bool pairs,
+void SaliencyEngine::check_forward(int rows, const std::function<std::int64_t(int)>& image_of,
+                                   std::int64_t first_index) const {
+  std::string where;
+  int bad = net_->first_overflowed_row(score_layer_, &where);
+  const float* scores = score_->cpu_data();  // on a GPU: rows x num_classes floats, a small copy
+  for (int r = 0; r < (bad < 0 ? rows : bad); ++r)
+    if (!std::all_of(scores + std::size_t(r) * num_classes_, scores + std::size_t(r + 1) * num_classes_,
+                     [](float s) { return std::isfinite(s); })) {
+      bad = r;
+      where = "score blob '" + plan_.score_blob + "'";
+      break;
+    }
+  if (bad >= 0)
+    throw std::domain_error("images[" + std::to_string(first_index + image_of(bad)) +
+                            "] overflows float32 inside the net: Inf or NaN reached " + where +
+                            ", so its saliency is undefined; scale the image to the range the net was "
+                            "trained on");
+}
+
+void SaliencyEngine::run_batch(const SaliencyRequest& request, std::int64_t first, int rows, bool pairs,
                                std::vector<LayerTime>* times) {
   const int k_count = request.classes_per_image;
   const std::size_t image_floats = image_size(), map_floats = map_size();
-  const int copies = pairs ? k_count : 1;  // rows of the batch per image
-  const int rows = count * copies;
   const bool gpu = device_ >= 0;
   caffe::Net<float>& net = *net_;
   const int last = score_layer_;
+  // Row r holds image first + r, or with pairs the (n, k) pair first + r, in (n, k) order.
+  const auto image_of = [&](int r) -> std::int64_t { return pairs ? (first + r) / k_count : first + r; };
 
   std::vector<int> shape = {rows};
   shape.insert(shape.end(), plan_.image_shape.begin(), plan_.image_shape.end());
   input_->Reshape(shape);
   float* input = input_->mutable_cpu_data();  // on a GPU, Caffe uploads it at the first layer
-  for (int n = 0; n < count; ++n)
-    for (int c = 0; c < copies; ++c)
-      std::copy_n(request.images + (first + std::size_t(n)) * image_floats, image_floats,
-                  input + (std::size_t(n) * copies + c) * image_floats);
+  for (int r = 0; r < rows; ++r)
+    std::copy_n(request.images + image_of(r) * image_floats, image_floats, input + r * image_floats);
   if (times) {
     for (int l = 0; l <= last; ++l) {
       const auto start = Clock::now();
@@ -217,41 +308,42 @@ void SaliencyEngine::run_batch(const SaliencyRequest& request, int first, int co
   } else {
     net.ForwardFromTo(0, last);
   }
+  check_forward(rows, image_of, request.first_index);
 
-  // Seeds for this batch, (count, K): the requested classes, or each image's top-K scores (ties: lower
-  // id first), ranked from the score row of its first copy.
-  batch_classes_.resize(std::size_t(count) * k_count);
-  if (request.classes) {
-    std::copy_n(request.classes + std::size_t(first) * k_count, batch_classes_.size(),
-                batch_classes_.begin());
-  } else {
+  // Without given classes, each image's top K (ties: lower id first), ranked once, from the row that
+  // holds its first pair (every row, per class); later rows of the image read the ranking written then.
+  if (!request.classes) {
     const float* scores = score_->cpu_data();
-    std::vector<int> order(plan_.num_classes);
-    for (int n = 0; n < count; ++n) {
-      const float* s = scores + std::size_t(n) * copies * plan_.num_classes;
+    std::vector<int> order(num_classes_);
+    for (int r = 0; r < rows; ++r) {
+      if (pairs && (first + r) % k_count != 0) continue;
+      const float* s = scores + std::size_t(r) * num_classes_;
       std::iota(order.begin(), order.end(), 0);
       std::partial_sort(order.begin(), order.begin() + k_count, order.end(),
                         [s](int a, int b) { return s[a] > s[b] || (s[a] == s[b] && a < b); });
-      std::copy_n(order.begin(), k_count, batch_classes_.begin() + std::size_t(n) * k_count);
+      std::copy_n(order.begin(), k_count, request.top_classes + image_of(r) * k_count);
     }
-    std::copy(batch_classes_.begin(), batch_classes_.end(),
-              request.top_classes + std::size_t(first) * k_count);
   }
+  const int* classes = request.classes ? request.classes : request.top_classes;
 
-  // With pairs, row r = (image r / K, class r % K): one backward seeds every row with its own class, and
-  // the maps of consecutive rows are consecutive (n, k) slots. Otherwise pass k seeds class k of each image.
+  // With pairs, one backward seeds every row with its own class, and row r's map is slot first + r.
+  // Otherwise pass k seeds class k of each image, and row r's map is slot (first + r, k).
   const int passes = pairs ? 1 : k_count;
   const int classes_stride = pairs ? 1 : k_count;
+  const std::size_t slot0 = pairs ? first : first * k_count;  // the batch's first (n, k) slot
+  const int* batch_classes = classes + slot0;
+  const std::size_t slots = pairs ? rows : std::size_t(rows) * k_count;
   const ChannelAbsMaxLayout layout{rows, plan_.image_shape[0], static_cast<int>(map_floats),
-                                   static_cast<std::ptrdiff_t>((pairs ? 1 : k_count) * map_floats)};
-  float* maps = request.maps + std::size_t(first) * k_count * map_floats;
+                                   static_cast<std::ptrdiff_t>(classes_stride * map_floats)};
+  float* maps = request.maps + slot0 * map_floats;
 #ifdef FASTSAL_WITH_CUDA
   float* device_maps = nullptr;
   if (gpu) {
-    device_buffers_->reserve(batch_classes_.size(), batch_classes_.size() * map_floats);
-    cudaMemcpy(device_buffers_->classes, batch_classes_.data(), batch_classes_.size() * sizeof(int),
-               cudaMemcpyHostToDevice);
-    check_cuda("copying the classes to the device");
+    device_buffers_->reserve(slots, slots * map_floats);
+    check_cuda_call(
+        cudaMemcpy(device_buffers_->classes, batch_classes, slots * sizeof(int), cudaMemcpyHostToDevice),
+        "copying the classes to the device");
+    batch_classes = device_buffers_->classes;
     device_maps = device_buffers_->maps;
   }
 #endif
@@ -260,14 +352,13 @@ void SaliencyEngine::run_batch(const SaliencyRequest& request, int first, int co
     // written the score's diff, so it is re-seeded each time).
     if (gpu) {
 #ifdef FASTSAL_WITH_CUDA
-      seed_one_hot_gpu(score_->mutable_gpu_diff(), rows, plan_.num_classes, device_buffers_->classes,
-                       classes_stride, pass);
+      seed_one_hot_gpu(score_->mutable_gpu_diff(), rows, num_classes_, batch_classes, classes_stride, pass);
 #endif
     } else {
       float* seed = score_->mutable_cpu_diff();
       caffe::caffe_set(score_->count(), 0.f, seed);
       for (int r = 0; r < rows; ++r)
-        seed[seed_index(r, batch_classes_.data(), plan_.num_classes, classes_stride, pass)] = 1.f;
+        seed[seed_index(r, batch_classes, num_classes_, classes_stride, pass)] = 1.f;
     }
     if (times) {
       for (int l = last; l >= 0; --l) {
@@ -289,19 +380,18 @@ void SaliencyEngine::run_batch(const SaliencyRequest& request, int first, int co
     if (request.gradients) {  // the full input gradient; on a GPU this copies it to the host
       const float* gradient = input_->cpu_diff();
       for (int r = 0; r < rows; ++r) {
-        const std::size_t slot =
-            pairs ? std::size_t(first) * k_count + r : (std::size_t(first) + r) * k_count + pass;
+        const std::size_t slot = slot0 + std::size_t(r) * classes_stride + pass;
         std::copy_n(gradient + r * image_floats, image_floats, request.gradients + slot * image_floats);
       }
     }
   }
 #ifdef FASTSAL_WITH_CUDA
   if (gpu) {  // only the maps cross to the host: one transfer per batch, through pinned memory
-    const std::size_t floats = std::size_t(count) * k_count * map_floats;
-    cudaMemcpyAsync(device_buffers_->pinned_maps, device_maps, floats * sizeof(float), cudaMemcpyDeviceToHost,
-                    0);
-    cudaStreamSynchronize(0);
-    check_cuda("copying the maps to the host");
+    const std::size_t floats = slots * map_floats;
+    check_cuda_call(cudaMemcpyAsync(device_buffers_->pinned_maps, device_maps, floats * sizeof(float),
+                                    cudaMemcpyDeviceToHost, 0),
+                    "copying the maps to the host");
+    check_cuda_call(cudaStreamSynchronize(0), "waiting for the maps");
     std::copy_n(device_buffers_->pinned_maps, floats, maps);
   }
 #endif

@@ -36,7 +36,7 @@ def test_net_must_be_a_caffe_net(images):
             (2, 4, 12, 12),
             r"images have shape \(4, 12, 12\) per image, but input blob 'data' takes \(3, 12, 12\)",
         ),
-        ((2, 3, 12, 13), r"images have shape \(3, 12, 13\) per image.*never reshapes the net"),
+        ((2, 3, 12, 13), r"images have shape \(3, 12, 13\) per image.*never reshapes your net"),
     ],
     ids=["ndim2", "ndim5", "channels", "width"],
 )
@@ -148,7 +148,7 @@ def _with_tail(tail: str) -> str:
         (
             _with_tail(fc("a", "conv", 3) + fc("b", "conv", 2)),
             None,
-            "does not end in a Softmax and has outputs 'a', 'b'; name the blob of class scores with score=",
+            "has no Softmax output and has outputs 'a', 'b'; name the blob of class scores with score=",
         ),
         (
             _input((3, 6, 6))

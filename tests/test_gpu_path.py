@@ -22,12 +22,12 @@ needs_gpu = pytest.mark.skipif(
     "layout, on_gpu, n, k, batch, expected",
     [
         ("auto", False, 3, 10, 16, ("per_class", 16)),  # CPU: a repeated image costs a full forward
-        ("auto", True, 3, 10, 16, ("pairs", 1)),  # GPU, few images: fill the batch with pairs
-        ("auto", True, 4, 4, 16, ("pairs", 4)),
+        ("auto", True, 3, 10, 16, ("pairs", 16)),  # GPU, few images: fill the batch with pairs
+        ("auto", True, 4, 4, 16, ("pairs", 16)),
         ("auto", True, 16, 4, 16, ("per_class", 16)),  # GPU already full of images
         ("auto", True, 3, 1, 16, ("per_class", 16)),  # one class: nothing to pair
-        ("pairs", False, 8, 3, 8, ("pairs", 2)),
-        ("pairs", True, 2, 40, 16, ("pairs", 1)),  # more classes than the batch: one image a pass
+        ("pairs", False, 8, 3, 8, ("pairs", 8)),
+        ("pairs", True, 2, 40, 16, ("pairs", 16)),  # more classes than the batch: K spans passes
         ("per_class", True, 1, 5, 16, ("per_class", 16)),
     ],
 )
@@ -42,7 +42,7 @@ def test_pairs_layout_matches_seed_recipe(small_net, rng):
     images = random_images(rng, net, 5)
     num_classes = net.blobs[score].data[0].size
     classes = rng.integers(0, num_classes, size=(5, 3))
-    saliency = fastsal.Saliency(net, batch_size=4, batch_layout="pairs")  # 1 image (3 pairs) per pass
+    saliency = fastsal.Saliency(net, batch_size=4, batch_layout="pairs")  # 4 pairs, 2 images, per pass
     maps = saliency.compute(images, classes)
     grads = saliency.compute(images, classes, gradients=True)
     reference, reference_grads = seed_recipe(net, path, images, classes, score)
@@ -100,7 +100,37 @@ def test_gpu_open_nsfw_matches_seed_recipe_and_restores_caffe_mode():
     images = examples.open_nsfw_batch()[0]
     caffe.set_mode_cpu()
     maps, top = fastsal.Saliency(net, device=0).compute_top_k(images, 2)
+    assert _core.caffe_mode() == "CPU"  # the caller's mode, restored
     reference, _ = seed_recipe(net, str(prototxt), images, top, "fc_nsfw")
     assert_close_to_reference(maps, reference)
-    cpu_maps = fastsal.Saliency(net).compute(images, top)  # caffe was left in CPU mode
+    cpu_maps = fastsal.Saliency(net).compute(images, top)
     assert_close_to_reference(cpu_maps, reference)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_call_restores_the_callers_device_and_mode(tmp_path, rng):
+    import caffe
+
+    net = make_net(tmp_path, NETS["conv_maxpool_fc_softmax"][0])
+    images = random_images(rng, net, 2)
+    last = fastsal.cuda_device_count() - 1
+    caffe.set_mode_gpu()
+    caffe.set_device(last)
+    try:
+        fastsal.Saliency(net, device=0).compute(images, 1)
+        assert (_core.caffe_mode(), _core.cuda_current_device()) == ("GPU", last)
+    finally:
+        caffe.set_mode_cpu()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_weights_on_another_device_are_refused(tmp_path, rng):
+    if fastsal.cuda_device_count() < 2:
+        pytest.skip("needs two GPUs")
+    net = make_net(tmp_path, NETS["conv_maxpool_fc_softmax"][0])
+    images = random_images(rng, net, 2)
+    fastsal.Saliency(net, device=0).compute(images, 1)  # uploads the shared weights to device 0
+    with pytest.raises(ValueError, match="the net's weights are on CUDA device 0"):
+        fastsal.Saliency(net, device=1).compute(images, 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import threading
+import warnings
 import weakref
 from collections.abc import Sequence
 
@@ -20,12 +21,18 @@ class Saliency:
 
     Builds fastsal's internal net once: the layers between ``input`` and ``score``, with
     force_backward on and weight gradients off, sharing the weights of ``net`` (no copy). ``net``
-    itself is never modified, and later changes to its weights are seen here.
+    itself is never modified, and later changes to its weights are seen here. While ``net`` is alive,
+    each call checks that it still fits: after ``net.reshape()`` to another image size or
+    ``net.share_with(other)``, the internal net is rebuilt for the net as it now is.
 
     Args:
         net: a pycaffe ``caffe.Net``, typically a deploy net in TEST phase.
-        score: the blob whose entries are the class scores. Default: the bottom of the net's final
-            Softmax, else the net's only output. Use the pre-softmax scores, as Simonyan et al. do.
+        score: the blob whose entries are the class scores. Default: the input of the net's one
+            Softmax output (the pre-softmax scores, as Simonyan et al. use), else the net's only
+            output; with several Softmax outputs, name it. The score is the blob as pycaffe shows it
+            after a forward pass, in-place layers after its producer included (a UserWarning names
+            them: an in-place ReLU zeroes the gradient of every negative score), except a Softmax
+            applied in place, which is never part of the score.
         input: the blob to differentiate with respect to, produced by an Input layer.
             Default: the net's first input.
         batch_size: images per forward pass. Default: as many as fit ``memory_budget`` bytes of
@@ -64,8 +71,7 @@ class Saliency:
         ):
             raise ValueError(f"device must be None (the CPU) or a CUDA device index >= 0, got {device!r}")
         _check_positive_int("memory_budget", memory_budget)
-        self._engine = _core.Engine(
-            net,
+        self._options = dict(
             input_blob=input or "",
             score_blob=score or "",
             batch_size=batch_size or 0,
@@ -74,6 +80,29 @@ class Saliency:
             layout=batch_layout,
             memory_budget=memory_budget,
         )
+        self._net = weakref.ref(net)
+        self._lock = threading.Lock()
+        self._engine = self._build(net)
+
+    def _build(self, net):
+        engine = _core.Engine(net, **self._options)
+        if engine.score_rewrites:
+            warnings.warn(
+                f"score blob '{engine.score_blob}' is rewritten in place by "
+                + ", ".join(engine.score_rewrites)
+                + " after the layer that computes it; the maps are gradients of its value after them, as "
+                "net.blobs shows it (an in-place ReLU zeroes the gradient of every negative score)",
+                UserWarning,
+                stacklevel=3,
+            )
+        return engine
+
+    def _refresh(self) -> None:
+        """Rebuilds the engine if the user's net changed under it (new image size, share_with)."""
+        net = self._net()
+        with self._lock:
+            if net is not None and not self._engine.matches(net):
+                self._engine = self._build(net)
 
     @property
     def input(self) -> str:
@@ -97,8 +126,13 @@ class Saliency:
 
     @property
     def batch_size(self) -> int:
-        """Images per internal forward pass."""
+        """Images per internal forward pass (with pairs: (image, class) pairs)."""
         return self._engine.batch_size
+
+    @property
+    def bytes_per_image(self) -> int:
+        """Memory the internal net keeps per image of a batch: activations, gradients, layer state."""
+        return self._engine.bytes_per_image
 
     @property
     def device(self) -> int | None:
@@ -118,13 +152,15 @@ class Saliency:
                 - an (N, K) integer array: K classes per image, row n for image n.
             gradients: return the raw gradients, (N, K, C, H, W), instead of the maps.
 
-        Images holding NaN or Inf raise ValueError: their gradients are meaningless, and Caffe's max
-        pooling writes out of bounds on them (its argmax stays -1), corrupting memory.
+        Images holding NaN or Inf once converted to float32 raise ValueError, and so do images whose
+        activations overflow float32 inside the net (Inf or NaN reaching a max pooling or the scores):
+        their gradients are undefined.
 
         Returns:
             float32 maps (N, K, H, W) with ``maps[n, k] = max_c |d score[classes[n, k]] / d images[n, c]|``;
             for a single (C, H, W) image, (K, H, W).
         """
+        self._refresh()
         batch, single = self._images(images)
         class_ids = self._classes(classes, len(batch))
         maps, grads, _ = self._run(batch, class_ids, class_ids.shape[1], gradients)
@@ -138,6 +174,7 @@ class Saliency:
         first (ties: lower id first); for a single (C, H, W) image, (k, H, W) and (k,).
         """
         _check_positive_int("k", k)
+        self._refresh()
         if k > self.num_classes:
             raise ValueError(f"k={k} exceeds the {self.num_classes} classes of score blob '{self.score}'")
         batch, single = self._images(images)
@@ -161,6 +198,7 @@ class Saliency:
                 maps[part],
                 None if grads is None else grads[part],
                 None if top is None else top[part],
+                start,
             )
         return maps, grads, None if top is None else top.astype(np.int64)
 
@@ -168,6 +206,7 @@ class Saliency:
         """(layer, type, forward seconds, backward seconds) of Caffe's own layer calls for the work of
         ``compute(images, classes)``. With ``fast_layers=False`` this is Caffe's own layer time: the
         floor the benchmarks compare fastsal with."""
+        self._refresh()
         batch, _ = self._images(images)
         class_ids = self._classes(classes, len(batch))
         h, w = self.image_shape[1:]
@@ -191,18 +230,20 @@ class Saliency:
         if images.shape[1:] != self.image_shape:
             raise ValueError(
                 f"images have shape {images.shape[1:]} per image, but input blob '{self.input}' takes "
-                f"{self.image_shape}; resize or crop them first (fastsal never reshapes the net)"
+                f"{self.image_shape}; resize or crop them first, or reshape the net (fastsal follows "
+                "net.reshape(), and never reshapes your net itself)"
             )
         if np.issubdtype(images.dtype, np.floating):
+            # What Caffe will see: a finite float64 beyond float32's range becomes Inf.
             for start in range(0, len(images), self.batch_size):
-                finite = (
-                    np.isfinite(images[start : start + self.batch_size])
-                    .reshape(min(self.batch_size, len(images) - start), -1)
-                    .all(axis=1)
-                )
+                part = images[start : start + self.batch_size].astype(np.float32, copy=False)
+                finite = np.isfinite(part).reshape(len(part), -1).all(axis=1)
                 if not finite.all():
                     bad = start + int(np.argmin(finite))
-                    raise ValueError(f"images[{bad}] contains NaN or Inf; saliency is undefined there")
+                    raise ValueError(
+                        f"images[{bad}] contains NaN or Inf once converted to float32; saliency is "
+                        "undefined there"
+                    )
         return images, single
 
     def _classes(self, classes, n: int) -> np.ndarray:
@@ -254,8 +295,9 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-# One Saliency per (net, options); weak keys, so the cache never keeps a user's net alive (the engine
-# only shares the net's weight memory).
+# One Saliency per net, for the options of its latest call (an engine holds a batch of activations, so
+# one per option set would grow without bound); weak keys, so the cache never keeps a user's net alive
+# (the engine only shares the net's weight memory). Each Saliency follows its net's reshape/share_with.
 _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _cache_lock = threading.Lock()
 
@@ -264,9 +306,9 @@ def _saliency_for(net, score, input, batch_size) -> Saliency:  # noqa: A002
     _check_net(net)
     key = (score, input, batch_size)
     with _cache_lock:
-        per_net = _cache.setdefault(net, {})
-        if key not in per_net:
-            per_net[key] = Saliency(net, score=score, input=input, batch_size=batch_size)
+        per_net = _cache.get(net)
+        if per_net is None or key not in per_net:
+            per_net = _cache[net] = {key: Saliency(net, score=score, input=input, batch_size=batch_size)}
         return per_net[key]
 
 
