@@ -53,32 +53,68 @@ T* checked_buffer(const py::array& array, const char* name, const std::vector<py
   return static_cast<T*>(const_cast<void*>(array.data()));
 }
 
-fastsal::SaliencyRequest make_request(const fastsal::SaliencyEngine& engine, const py::array& images,
-                                      const py::object& classes, const py::array& maps,
-                                      const py::object& gradients, const py::object& top_classes,
-                                      std::int64_t first_index) {
-  const auto& image_shape = engine.image_shape();
-  const py::ssize_t n = images.ndim() > 0 ? images.shape(0) : 0;
-  const py::ssize_t k = maps.ndim() > 1 ? maps.shape(1) : 0;
-  std::vector<py::ssize_t> images_shape = {n}, grad_shape = {n, k}, map_shape = {n, k};
-  images_shape.insert(images_shape.end(), image_shape.begin(), image_shape.end());
-  grad_shape.insert(grad_shape.end(), image_shape.begin(), image_shape.end());
-  map_shape.insert(map_shape.end(), image_shape.begin() + 1, image_shape.end());
+template <typename T>
+T* optional_buffer(const py::object& array, const char* name, const std::vector<py::ssize_t>& expected) {
+  return array.is_none() ? nullptr : checked_buffer<T>(array.cast<py::array>(), name, expected);
+}
 
+std::vector<py::ssize_t> with_front(std::vector<py::ssize_t> front, const std::vector<int>& shape) {
+  front.insert(front.end(), shape.begin(), shape.end());
+  return front;
+}
+
+fastsal::Accumulate accumulate_mode(const std::string& name) {
+  if (name == "sum") return fastsal::Accumulate::kSum;
+  if (name == "squares") return fastsal::Accumulate::kSquares;
+  if (name == "variance") return fastsal::Accumulate::kVariance;
+  throw py::value_error("accumulate must be 'sum', 'squares' or 'variance', got '" + name + "'");
+}
+
+fastsal::Reduce reduce_mode(const std::string& name) {
+  if (name == "absmax") return fastsal::Reduce::kAbsMax;
+  if (name == "sum") return fastsal::Reduce::kSum;
+  if (name == "none") return fastsal::Reduce::kNone;
+  throw py::value_error("reduce must be 'absmax', 'sum' or 'none', got '" + name + "'");
+}
+
+fastsal::ReLURule relu_rule(const std::string& name) {
+  if (name == "gradient") return fastsal::ReLURule::kGradient;
+  if (name == "guided") return fastsal::ReLURule::kGuided;
+  if (name == "deconvnet") return fastsal::ReLURule::kDeconvnet;
+  throw py::value_error("relu_rule must be 'gradient', 'guided' or 'deconvnet', got '" + name + "'");
+}
+
+// Every buffer's shape follows from images (N * samples rows), out (N, K, ...) and the engine's shapes.
+fastsal::SaliencyRequest make_request(const fastsal::SaliencyEngine& engine, const py::array& images,
+                                      const py::object& classes, const py::array& out, int samples,
+                                      const py::object& sample_weights, const std::string& accumulate,
+                                      const py::object& multiplier, const std::string& reduce,
+                                      const py::object& top_classes, const py::object& activations,
+                                      std::int64_t first_index) {
+  if (samples < 1) throw py::value_error("samples must be at least 1");
+  const py::ssize_t rows = images.ndim() > 0 ? images.shape(0) : 0;
+  const py::ssize_t n = rows / samples;
+  const py::ssize_t k = out.ndim() > 1 ? out.shape(1) : 0;
+  const auto& g = engine.gradient_shape();
   fastsal::SaliencyRequest request;
-  request.images = checked_buffer<float>(images, "images", images_shape);
+  request.images = checked_buffer<float>(images, "images", with_front({n * samples}, engine.image_shape()));
   request.num_images = static_cast<int>(n);
+  request.samples = samples;
+  request.sample_weights = optional_buffer<float>(sample_weights, "sample_weights", {samples});
+  request.accumulate = accumulate_mode(accumulate);
+  request.multiplier = optional_buffer<float>(multiplier, "multiplier", with_front({n}, g));
+  request.reduce = reduce_mode(reduce);
   request.first_index = first_index;
   request.classes_per_image = static_cast<int>(k);
-  request.maps = checked_buffer<float>(maps, "maps", map_shape);
-  if (!classes.is_none())
-    request.classes = checked_buffer<int>(classes.cast<py::array>(), "classes", {n, k});
-  else if (!top_classes.is_none())
-    request.top_classes = checked_buffer<int>(top_classes.cast<py::array>(), "top_classes", {n, k});
-  else
+  request.out = checked_buffer<float>(out, "out",
+                                      request.reduce == fastsal::Reduce::kNone
+                                          ? with_front({n, k}, g)
+                                          : with_front({n, k}, std::vector<int>(g.begin() + 1, g.end())));
+  request.classes = optional_buffer<int>(classes, "classes", {n, k});
+  request.top_classes = optional_buffer<int>(top_classes, "top_classes", {n, k});
+  if (!request.classes && !request.top_classes)
     throw py::value_error("give classes, or top_classes to receive each image's top-k classes");
-  if (!gradients.is_none())
-    request.gradients = checked_buffer<float>(gradients.cast<py::array>(), "gradients", grad_shape);
+  request.activations = optional_buffer<float>(activations, "activations", with_front({n}, g));
   return request;
 }
 
@@ -102,24 +138,30 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<fastsal::SaliencyEngine>(m, "Engine")
       .def(py::init([](py::handle net, const std::string& input_blob, const std::string& score_blob,
-                       int batch_size, bool fast_layers, int device, const std::string& layout,
+                       const std::string& gradient_blob, int batch_size, bool fast_layers,
+                       const std::string& rule, int device, const std::string& layout,
                        std::size_t memory_budget) {
              fastsal::EngineOptions options;
              options.input_blob = input_blob;
              options.score_blob = score_blob;
+             options.gradient_blob = gradient_blob;
              options.batch_size = batch_size;
              options.fast_layers = fast_layers;
+             options.relu_rule = relu_rule(rule);
              options.device = device;
              options.layout = batch_layout(layout);
              options.memory_budget = memory_budget;
              // The user's net is read under the GIL: another thread could be running pycaffe on it.
              return std::make_unique<fastsal::SaliencyEngine>(pycaffe_net(net), options);
            }),
-           py::arg("net"), py::kw_only(), py::arg("input_blob"), py::arg("score_blob"), py::arg("batch_size"),
-           py::arg("fast_layers"), py::arg("device"), py::arg("layout"), py::arg("memory_budget"))
+           py::arg("net"), py::kw_only(), py::arg("input_blob"), py::arg("score_blob"),
+           py::arg("gradient_blob") = "", py::arg("batch_size"), py::arg("fast_layers"),
+           py::arg("relu_rule") = "gradient", py::arg("device"), py::arg("layout"), py::arg("memory_budget"))
       .def_property_readonly("input_blob", &fastsal::SaliencyEngine::input_blob)
       .def_property_readonly("score_blob", &fastsal::SaliencyEngine::score_blob)
+      .def_property_readonly("gradient_blob", &fastsal::SaliencyEngine::gradient_blob)
       .def_property_readonly("image_shape", &fastsal::SaliencyEngine::image_shape)
+      .def_property_readonly("gradient_shape", &fastsal::SaliencyEngine::gradient_shape)
       .def_property_readonly("num_classes", &fastsal::SaliencyEngine::num_classes)
       .def_property_readonly("bytes_per_image", &fastsal::SaliencyEngine::bytes_per_image)
       .def_property_readonly("score_rewrites", &fastsal::SaliencyEngine::score_rewrites)
@@ -134,22 +176,41 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "compute",
           [](fastsal::SaliencyEngine& engine, const py::array& images, const py::object& classes,
-             const py::array& maps, const py::object& gradients, const py::object& top_classes,
-             std::int64_t first_index) {
+             const py::array& out, int samples, const py::object& sample_weights,
+             const std::string& accumulate, const py::object& multiplier, const std::string& reduce,
+             const py::object& top_classes, const py::object& activations, std::int64_t first_index) {
             const fastsal::SaliencyRequest request =
-                make_request(engine, images, classes, maps, gradients, top_classes, first_index);
+                make_request(engine, images, classes, out, samples, sample_weights, accumulate, multiplier,
+                             reduce, top_classes, activations, first_index);
             // Safe without the GIL: the engine owns its net and the caller keeps these arrays alive.
             py::gil_scoped_release release;
             engine.compute(request);
           },
-          py::arg("images"), py::arg("classes"), py::arg("maps"), py::arg("gradients") = py::none(),
-          py::arg("top_classes") = py::none(), py::arg("first_index") = 0)
+          py::arg("images"), py::arg("classes"), py::arg("out"), py::kw_only(), py::arg("samples") = 1,
+          py::arg("sample_weights") = py::none(), py::arg("accumulate") = "sum",
+          py::arg("multiplier") = py::none(), py::arg("reduce") = "absmax",
+          py::arg("top_classes") = py::none(), py::arg("activations") = py::none(),
+          py::arg("first_index") = 0)
+      .def(
+          "scores",
+          [](fastsal::SaliencyEngine& engine, const py::array& images, const py::array& out,
+             std::int64_t first_index) {
+            const py::ssize_t n = images.ndim() > 0 ? images.shape(0) : 0;
+            const float* data =
+                checked_buffer<float>(images, "images", with_front({n}, engine.image_shape()));
+            float* scores = checked_buffer<float>(out, "out", {n, engine.num_classes()});
+            py::gil_scoped_release release;  // as in compute
+            engine.scores(data, static_cast<int>(n), first_index, scores);
+          },
+          "The score blob's values for images (forward passes only).", py::arg("images"), py::arg("out"),
+          py::arg("first_index") = 0)
       .def(
           "profile_layers",
           [](fastsal::SaliencyEngine& engine, const py::array& images, const py::object& classes,
-             const py::array& maps) {
+             const py::array& out) {
             const fastsal::SaliencyRequest request =
-                make_request(engine, images, classes, maps, py::none(), py::none(), 0);
+                make_request(engine, images, classes, out, 1, py::none(), "sum", py::none(), "absmax",
+                             py::none(), py::none(), 0);
             std::vector<fastsal::LayerTime> times;
             {
               py::gil_scoped_release release;
@@ -161,7 +222,7 @@ PYBIND11_MODULE(_core, m) {
             return result;
           },
           "(name, type, forward s, backward s) of every layer for compute()'s work.", py::arg("images"),
-          py::arg("classes"), py::arg("maps"));
+          py::arg("classes"), py::arg("out"));
 
   m.def(
       "plan_batches",

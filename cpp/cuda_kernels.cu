@@ -15,10 +15,20 @@ int blocks_for(std::ptrdiff_t n) {
 }
 
 // Consecutive threads take consecutive pixels of one channel plane: coalesced reads.
-__global__ void channel_absmax_kernel(const float* gradient, ChannelAbsMaxLayout layout, float* out) {
+__global__ void channel_reduce_kernel(const float* gradient, ChannelLayout layout, ChannelReduction op,
+                                      float* out) {
   for (std::ptrdiff_t i = blockIdx.x * static_cast<std::ptrdiff_t>(blockDim.x) + threadIdx.x;
        i < layout.size(); i += static_cast<std::ptrdiff_t>(blockDim.x) * gridDim.x)
-    out[layout.out_index(i)] = channel_absmax_at(gradient, layout, i);
+    out[layout.out_index(i)] = channel_reduce_at(gradient, layout, op, i);
+}
+
+__global__ void relu_rule_backward_kernel(const float* bottom_data, const float* top_diff, float* bottom_diff,
+                                          std::int64_t count, bool guided) {
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<std::int64_t>(blockDim.x) * gridDim.x) {
+    const float g = top_diff[i];
+    bottom_diff[i] = (g > 0.f && (!guided || bottom_data[i] > 0.f)) ? g : 0.f;
+  }
 }
 
 // Grid-stride: blocks_for caps the grid at 65,535 blocks, and a batch may hold more rows than that covers.
@@ -41,10 +51,18 @@ void check_cuda_call(cudaError_t status, const char* what) {
   throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
 }
 
-void channel_absmax_gpu(const float* gradient, const ChannelAbsMaxLayout& layout, float* out) {
+void channel_reduce_gpu(const float* gradient, const ChannelLayout& layout, ChannelReduction op, float* out) {
   if (layout.size() == 0) return;
-  channel_absmax_kernel<<<blocks_for(layout.size()), kThreads>>>(gradient, layout, out);
-  check_cuda("channel_absmax_kernel");
+  channel_reduce_kernel<<<blocks_for(layout.size()), kThreads>>>(gradient, layout, op, out);
+  check_cuda("channel_reduce_kernel");
+}
+
+void relu_rule_backward_gpu(const float* bottom_data, const float* top_diff, float* bottom_diff,
+                            std::int64_t count, bool guided) {
+  if (count == 0) return;
+  relu_rule_backward_kernel<<<blocks_for(count), kThreads>>>(bottom_data, top_diff, bottom_diff, count,
+                                                             guided);
+  check_cuda("relu_rule_backward_kernel");
 }
 
 void seed_one_hot_gpu(float* score_diff, int rows, int num_classes, const int* classes, int classes_stride,

@@ -12,6 +12,9 @@
 #ifdef FASTSAL_WITH_DNNL
 #include <oneapi/dnnl/dnnl.hpp>
 #endif
+#ifdef FASTSAL_WITH_CUDA
+#include "cuda_kernels.hpp"
+#endif
 
 namespace fastsal {
 
@@ -60,6 +63,39 @@ class ReLULayer : public caffe::ReLULayer<float> {
  private:
   float slope() const { return this->layer_param_.relu_param().negative_slope(); }
   std::vector<std::uint8_t> positive_;  // x > 0, from the forward pass every backward pass follows
+};
+
+// A ReLU whose backward follows an attribution rule instead of the gradient, as Captum's hooks on
+// nn.ReLU do: guided backprop g * (x > 0) * (g > 0), deconvnet g * (g > 0). Forward is Caffe's. Only
+// plain ReLUs get it (leaky ones keep their gradient, as Captum leaves nn.LeakyReLU alone).
+class RuleReLULayer : public caffe::ReLULayer<float> {
+ public:
+  RuleReLULayer(const caffe::LayerParameter& param, bool guided)
+      : caffe::ReLULayer<float>(param), guided_(guided) {}
+
+ protected:
+  void Backward_cpu(const std::vector<caffe::Blob<float>*>& top, const std::vector<bool>& propagate_down,
+                    const std::vector<caffe::Blob<float>*>& bottom) override {
+    if (!propagate_down[0]) return;
+    const float* x = bottom[0]->cpu_data();  // in place, this is max(x, 0): the same sign test
+    const float* g = top[0]->cpu_diff();
+    float* out = bottom[0]->mutable_cpu_diff();
+    const std::int64_t count = bottom[0]->count();
+#pragma omp parallel for simd schedule(static) if (count >= (1 << 16))
+    for (std::int64_t i = 0; i < count; ++i) out[i] = (g[i] > 0.f && (!guided_ || x[i] > 0.f)) ? g[i] : 0.f;
+  }
+
+#ifdef FASTSAL_WITH_CUDA
+  void Backward_gpu(const std::vector<caffe::Blob<float>*>& top, const std::vector<bool>& propagate_down,
+                    const std::vector<caffe::Blob<float>*>& bottom) override {
+    if (!propagate_down[0]) return;
+    relu_rule_backward_gpu(bottom[0]->gpu_data(), top[0]->gpu_diff(), bottom[0]->mutable_gpu_diff(),
+                           bottom[0]->count(), guided_);
+  }
+#endif
+
+ private:
+  bool guided_;
 };
 
 // Caffe's max pooling keeps index -1 for a window holding no number above -FLT_MAX (all NaN or -Inf,
@@ -221,19 +257,23 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
 
 }  // namespace
 
-SaliencyNet::SaliencyNet(const caffe::NetParameter& param, bool fast_layers) : caffe::Net<float>(param) {
+SaliencyNet::SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swaps)
+    : caffe::Net<float>(param) {
   // Each replacement gets the same parameter and the old layer's blobs (so nothing is re-initialised,
   // and weights shared later are shared with it), then is set up on the same bottoms and tops.
   for (std::size_t i = 0; i < layers_.size(); ++i) {
     const std::string type = layers_[i]->type();
     const caffe::LayerParameter& p = layers_[i]->layer_param();
     boost::shared_ptr<caffe::Layer<float>> layer;
+    const bool plain_relu = type == "ReLU" && p.relu_param().negative_slope() == 0.f;
     if (type == "Pooling") {
       layer.reset(new PoolingLayer(p));
-    } else if (fast_layers && type == "ReLU") {
+    } else if (plain_relu && swaps.relu_rule != ReLURule::kGradient) {
+      layer.reset(new RuleReLULayer(p, swaps.relu_rule == ReLURule::kGuided));
+    } else if (swaps.fast && type == "ReLU") {
       layer.reset(new ReLULayer(p));
 #ifdef FASTSAL_WITH_DNNL
-    } else if (fast_layers && type == "Convolution" &&
+    } else if (swaps.fast && type == "Convolution" &&
                DnnlConvolutionLayer::supports(p, *bottom_vecs_[i][0])) {
       layer.reset(new DnnlConvolutionLayer(p));
 #endif

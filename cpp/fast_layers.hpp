@@ -8,10 +8,18 @@
 
 namespace fastsal {
 
+// How a plain ReLU propagates in the backward pass: its gradient, or an attribution rule.
+enum class ReLURule { kGradient, kGuided, kDeconvnet };
+
+struct LayerSwaps {
+  bool fast = true;  // the faster CPU layers (same values)
+  ReLURule relu_rule = ReLURule::kGradient;
+};
+
 class SaliencyNet : public caffe::Net<float> {
  public:
-  // Builds the net as Caffe would, then swaps in fastsal's layers; fast_layers adds the faster ones.
-  SaliencyNet(const caffe::NetParameter& param, bool fast_layers);
+  // Builds the net as Caffe would, then swaps in fastsal's layers.
+  SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swaps);
 
   // After a CPU forward of layers [0, last]: the first batch row in which a max pooling window held no
   // number (all NaN or -Inf: the activations overflowed), and that layer's name; -1 when none did.

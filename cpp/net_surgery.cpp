@@ -188,7 +188,7 @@ int producer_of(const caffe::Net<float>& net, int blob, int before) {
 }
 
 SaliencyNetPlan plan_saliency_net(const caffe::Net<float>& net, const std::string& input_blob,
-                                  const std::string& score_blob) {
+                                  const std::string& score_blob, const std::string& gradient_blob) {
   SaliencyNetPlan plan;
   if (!input_blob.empty()) {
     plan.input_blob = input_blob;
@@ -236,6 +236,18 @@ SaliencyNetPlan plan_saliency_net(const caffe::Net<float>& net, const std::strin
   if (!needed.count(input_id))
     throw error("score blob '" + plan.score_blob + "' does not depend on input blob '" + plan.input_blob +
                 "'");
+  // The gradient is taken at the input (through layers rewriting it in place), or at a blob between
+  // input and score as its final value shows it: the backward stops before that blob's last writer.
+  plan.gradient_blob = gradient_blob.empty() ? plan.input_blob : gradient_blob;
+  int gradient_layer = input_layer;
+  if (plan.gradient_blob != plan.input_blob) {
+    const int id = blob_id(net, plan.gradient_blob, "layer");
+    gradient_layer = producer_of(net, id, score_layer + 1);
+    if (!needed.count(id) || gradient_layer <= input_layer || id == score_id)
+      throw error("blob '" + plan.gradient_blob + "' is not between input blob '" + plan.input_blob +
+                  "' and score blob '" + plan.score_blob + "'");
+    plan.gradient_layer = net.layer_names()[gradient_layer];
+  }
 
   for (int l = 0; l <= score_layer; ++l) {
     if (!keep[l]) continue;
@@ -249,7 +261,7 @@ SaliencyNetPlan plan_saliency_net(const caffe::Net<float>& net, const std::strin
     if (net.bottom_ids(l).empty())
       throw error("score blob '" + plan.score_blob + "' also depends on " + describe(net, l) +
                   ", which has no inputs; fastsal differentiates with respect to one input only");
-    check_differentiable(net, l);
+    if (l > gradient_layer) check_differentiable(net, l);  // only the backward's layers need a gradient
     check_batch_axis_free(net, l);
   }
 

@@ -19,17 +19,20 @@ struct SaliencyNetPlan {
   std::string score_layer;       // the last layer the score is read after (an in-place Softmax never is)
   std::vector<int> image_shape;  // one input image: the input blob's shape without the batch axis
   std::vector<std::string> score_rewrites;  // in-place layers after the score's producer, kept (documented)
+  std::string
+      gradient_blob;  // the gradient is taken here: the input blob, or a blob between it and the score
+  std::string gradient_layer;  // the backward stops after this layer (empty: runs to the input)
 };
 
 // The layer that writes a blob's final value: the last one with it among its tops (in-place layers
 // write the same blob again); -1 when no layer does. `before` limits the search to layers < before.
 int producer_of(const caffe::Net<float>& net, int blob_id, int before = -1);
 
-// input_blob / score_blob may be empty: the net's first input / the bottom of the net's one Softmax
-// output, else the net's only output. Reads only the net's layers and its input blob's (C, H, W):
-// never the batch size or the other blobs' current shapes, which pycaffe users change freely.
+// input_blob / score_blob / gradient_blob may be empty: the net's first input / the bottom of the net's
+// one Softmax output, else the net's only output / the input. Reads only the net's layers and its input
+// blob's (C, H, W): never the batch size or the other blobs' current shapes, which pycaffe users change.
 SaliencyNetPlan plan_saliency_net(const caffe::Net<float>& net, const std::string& input_blob,
-                                  const std::string& score_blob);
+                                  const std::string& score_blob, const std::string& gradient_blob = "");
 
 // Throws if a layer of `internal` would not take the user's weights as they are (ShareTrainedLayersWith
 // CHECK-aborts on a count or shape mismatch), naming the layer and both shapes.

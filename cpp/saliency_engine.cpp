@@ -10,7 +10,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "channel_absmax.hpp"
+#include "channel_reduce.hpp"
 #ifdef FASTSAL_WITH_CUDA
 #include <cuda_runtime.h>
 
@@ -164,7 +164,7 @@ double seconds_since(Clock::time_point start) {
 }  // namespace
 
 SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOptions& options)
-    : plan_(plan_saliency_net(user_net, options.input_blob, options.score_blob)),
+    : plan_(plan_saliency_net(user_net, options.input_blob, options.score_blob, options.gradient_blob)),
       device_(checked_device(options.device)),
       layout_(options.layout),
       device_buffers_(std::make_unique<DeviceBuffers>()) {
@@ -172,7 +172,8 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
     QuietGlog quiet;
     // At batch 1; every batch resizes the input. fastsal's speed swaps replace CPU code only: on a GPU,
     // Caffe's own layers (cuDNN's where built) run.
-    net_ = std::make_unique<SaliencyNet>(plan_.param, options.fast_layers && device_ < 0);
+    net_ = std::make_unique<SaliencyNet>(plan_.param,
+                                         LayerSwaps{options.fast_layers && device_ < 0, options.relu_rule});
   }
   check_weights_fit(*net_, user_net);
   net_->ShareTrainedLayersWith(&user_net);
@@ -190,6 +191,12 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
     throw std::invalid_argument("score blob '" + plan_.score_blob + "' has shape " + score_->shape_string() +
                                 " for one image: its first axis is not the batch axis");
   num_classes_ = score_->count(1);
+  gradient_ = net_->blob_by_name(plan_.gradient_blob).get();
+  stop_layer_ = plan_.gradient_layer.empty() ? 0 : layer_index(*net_, plan_.gradient_layer) + 1;
+  if (gradient_->num_axes() < 2 || gradient_->shape(0) != 1)
+    throw std::invalid_argument("blob '" + plan_.gradient_blob + "' has shape " + gradient_->shape_string() +
+                                " for one image; attributions need (N, C, ...) with N the batch axis");
+  gradient_shape_.assign(gradient_->shape().begin() + 1, gradient_->shape().end());
   bytes_per_image_ = fastsal::bytes_per_image(*net_);
   batch_size_ = choose_batch_size(options, bytes_per_image_);
 }
@@ -219,15 +226,22 @@ std::size_t SaliencyEngine::image_size() const {
                          std::multiplies<std::size_t>());
 }
 
-std::size_t SaliencyEngine::map_size() const { return image_size() / plan_.image_shape[0]; }
+std::size_t SaliencyEngine::gradient_size() const {
+  return std::accumulate(gradient_shape_.begin(), gradient_shape_.end(), std::size_t(1),
+                         std::multiplies<std::size_t>());
+}
 
-void SaliencyEngine::check_classes(const SaliencyRequest& request) const {
-  if (request.num_images < 0 || request.classes_per_image < 1)
-    throw std::invalid_argument("need at least one class per image");
-  if (!request.classes && request.classes_per_image > num_classes_)
+std::size_t SaliencyEngine::map_size() const { return gradient_size() / gradient_shape_[0]; }
+
+void SaliencyEngine::check_request(const SaliencyRequest& request) const {
+  if (request.num_images < 0 || request.classes_per_image < 1 || request.samples < 1)
+    throw std::invalid_argument("need at least one class and one sample per image");
+  if (!request.classes && (request.classes_per_image > num_classes_ || request.samples != 1))
     throw std::invalid_argument("top_k=" + std::to_string(request.classes_per_image) + " exceeds the " +
                                 std::to_string(num_classes_) + " classes of score blob '" + plan_.score_blob +
-                                "'");
+                                "', or several samples per image: rank the classes first");
+  if (request.activations && request.samples != 1)
+    throw std::invalid_argument("activations are returned for one sample per image only");
   if (!request.classes) return;
   const std::size_t n = std::size_t(request.num_images) * request.classes_per_image;
   for (std::size_t i = 0; i < n; ++i)
@@ -245,7 +259,7 @@ std::vector<LayerTime> SaliencyEngine::profile_layers(const SaliencyRequest& req
 }
 
 void SaliencyEngine::run(const SaliencyRequest& request, std::vector<LayerTime>* times) {
-  check_classes(request);
+  check_request(request);
   std::lock_guard<std::mutex> lock(mutex_);  // one internal net: one call at a time
   CaffeModeScope mode(device_);
 #ifdef FASTSAL_WITH_CUDA
@@ -255,13 +269,61 @@ void SaliencyEngine::run(const SaliencyRequest& request, std::vector<LayerTime>*
     times->resize(score_layer_ + 1);
     for (int l = 0; l <= score_layer_; ++l) (*times)[l] = {net_->layer_names()[l], net_->layers()[l]->type()};
   }
-  const BatchPlan batches =
+  BatchPlan batches =
       plan_batches(layout_, device_ >= 0, request.num_images, request.classes_per_image, batch_size_);
+  batches.pairs = batches.pairs && request.samples == 1;  // samples fill the batch already
+  // Several samples, weights or a multiplier: accumulate per (image, class), then finish. Otherwise each
+  // backward's gradient is reduced straight into its slot of the output.
+  const bool direct = request.samples == 1 && !request.sample_weights && !request.multiplier &&
+                      request.accumulate == Accumulate::kSum;
+  std::vector<float> accumulator;
+  if (!direct)
+    accumulator.assign(std::size_t(request.num_images) * request.classes_per_image * gradient_size() *
+                           (request.accumulate == Accumulate::kVariance ? 2 : 1),
+                       0.f);
   const std::int64_t units =
-      std::int64_t(request.num_images) * (batches.pairs ? request.classes_per_image : 1);
+      std::int64_t(request.num_images) * (batches.pairs ? request.classes_per_image : request.samples);
   for (std::int64_t first = 0; first < units; first += batches.rows_per_pass)
     run_batch(request, first, static_cast<int>(std::min<std::int64_t>(batches.rows_per_pass, units - first)),
-              batches.pairs, times);
+              batches.pairs, direct ? nullptr : accumulator.data(), times);
+  if (!direct) finish(request, accumulator.data());
+}
+
+void SaliencyEngine::scores(const float* images, int num_images, std::int64_t first_index, float* scores) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  CaffeModeScope mode(device_);
+#ifdef FASTSAL_WITH_CUDA
+  if (device_ >= 0) check_weights_on_device(*net_, device_);
+#endif
+  for (std::int64_t first = 0; first < num_images; first += batch_size_) {
+    const int rows = static_cast<int>(std::min<std::int64_t>(batch_size_, num_images - first));
+    const auto row = [first](int r) -> std::int64_t { return first + r; };
+    forward(images, rows, row, row, first_index, nullptr);
+    std::copy_n(score_->cpu_data(), std::size_t(rows) * num_classes_, scores + first * num_classes_);
+  }
+}
+
+void SaliencyEngine::forward(const float* images, int rows,
+                             const std::function<std::int64_t(int)>& source_row,
+                             const std::function<std::int64_t(int)>& image_of, std::int64_t first_index,
+                             std::vector<LayerTime>* times) {
+  const std::size_t image_floats = image_size();
+  std::vector<int> shape = {rows};
+  shape.insert(shape.end(), plan_.image_shape.begin(), plan_.image_shape.end());
+  input_->Reshape(shape);
+  float* input = input_->mutable_cpu_data();  // on a GPU, Caffe uploads it at the first layer
+  for (int r = 0; r < rows; ++r)
+    std::copy_n(images + source_row(r) * image_floats, image_floats, input + r * image_floats);
+  if (times) {
+    for (int l = 0; l <= score_layer_; ++l) {
+      const auto start = Clock::now();
+      net_->ForwardFromTo(l, l);
+      (*times)[l].forward_seconds += seconds_since(start);
+    }
+  } else {
+    net_->ForwardFromTo(0, score_layer_);
+  }
+  check_forward(rows, image_of, first_index);
 }
 
 void SaliencyEngine::check_forward(int rows, const std::function<std::int64_t(int)>& image_of,
@@ -284,39 +346,31 @@ void SaliencyEngine::check_forward(int rows, const std::function<std::int64_t(in
 }
 
 void SaliencyEngine::run_batch(const SaliencyRequest& request, std::int64_t first, int rows, bool pairs,
-                               std::vector<LayerTime>* times) {
-  const int k_count = request.classes_per_image;
-  const std::size_t image_floats = image_size(), map_floats = map_size();
+                               float* accumulator, std::vector<LayerTime>* times) {
+  const int k_count = request.classes_per_image, samples = request.samples;
+  const std::size_t g_floats = gradient_size(), map_floats = map_size();
   const bool gpu = device_ >= 0;
-  caffe::Net<float>& net = *net_;
-  const int last = score_layer_;
-  // Row r holds image first + r, or with pairs the (n, k) pair first + r, in (n, k) order.
-  const auto image_of = [&](int r) -> std::int64_t { return pairs ? (first + r) / k_count : first + r; };
+  // Row r holds unit first + r: a row of request.images (image n's samples are rows n*S .. n*S+S-1),
+  // or with pairs the (n, k) pair first + r, in (n, k) order.
+  const auto image_of = [&](int r) -> std::int64_t { return (first + r) / (pairs ? k_count : samples); };
+  const auto source_row = [&](int r) -> std::int64_t { return pairs ? image_of(r) : first + r; };
+  forward(request.images, rows, source_row, image_of, request.first_index, times);
+  // Rows that start an image (every row, unless pairs): its ranking and its activations come from there.
+  const auto starts_image = [&](int r) { return !pairs || (first + r) % k_count == 0; };
 
-  std::vector<int> shape = {rows};
-  shape.insert(shape.end(), plan_.image_shape.begin(), plan_.image_shape.end());
-  input_->Reshape(shape);
-  float* input = input_->mutable_cpu_data();  // on a GPU, Caffe uploads it at the first layer
-  for (int r = 0; r < rows; ++r)
-    std::copy_n(request.images + image_of(r) * image_floats, image_floats, input + r * image_floats);
-  if (times) {
-    for (int l = 0; l <= last; ++l) {
-      const auto start = Clock::now();
-      net.ForwardFromTo(l, l);
-      (*times)[l].forward_seconds += seconds_since(start);
-    }
-  } else {
-    net.ForwardFromTo(0, last);
+  if (request.activations) {
+    const float* values = gradient_->cpu_data();
+    for (int r = 0; r < rows; ++r)
+      if (starts_image(r))
+        std::copy_n(values + r * g_floats, g_floats, request.activations + image_of(r) * g_floats);
   }
-  check_forward(rows, image_of, request.first_index);
-
   // Without given classes, each image's top K (ties: lower id first), ranked once, from the row that
   // holds its first pair (every row, per class); later rows of the image read the ranking written then.
   if (!request.classes) {
     const float* scores = score_->cpu_data();
     std::vector<int> order(num_classes_);
     for (int r = 0; r < rows; ++r) {
-      if (pairs && (first + r) % k_count != 0) continue;
+      if (!starts_image(r)) continue;
       const float* s = scores + std::size_t(r) * num_classes_;
       std::iota(order.begin(), order.end(), 0);
       std::partial_sort(order.begin(), order.begin() + k_count, order.end(),
@@ -326,24 +380,35 @@ void SaliencyEngine::run_batch(const SaliencyRequest& request, std::int64_t firs
   }
   const int* classes = request.classes ? request.classes : request.top_classes;
 
-  // With pairs, one backward seeds every row with its own class, and row r's map is slot first + r.
-  // Otherwise pass k seeds class k of each image, and row r's map is slot (first + r, k).
+  // With pairs, one backward seeds every row with its own class, and row r's slot is first + r.
+  // Otherwise pass k seeds class k of each row's image, and row r's slot is (its image, k).
   const int passes = pairs ? 1 : k_count;
-  const int classes_stride = pairs ? 1 : k_count;
-  const std::size_t slot0 = pairs ? first : first * k_count;  // the batch's first (n, k) slot
-  const int* batch_classes = classes + slot0;
-  const std::size_t slots = pairs ? rows : std::size_t(rows) * k_count;
-  const ChannelAbsMaxLayout layout{rows, plan_.image_shape[0], static_cast<int>(map_floats),
-                                   static_cast<std::ptrdiff_t>(classes_stride * map_floats)};
-  float* maps = request.maps + slot0 * map_floats;
+  const auto slot_of = [&](int r, int pass) -> std::size_t {
+    return pairs ? std::size_t(first + r) : std::size_t(image_of(r)) * k_count + pass;
+  };
+  // Seeds: row r's class is row_classes[r * stride + pass].
+  std::vector<int> row_classes(pairs ? rows : std::size_t(rows) * k_count);
+  for (int r = 0; r < rows; ++r)
+    for (int pass = 0; pass < passes; ++pass)
+      row_classes[std::size_t(r) * passes + pass] = classes[slot_of(r, pass)];
+  const int* seeds = row_classes.data();
+  // The direct path's reduction writes row r of pass k at out + slot_of(r, k) * map_floats, which is
+  // out0 + r * stride: consecutive slots with pairs, every K-th otherwise (images are the rows then).
+  const bool direct = accumulator == nullptr;
+  const bool reduce_here = direct && request.reduce != Reduce::kNone;
+  const ChannelReduction op =
+      request.reduce == Reduce::kSum ? ChannelReduction::kSum : ChannelReduction::kAbsMax;
+  const ChannelLayout layout{rows, gradient_shape_[0], static_cast<int>(map_floats),
+                             static_cast<std::ptrdiff_t>(passes * map_floats)};
+  float* out0 = request.out + slot_of(0, 0) * map_floats;
 #ifdef FASTSAL_WITH_CUDA
   float* device_maps = nullptr;
   if (gpu) {
-    device_buffers_->reserve(slots, slots * map_floats);
+    device_buffers_->reserve(row_classes.size(), reduce_here ? row_classes.size() * map_floats : 0);
     check_cuda_call(
-        cudaMemcpy(device_buffers_->classes, batch_classes, slots * sizeof(int), cudaMemcpyHostToDevice),
+        cudaMemcpy(device_buffers_->classes, seeds, row_classes.size() * sizeof(int), cudaMemcpyHostToDevice),
         "copying the classes to the device");
-    batch_classes = device_buffers_->classes;
+    seeds = device_buffers_->classes;
     device_maps = device_buffers_->maps;
   }
 #endif
@@ -352,49 +417,93 @@ void SaliencyEngine::run_batch(const SaliencyRequest& request, std::int64_t firs
     // written the score's diff, so it is re-seeded each time).
     if (gpu) {
 #ifdef FASTSAL_WITH_CUDA
-      seed_one_hot_gpu(score_->mutable_gpu_diff(), rows, num_classes_, batch_classes, classes_stride, pass);
+      seed_one_hot_gpu(score_->mutable_gpu_diff(), rows, num_classes_, seeds, passes, pass);
 #endif
     } else {
       float* seed = score_->mutable_cpu_diff();
       caffe::caffe_set(score_->count(), 0.f, seed);
-      for (int r = 0; r < rows; ++r)
-        seed[seed_index(r, batch_classes, num_classes_, classes_stride, pass)] = 1.f;
+      for (int r = 0; r < rows; ++r) seed[seed_index(r, seeds, num_classes_, passes, pass)] = 1.f;
     }
     if (times) {
-      for (int l = last; l >= 0; --l) {
+      for (int l = score_layer_; l >= stop_layer_; --l) {
         const auto start = Clock::now();
-        net.BackwardFromTo(l, l);
+        net_->BackwardFromTo(l, l);
         (*times)[l].backward_seconds += seconds_since(start);
       }
     } else {
-      net.BackwardFromTo(last, 0);
+      net_->BackwardFromTo(score_layer_, stop_layer_);
     }
 
-    if (gpu) {
+    if (reduce_here) {
+      if (gpu) {
 #ifdef FASTSAL_WITH_CUDA
-      channel_absmax_gpu(input_->gpu_diff(), layout, device_maps + pass * map_floats);
+        channel_reduce_gpu(gradient_->gpu_diff(), layout, op, device_maps + pass * map_floats);
 #endif
-    } else {
-      channel_absmax_cpu(input_->cpu_diff(), layout, maps + pass * map_floats);
+      } else {
+        channel_reduce_cpu(gradient_->cpu_diff(), layout, op, out0 + pass * map_floats);
+      }
+      continue;
     }
-    if (request.gradients) {  // the full input gradient; on a GPU this copies it to the host
-      const float* gradient = input_->cpu_diff();
-      for (int r = 0; r < rows; ++r) {
-        const std::size_t slot = slot0 + std::size_t(r) * classes_stride + pass;
-        std::copy_n(gradient + r * image_floats, image_floats, request.gradients + slot * image_floats);
+    const float* gradient = gradient_->cpu_diff();  // on a GPU this copies it to the host
+    if (direct) {                                   // the raw gradient
+      for (int r = 0; r < rows; ++r)
+        std::copy_n(gradient + r * g_floats, g_floats, request.out + slot_of(r, pass) * g_floats);
+      continue;
+    }
+    const std::size_t second =
+        std::size_t(request.num_images) * k_count * g_floats;  // the squares, for kVariance
+    for (int r = 0; r < rows; ++r) {
+      const float w = request.sample_weights ? request.sample_weights[(first + r) % samples] : 1.f;
+      const float* g = gradient + r * g_floats;
+      float* sum = accumulator + slot_of(r, pass) * g_floats;
+      const std::int64_t n = static_cast<std::int64_t>(g_floats);
+      if (request.accumulate != Accumulate::kSquares) {
+#pragma omp parallel for simd schedule(static) if (n >= (1 << 17))
+        for (std::int64_t i = 0; i < n; ++i) sum[i] += w * g[i];
+      }
+      if (request.accumulate != Accumulate::kSum) {
+        float* squares = request.accumulate == Accumulate::kSquares ? sum : sum + second;
+#pragma omp parallel for simd schedule(static) if (n >= (1 << 17))
+        for (std::int64_t i = 0; i < n; ++i) squares[i] += w * g[i] * g[i];
       }
     }
   }
 #ifdef FASTSAL_WITH_CUDA
-  if (gpu) {  // only the maps cross to the host: one transfer per batch, through pinned memory
-    const std::size_t floats = slots * map_floats;
+  if (gpu && reduce_here) {  // only the maps cross to the host: one transfer per batch, through pinned memory
+    const std::size_t floats = row_classes.size() * map_floats;
     check_cuda_call(cudaMemcpyAsync(device_buffers_->pinned_maps, device_maps, floats * sizeof(float),
                                     cudaMemcpyDeviceToHost, 0),
                     "copying the maps to the host");
     check_cuda_call(cudaStreamSynchronize(0), "waiting for the maps");
-    std::copy_n(device_buffers_->pinned_maps, floats, maps);
+    std::copy_n(device_buffers_->pinned_maps, floats, out0);
   }
 #endif
+}
+
+void SaliencyEngine::finish(const SaliencyRequest& request, const float* accumulator) const {
+  const std::size_t g_floats = gradient_size(), map_floats = map_size();
+  const std::int64_t slots = std::int64_t(request.num_images) * request.classes_per_image;
+  const std::size_t second = std::size_t(slots) * g_floats;
+  const ChannelLayout layout{1, gradient_shape_[0], static_cast<int>(map_floats), 0};
+  const ChannelReduction op =
+      request.reduce == Reduce::kSum ? ChannelReduction::kSum : ChannelReduction::kAbsMax;
+#pragma omp parallel for schedule(dynamic)
+  for (std::int64_t slot = 0; slot < slots; ++slot) {
+    std::vector<float> value(accumulator + slot * g_floats, accumulator + (slot + 1) * g_floats);
+    if (request.accumulate == Accumulate::kVariance)  // E[g^2] - E[g]^2, with the weights 1/S
+      for (std::size_t i = 0; i < g_floats; ++i)
+        value[i] = accumulator[second + slot * g_floats + i] - value[i] * value[i];
+    if (request.multiplier) {
+      const float* m = request.multiplier + (slot / request.classes_per_image) * g_floats;
+      for (std::size_t i = 0; i < g_floats; ++i) value[i] *= m[i];
+    }
+    if (request.reduce == Reduce::kNone) {
+      std::copy(value.begin(), value.end(), request.out + slot * g_floats);
+    } else {
+      for (std::size_t p = 0; p < map_floats; ++p)
+        request.out[slot * map_floats + p] = channel_reduce_at(value.data(), layout, op, p);
+    }
+  }
 }
 
 }  // namespace fastsal

@@ -40,25 +40,39 @@ BatchPlan plan_batches(BatchLayout layout, bool on_gpu, int num_images, int clas
                        int batch_size);
 
 struct EngineOptions {
-  std::string input_blob;   // empty: the net's first input
-  std::string score_blob;   // empty: the bottom of a final Softmax, else the net's only output
-  int batch_size = 0;       // images per forward pass; 0: as many as fit memory_budget, at most 16
-  bool fast_layers = true;  // fastsal's faster CPU layers (fast_layers.hpp); false: Caffe's own code only
-  int device = -1;          // -1: CPU; else the CUDA device (a CUDA build of Caffe and fastsal)
+  std::string input_blob;     // empty: the net's first input
+  std::string score_blob;     // empty: the input of the net's one Softmax output, else its only output
+  std::string gradient_blob;  // empty: the input blob; else a blob between input and score (Grad-CAM)
+  int batch_size = 0;         // rows per forward pass; 0: as many as fit memory_budget, at most 16
+  bool fast_layers = true;    // fastsal's faster CPU layers (fast_layers.hpp); false: Caffe's own code only
+  ReLURule relu_rule = ReLURule::kGradient;  // guided backprop and deconvnet replace plain ReLUs' backward
+  int device = -1;  // -1: CPU; else the CUDA device (a CUDA build of Caffe and fastsal)
   BatchLayout layout = BatchLayout::kAuto;
   std::size_t memory_budget = std::size_t(1) << 30;  // bytes of blobs and layer state per batch
 };
 
-// One call's buffers, all C-contiguous, sizes checked by the caller.
+// How an image's samples combine (noise samples, integration steps), per (image, class), before the
+// multiplier and the channel reduction: sum_s w_s g_s, sum_s w_s g_s^2, or their difference
+// sum_s w_s g_s^2 - (sum_s w_s g_s)^2 (with weights 1/S: the biased variance).
+enum class Accumulate { kSum, kSquares, kVariance };
+enum class Reduce { kAbsMax, kSum, kNone };  // over the gradient blob's channels; kNone: the raw values
+
+// One call's buffers, all C-contiguous, sizes checked by the caller. G is the gradient blob's shape for
+// one image (the image shape by default), g its element count.
 struct SaliencyRequest {
-  const float* images = nullptr;  // (num_images, *image_shape)
+  const float* images = nullptr;  // (num_images * samples, *image_shape): image n's samples at n*S .. n*S+S-1
   int num_images = 0;
+  int samples = 1;                        // S rows per image
+  const float* sample_weights = nullptr;  // (S,) the w_s; null: every w_s = 1
+  Accumulate accumulate = Accumulate::kSum;
+  const float* multiplier = nullptr;  // optional (num_images, *G): the combined gradient times this
+  Reduce reduce = Reduce::kAbsMax;
   std::int64_t first_index = 0;  // index of images[0] in the caller's whole array, for error messages
   int classes_per_image = 0;     // K
-  const int* classes = nullptr;  // (num_images, K); null: take each image's top-K scores
+  const int* classes = nullptr;  // (num_images, K); null: take each image's top-K scores (samples == 1)
   int* top_classes = nullptr;    // (num_images, K), written when classes is null
-  float* maps = nullptr;         // (num_images, K, H, W)
-  float* gradients = nullptr;    // optional (num_images, K, *image_shape)
+  float* out = nullptr;          // (num_images, K, H, W), or (num_images, K, *G) with Reduce::kNone
+  float* activations = nullptr;  // optional (num_images, *G): the gradient blob's values (samples == 1)
 };
 
 // Seconds Caffe spent in one layer, summed over a call: the engine's floor.
@@ -74,7 +88,7 @@ class SaliencyEngine {
   SaliencyEngine(const caffe::Net<float>& user_net, const EngineOptions& options);
   ~SaliencyEngine();
 
-  // Validates class ids, then streams the images through batches. Thread-safe: calls are serialised.
+  // Validates the request, then streams its rows through batches. Thread-safe: calls are serialised.
   // An image whose activations overflow float32 (Inf or NaN reach a max pooling or the scores) is
   // refused with std::domain_error naming it; the maps of earlier batches are then already written.
   void compute(const SaliencyRequest& request);
@@ -87,32 +101,45 @@ class SaliencyEngine {
   // The same work as compute(), timing every layer call (for the benchmarks).
   std::vector<LayerTime> profile_layers(const SaliencyRequest& request);
 
+  // Forward passes only: the score blob's values, (num_images, num_classes), into scores.
+  void scores(const float* images, int num_images, std::int64_t first_index, float* scores);
+
   const std::string& input_blob() const { return plan_.input_blob; }
   const std::string& score_blob() const { return plan_.score_blob; }
   const std::vector<int>& image_shape() const { return plan_.image_shape; }
+  const std::string& gradient_blob() const { return plan_.gradient_blob; }
+  const std::vector<int>& gradient_shape() const { return gradient_shape_; }  // G: one image's
   int num_classes() const { return num_classes_; }
   std::size_t bytes_per_image() const { return bytes_per_image_; }
   const std::vector<std::string>& score_rewrites() const { return plan_.score_rewrites; }
   int batch_size() const { return batch_size_; }
   int device() const { return device_; }
-  std::size_t image_size() const;  // floats per input image
-  std::size_t map_size() const;    // floats per saliency map
+  std::size_t image_size() const;     // floats per input image
+  std::size_t gradient_size() const;  // floats per image of the gradient blob
+  std::size_t map_size() const;       // floats per map: the gradient blob's pixels
 
  private:
   struct DeviceBuffers;  // the GPU's seeds and maps, and a pinned host copy of the maps
-  void check_classes(const SaliencyRequest& request) const;
+  void check_request(const SaliencyRequest& request) const;
   void run(const SaliencyRequest& request, std::vector<LayerTime>* times);
-  // One forward of `rows` batch rows starting at unit `first` (an image, or with pairs an (n, k) pair
-  // index), then the backward passes of their classes.
-  void run_batch(const SaliencyRequest& request, std::int64_t first, int rows, bool pairs,
+  // Copies rows [first, first + rows) into the input blob (row_image maps a row to its image row in
+  // request.images) and runs the forward pass, checking it for overflow.
+  void forward(const float* images, int rows, const std::function<std::int64_t(int)>& source_row,
+               const std::function<std::int64_t(int)>& image_of, std::int64_t first_index,
+               std::vector<LayerTime>* times);
+  // One forward of `rows` batch rows starting at unit `first` (a row of request.images, or with pairs an
+  // (n, k) pair index), then the backward passes of their classes.
+  void run_batch(const SaliencyRequest& request, std::int64_t first, int rows, bool pairs, float* accumulator,
                  std::vector<LayerTime>* times);
+  // After every sample was accumulated: variance, multiplier, channel reduction, into request.out.
+  void finish(const SaliencyRequest& request, const float* accumulator) const;
   // Throws std::domain_error naming the first image whose forward pass overflowed float32.
   void check_forward(int rows, const std::function<std::int64_t(int)>& image_of,
                      std::int64_t first_index) const;
 
   SaliencyNetPlan plan_;
-  int num_classes_;
-  std::size_t bytes_per_image_;
+  int num_classes_ = 0;
+  std::size_t bytes_per_image_ = 0;
   int batch_size_;
   int device_;
   BatchLayout layout_;
@@ -121,6 +148,9 @@ class SaliencyEngine {
   caffe::Blob<float>* input_;
   caffe::Blob<float>* score_;
   int score_layer_;
+  caffe::Blob<float>* gradient_;  // the blob whose diff is the attribution
+  int stop_layer_;                // the backward runs down to this layer
+  std::vector<int> gradient_shape_;
   std::vector<std::pair<int, int>> shared_layers_;  // (internal, user) indices of layers sharing weights
   mutable std::mutex mutex_;
 };

@@ -163,8 +163,7 @@ class Saliency:
         self._refresh()
         batch, single = self._images(images)
         class_ids = self._classes(classes, len(batch))
-        maps, grads, _ = self._run(batch, class_ids, class_ids.shape[1], gradients)
-        result = grads if gradients else maps
+        result, _ = self._run(batch, class_ids, class_ids.shape[1], gradients)
         return result[0] if single else result
 
     def compute_top_k(self, images, k: int = 1, *, gradients: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -178,15 +177,13 @@ class Saliency:
         if k > self.num_classes:
             raise ValueError(f"k={k} exceeds the {self.num_classes} classes of score blob '{self.score}'")
         batch, single = self._images(images)
-        maps, grads, top = self._run(batch, None, k, gradients)
-        result = grads if gradients else maps
+        result, top = self._run(batch, None, k, gradients)
         return (result[0], top[0]) if single else (result, top)
 
     def _run(self, images: np.ndarray, classes: np.ndarray | None, k: int, gradients: bool):
         n = len(images)
-        c, h, w = self.image_shape
-        maps = np.empty((n, k, h, w), np.float32)
-        grads = np.empty((n, k, c, h, w), np.float32) if gradients else None
+        shape = self.image_shape if gradients else self.image_shape[1:]
+        out = np.empty((n, k, *shape), np.float32)
         top = np.empty((n, k), np.int32) if classes is None else None
         step = self.batch_size
         for start in range(0, n, step):
@@ -195,12 +192,12 @@ class Saliency:
             self._engine.compute(
                 np.ascontiguousarray(images[part], dtype=np.float32),
                 None if classes is None else classes[part],
-                maps[part],
-                None if grads is None else grads[part],
-                None if top is None else top[part],
-                start,
+                out[part],
+                reduce="none" if gradients else "absmax",
+                top_classes=None if top is None else top[part],
+                first_index=start,
             )
-        return maps, grads, None if top is None else top.astype(np.int64)
+        return out, None if top is None else top.astype(np.int64)
 
     def profile_layers(self, images, classes) -> list[tuple[str, str, float, float]]:
         """(layer, type, forward seconds, backward seconds) of Caffe's own layer calls for the work of

@@ -1,5 +1,6 @@
-// Abs-max over colour channels: the last step of a Simonyan saliency map, applied to the input blob's diff.
-// The index math below is shared by the threaded CPU loop and the CUDA kernel, so CPU tests cover both.
+// Reductions over colour channels, the last step of a map: abs-max (Simonyan's saliency) or a plain sum
+// (Captum's visualisation). The index math below is shared by the threaded CPU loop and the CUDA
+// kernel, so CPU tests cover both.
 #pragma once
 
 #include <cmath>
@@ -15,7 +16,9 @@ namespace fastsal {
 
 // Gradients are (images, channels, pixels) in Caffe's NCHW order. The map of image i lands at
 // out + i * out_image_stride, so a batch of maps goes straight into its (n, k) slots of the result.
-struct ChannelAbsMaxLayout {
+enum class ChannelReduction { kAbsMax, kSum };
+
+struct ChannelLayout {
   int images;
   int channels;
   int pixels;
@@ -27,12 +30,17 @@ struct ChannelAbsMaxLayout {
   }
 };
 
-// max_c |gradient[image, c, pixel]| for output element i in [0, layout.size()); NaN propagates like NumPy's
-// max.
-FASTSAL_HOST_DEVICE inline float channel_absmax_at(const float* gradient, const ChannelAbsMaxLayout& layout,
-                                                   std::ptrdiff_t i) {
+// max_c |gradient[image, c, pixel]| (NaN propagates like NumPy's max) or sum_c gradient[image, c, pixel],
+// for output element i in [0, layout.size()).
+FASTSAL_HOST_DEVICE inline float channel_reduce_at(const float* gradient, const ChannelLayout& layout,
+                                                   ChannelReduction op, std::ptrdiff_t i) {
   const std::ptrdiff_t image = i / layout.pixels, pixel = i % layout.pixels;
   const float* g = gradient + image * layout.channels * layout.pixels + pixel;
+  if (op == ChannelReduction::kSum) {
+    float sum = 0.f;
+    for (int c = 0; c < layout.channels; ++c) sum += g[static_cast<std::ptrdiff_t>(c) * layout.pixels];
+    return sum;
+  }
   float result = fabsf(g[0]);
   for (int c = 1; c < layout.channels; ++c) {
     const float a = fabsf(g[static_cast<std::ptrdiff_t>(c) * layout.pixels]);
@@ -50,6 +58,6 @@ FASTSAL_HOST_DEVICE inline std::ptrdiff_t seed_index(int row, const int* classes
 }
 
 // On the host, threaded (OpenMP); gradient and out are host memory.
-void channel_absmax_cpu(const float* gradient, const ChannelAbsMaxLayout& layout, float* out);
+void channel_reduce_cpu(const float* gradient, const ChannelLayout& layout, ChannelReduction op, float* out);
 
 }  // namespace fastsal
