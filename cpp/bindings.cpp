@@ -254,6 +254,10 @@ PYBIND11_MODULE(_core, m) {
   });
 
   m.def(
+      "default_score_blob", [](py::handle net) { return fastsal::default_score_blob(pycaffe_net(net)); },
+      "The score blob fastsal differentiates when score= is not given.", py::arg("net"));
+
+  m.def(
       "caffe_mode", [] { return caffe::Caffe::mode() == caffe::Caffe::GPU ? "GPU" : "CPU"; },
       "Caffe's mode on the calling thread (pycaffe can set it but not read it).");
 

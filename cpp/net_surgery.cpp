@@ -155,8 +155,8 @@ bool in_place(const caffe::Net<float>& net, int layer, int blob) {
   return writes(net, layer, blob) && std::find(bottoms.begin(), bottoms.end(), blob) != bottoms.end();
 }
 
-// The default score: the input of the net's one Softmax whose output nobody consumes (pre-softmax
-// scores, as Simonyan et al. use), else the net's only output. Several candidates: refuse, naming them.
+}  // namespace
+
 std::string default_score_blob(const caffe::Net<float>& net) {
   const auto& outputs = net.output_blob_indices();
   std::vector<int> heads;
@@ -177,8 +177,6 @@ std::string default_score_blob(const caffe::Net<float>& net) {
   throw error("the net has no Softmax output and has outputs " + join_names(net, outputs) +
               "; name the blob of class scores with score=");
 }
-
-}  // namespace
 
 int producer_of(const caffe::Net<float>& net, int blob, int before) {
   if (before < 0) before = static_cast<int>(net.layers().size());

@@ -28,6 +28,10 @@ struct SaliencyNetPlan {
 // write the same blob again); -1 when no layer does. `before` limits the search to layers < before.
 int producer_of(const caffe::Net<float>& net, int blob_id, int before = -1);
 
+// The default score: the input of the net's one Softmax whose output nobody consumes (pre-softmax
+// scores, as Simonyan et al. use), else the net's only output. Several candidates: refuse, naming them.
+std::string default_score_blob(const caffe::Net<float>& net);
+
 // input_blob / score_blob / gradient_blob may be empty: the net's first input / the bottom of the net's
 // one Softmax output, else the net's only output / the input. Reads only the net's layers and its input
 // blob's (C, H, W): never the batch size or the other blobs' current shapes, which pycaffe users change.

@@ -1,6 +1,8 @@
-"""fastsal: exact Simonyan et al. (2013) saliency maps for Caffe models, computed by a C++ engine.
+"""fastsal: exact Simonyan et al. (2013) saliency maps and the gradient attribution family (SmoothGrad,
+Integrated Gradients, Grad-CAM, guided backprop) for Caffe models, computed by a batched C++ engine.
 
 maps = fastsal.compute(net, images, classes)   # net: a caffe.Net; maps: (N, K, H, W) float32
+maps = fastsal.attribute(net, images, classes, method="smoothgrad")
 """
 
 import os
@@ -12,12 +14,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # pycaffe first: fastsal._core finds caffe.Net through the Boost.Python types pycaffe registers.
 import caffe  # noqa: E402, F401
 
+from ._attribution import METHODS, Attribution, attribute  # noqa: E402
 from ._build import build_info, cuda_device_count, has_cuda, set_caffe_log_level  # noqa: E402
 from ._load import load  # noqa: E402
 from ._saliency import Saliency, compute, compute_top_k  # noqa: E402
 
 __all__ = [
+    "METHODS",
+    "Attribution",
     "Saliency",
+    "attribute",
     "build_info",
     "compute",
     "compute_top_k",

@@ -59,6 +59,8 @@ class Saliency:
         device: int | None = None,
         batch_layout: str = "auto",
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        _gradient_blob: str = "",
+        _relu_rule: str = "gradient",
     ):
         _check_net(net)
         for name, value in (("score", score), ("input", input)):
@@ -74,6 +76,8 @@ class Saliency:
         self._options = dict(
             input_blob=input or "",
             score_blob=score or "",
+            gradient_blob=_gradient_blob,
+            relu_rule=_relu_rule,
             batch_size=batch_size or 0,
             fast_layers=bool(fast_layers),
             device=-1 if device is None else int(device),

@@ -1,0 +1,486 @@
+"""The gradient attribution family on the batched engine: each method is a choice of input rows (noise
+samples, integration steps), weights, an accumulation, a multiplier and a channel reduction, or a
+gradient taken at a layer blob (Grad-CAM), or a ReLU backward rule (guided backprop, deconvnet)."""
+
+from __future__ import annotations
+
+import hashlib
+import numbers
+import threading
+import weakref
+
+import caffe
+import numpy as np
+
+from . import _core
+from ._saliency import Saliency, _check_net, _check_positive_int
+
+METHODS = (
+    "saliency",
+    "input_x_gradient",
+    "smoothgrad",
+    "smoothgrad_sq",
+    "vargrad",
+    "integrated_gradients",
+    "gradcam",
+    "gradcam++",
+    "guided_backprop",
+    "deconvnet",
+    "guided_gradcam",
+)
+NOISE_METHODS = {"smoothgrad": "sum", "smoothgrad_sq": "squares", "vargrad": "variance"}
+CAM_METHODS = ("gradcam", "gradcam++")
+RULES = {"guided_backprop": "guided", "deconvnet": "deconvnet", "guided_gradcam": "guided"}
+QUADRATURES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
+REDUCTIONS = ("absmax", "sum", "none")
+UPSAMPLING = ("bilinear", "nearest")
+
+# The options each method takes, with their defaults (Captum's and PAIR's, see Attribution).
+_OPTIONS = {
+    "saliency": {"reduce": "absmax"},
+    "input_x_gradient": {"reduce": "absmax"},
+    "integrated_gradients": {
+        "reduce": "absmax",
+        "n_steps": 50,
+        "quadrature": "gausslegendre",
+        "baselines": 0.0,
+    },
+    "gradcam": {"layer": None, "relu": True, "upsample": "bilinear"},
+    "gradcam++": {"layer": None, "relu": True, "upsample": "bilinear"},
+    "guided_backprop": {"reduce": "absmax"},
+    "deconvnet": {"reduce": "absmax"},
+    "guided_gradcam": {"reduce": "absmax", "layer": None, "upsample": "bilinear"},
+}
+for _name in NOISE_METHODS:
+    _OPTIONS[_name] = {"reduce": "absmax", "samples": 25, "stdev": None, "noise_level": None, "seed": None}
+
+
+def integration_points(n_steps: int, quadrature: str) -> tuple[np.ndarray, np.ndarray]:
+    """(alphas, weights) of Captum's integral approximations of int_0^1 f(alpha) d alpha."""
+    if quadrature == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(n_steps)
+        return 0.5 * (nodes + 1), 0.5 * weights
+    if n_steps < 2:
+        raise ValueError(f"n_steps must be at least 2 for {quadrature}, got {n_steps}")
+    n = n_steps
+    weights = np.full(n, 1.0 / n)
+    rule = quadrature.split("_")[1]
+    if rule == "trapezoid":
+        weights[0] /= 2
+        weights[-1] /= 2
+        alphas = np.linspace(0, 1, n)
+    elif rule == "left":
+        alphas = np.linspace(0, 1 - 1 / n, n)
+    elif rule == "middle":
+        alphas = np.linspace(1 / (2 * n), 1 - 1 / (2 * n), n)
+    else:
+        alphas = np.linspace(1 / n, 1, n)
+    return alphas, weights
+
+
+def upsample(maps: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    """(..., h, w) -> (..., H, W), with torch.nn.functional.interpolate's conventions: bilinear with
+    align_corners=False (OpenCV's INTER_LINEAR), or nearest (floor(i * h / H))."""
+
+    def axis(n_in: int, n_out: int):
+        scale = n_in / n_out
+        if mode == "nearest":
+            index = np.minimum(np.floor(np.arange(n_out) * scale).astype(np.int64), n_in - 1)
+            return index, index, np.zeros(n_out, np.float32)
+        source = np.maximum((np.arange(n_out) + 0.5) * scale - 0.5, 0.0)
+        low = np.minimum(np.floor(source).astype(np.int64), n_in - 1)
+        high = np.minimum(low + 1, n_in - 1)
+        return low, high, (source - low).astype(np.float32)
+
+    (r0, r1, fr), (c0, c1, fc) = axis(maps.shape[-2], size[0]), axis(maps.shape[-1], size[1])
+    rows = maps[..., r0, :] * (1 - fr)[:, None] + maps[..., r1, :] * fr[:, None]
+    return (rows[..., c0] * (1 - fc) + rows[..., c1] * fc).astype(np.float32)
+
+
+def default_cam_layer(net: caffe.Net, score: str) -> str:
+    """The last blob before the score, on its path, that is 4-D with more than one pixel."""
+    layers = list(net._layer_names)
+    producers = [name for name in layers if score in net.top_names[name]]
+    needed = {score}
+    for name in reversed(layers[: layers.index(producers[-1]) + 1]):
+        tops = net.top_names[name]
+        if not needed.intersection(tops):
+            continue
+        for top in tops:
+            shape = net.blobs[top].shape
+            if top != score and len(shape) == 4 and shape[2] * shape[3] > 1:
+                return top
+        needed.update(net.bottom_names[name])
+    raise ValueError(f"no 4-D blob with a spatial extent feeds score blob '{score}'; name one with layer=")
+
+
+class Attribution:
+    """An attribution method for one ``caffe.Net``, reusable across calls, on fastsal's batched engine.
+
+    Every method differentiates the class scores (``score``) like :class:`Saliency`, keeps memory
+    bounded by ``batch_size`` rows however many images, classes, samples or steps, and returns
+    (N, K, H, W) float32 maps (one (C, H, W) image: (K, H, W)); ``reduce="none"`` returns the raw
+    (N, K, C, H, W) values, numerically comparable to Captum's output. Noise samples and integration
+    steps go through the batch: one forward per sample and one data-only backward per (sample, class).
+
+    Methods and their options (defaults are Captum's, and PAIR's for the noise):
+
+    - ``"saliency"``: the gradient (Simonyan et al. 2013; Captum ``Saliency(abs=False)`` before the
+      reduction). ``reduce``: ``"absmax"`` (max over channels of |a|, the default), ``"sum"`` (sum
+      over channels, as Captum's visualisation does) or ``"none"``.
+    - ``"input_x_gradient"``: input times gradient (Captum ``InputXGradient``). ``reduce``.
+    - ``"smoothgrad"``, ``"smoothgrad_sq"``, ``"vargrad"``: Captum ``NoiseTunnel`` over the gradient:
+      the mean of a, the mean of a^2, the biased variance, over ``samples`` (25) noisy copies, each
+      x + N(0, sigma^2) with sigma = ``stdev`` (absolute) or ``noise_level`` * (max - min of the
+      image) (default noise_level 0.15). ``seed`` makes the noise reproducible: the noise of image n
+      comes from ``numpy.random.default_rng([seed, n])``, so a seed gives the same maps whatever the
+      batch size. ``reduce`` is applied after the samples are combined.
+    - ``"integrated_gradients"``: Captum ``IntegratedGradients``: (x - baseline) times the integral
+      of the gradient along the straight path, ``n_steps`` (50) points of ``quadrature``
+      (``"gausslegendre"``, or ``"riemann_left"``, ``"riemann_right"``, ``"riemann_middle"``,
+      ``"riemann_trapezoid"``; Captum's ``method=``), ``baselines`` a scalar or an image-shaped array
+      ((C, H, W) or (N, C, H, W)). ``compute(..., return_convergence_delta=True)`` also returns
+      sum(attributions) - (F(x) - F(baseline)) per (image, class).
+    - ``"gradcam"``, ``"gradcam++"``: at the blob ``layer`` (default: the last 4-D blob with more than
+      one pixel before the score). Grad-CAM's weights are the spatial mean of the blob's gradient
+      (Captum ``LayerGradCam``); Grad-CAM++'s are pytorch-grad-cam's. The map is ReLU of the weighted
+      sum of the blob's channels (``relu=False``: Captum's signed LayerGradCam), upsampled to the
+      input size (``upsample="bilinear"``, ``"nearest"`` (Captum's GuidedGradCam), or False: the
+      layer's h x w). The blob is taken as ``net.blobs`` shows it after a forward pass: with an
+      in-place ReLU on it, its values after the ReLU and the gradient with respect to them, as a
+      PyTorch hook on the ReLU's output sees it.
+    - ``"guided_backprop"``, ``"deconvnet"``: the backward of every plain ReLU replaced, in fastsal's
+      own net only, by g * (x > 0) * (g > 0) or g * (g > 0) (Captum ``GuidedBackprop``,
+      ``Deconvolution``). Leaky ReLU (``negative_slope``), PReLU, Sigmoid, TanH and every other layer
+      keep their gradient, as Captum leaves every module but nn.ReLU alone. ``reduce``.
+    - ``"guided_gradcam"``: guided backprop times the upsampled Grad-CAM at ``layer``, per channel
+      (Captum ``GuidedGradCam``), then ``reduce``. ``layer``, ``upsample``.
+
+    Classes take every form :meth:`Saliency.compute` takes; :meth:`compute_top_k` ranks each image's
+    classes once, on the clean image.
+    """
+
+    def __init__(
+        self,
+        net: caffe.Net,
+        method: str = "saliency",
+        *,
+        score: str | None = None,
+        input: str | None = None,  # noqa: A002 - the user's word for it
+        batch_size: int | None = None,
+        fast_layers: bool = True,
+        device: int | None = None,
+        **options,
+    ):
+        _check_net(net)
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; fastsal has: {', '.join(METHODS)}")
+        self.method = method
+        self.options = self._check_options(method, options)
+        engine = dict(score=score, input=input, batch_size=batch_size, fast_layers=fast_layers, device=device)
+        # The input gradient's engine, with the method's ReLU rule; Grad-CAM's at its layer.
+        self._input = None
+        if method not in CAM_METHODS:
+            self._input = Saliency(net, **engine, _relu_rule=RULES.get(method, "gradient"))
+        self._cam = None
+        if method in CAM_METHODS or method == "guided_gradcam":
+            layer = self.options["layer"] or default_cam_layer(net, score or _core.default_score_blob(net))
+            if not isinstance(layer, str):
+                raise TypeError(f"layer must be a blob name (str), got {type(layer).__name__}")
+            self._cam = Saliency(net, **engine, _gradient_blob=layer)
+            if layer == self._cam.input:
+                raise ValueError(
+                    f"blob '{layer}' is not between input blob '{layer}' and score blob '{self._cam.score}'"
+                )
+            if self._cam._engine.gradient_shape.__len__() != 3:
+                raise ValueError(
+                    f"layer blob '{layer}' has shape {tuple(self._cam._engine.gradient_shape)} per image; "
+                    "Grad-CAM needs a 4-D (N, C, H, W) blob"
+                )
+        if method == "integrated_gradients":
+            self._baselines = self._check_baselines(self.options["baselines"])
+
+    @property
+    def _main(self) -> Saliency:
+        return self._input or self._cam
+
+    @property
+    def num_classes(self) -> int:
+        return self._main.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return self._main.image_shape
+
+    @property
+    def layer(self) -> str | None:
+        """The blob Grad-CAM is computed at (None for methods without one)."""
+        return None if self._cam is None else self._cam._engine.gradient_blob
+
+    @staticmethod
+    def _check_options(method: str, options: dict) -> dict:
+        known = _OPTIONS[method]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise TypeError(
+                f"method {method!r} takes no option {', '.join(map(repr, unknown))}; its options are: "
+                + (", ".join(known) or "none")
+            )
+        merged = {**known, **options}
+        if "reduce" in merged and merged["reduce"] not in REDUCTIONS:
+            raise ValueError(f"reduce must be one of {', '.join(REDUCTIONS)}, got {merged['reduce']!r}")
+        if "samples" in merged:
+            _check_positive_int("samples", merged["samples"])
+            stdev, level = merged["stdev"], merged["noise_level"]
+            if stdev is not None and level is not None:
+                raise ValueError("give stdev (absolute) or noise_level (relative to max - min), not both")
+            for name, value in (("stdev", stdev), ("noise_level", level)):
+                if value is not None and (
+                    isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0
+                ):
+                    raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            if stdev is None and level is None:
+                merged["noise_level"] = 0.15
+            seed = merged["seed"]
+            if seed is not None and (
+                isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0
+            ):
+                raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
+        if "n_steps" in merged:
+            _check_positive_int("n_steps", merged["n_steps"])
+            if merged["quadrature"] not in QUADRATURES:
+                raise ValueError(
+                    f"quadrature must be one of {', '.join(QUADRATURES)}, got {merged['quadrature']!r}"
+                )
+            integration_points(merged["n_steps"], merged["quadrature"])  # raises for riemann with 1 step
+        if "upsample" in merged and merged["upsample"] is not False and merged["upsample"] not in UPSAMPLING:
+            raise ValueError(f"upsample must be 'bilinear', 'nearest' or False, got {merged['upsample']!r}")
+        if method == "guided_gradcam" and merged["upsample"] is False:
+            raise ValueError("guided_gradcam multiplies by the input-sized map: upsample cannot be False")
+        if "relu" in merged and not isinstance(merged["relu"], bool):
+            raise TypeError(f"relu must be True or False, got {merged['relu']!r}")
+        return merged
+
+    def _check_baselines(self, baselines) -> np.ndarray:
+        array = np.asarray(baselines)
+        if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+            raise TypeError(f"baselines must hold real numbers, got dtype {array.dtype}")
+        shape = self.image_shape
+        if array.shape not in ((), shape) and not (array.ndim == 4 and array.shape[1:] == shape):
+            raise ValueError(
+                f"baselines must be a scalar, a {shape} image or an (N, *{shape}) array, got shape {array.shape}"
+            )
+        if not np.isfinite(array.astype(np.float32)).all():
+            raise ValueError("baselines contain NaN or Inf once converted to float32")
+        return array.astype(np.float32)
+
+    # ---- computing ----
+
+    def compute(self, images, classes, *, return_convergence_delta: bool = False):
+        """Attributions of ``images`` for ``classes`` (an int, a sequence of K ints, or an (N, K) array:
+        see :meth:`Saliency.compute`). Returns (N, K, H, W) maps, (N, K, C, H, W) with
+        ``reduce="none"``; one (C, H, W) image drops the N axis. With ``return_convergence_delta``
+        (integrated_gradients only): ``(maps, delta)``, delta (N, K)."""
+        for engine in (self._input, self._cam):
+            if engine is not None:
+                engine._refresh()
+        batch, single = self._main._images(images)
+        ids = self._main._classes(classes, len(batch))
+        if (
+            self.method == "integrated_gradients"
+            and self._baselines.ndim == 4
+            and len(self._baselines) != len(batch)
+        ):
+            raise ValueError(f"baselines has {len(self._baselines)} images but there are {len(batch)}")
+        result = self._run(batch, ids, return_convergence_delta)
+        if single:
+            return tuple(r[0] for r in result) if isinstance(result, tuple) else result[0]
+        return result
+
+    def compute_top_k(self, images, k: int = 1, *, return_convergence_delta: bool = False):
+        """Attributions for each image's ``k`` best classes, ranked once on the clean image (ties: the
+        lower id first). Returns ``(maps, classes)`` (plus delta with ``return_convergence_delta``)."""
+        _check_positive_int("k", k)
+        if k > self.num_classes:
+            raise ValueError(
+                f"k={k} exceeds the {self.num_classes} classes of score blob '{self._main.score}'"
+            )
+        self._main._refresh()
+        batch, single = self._main._images(images)
+        scores = self.scores(batch)
+        classes = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        result = self.compute(batch, classes, return_convergence_delta=return_convergence_delta)
+        result = result if isinstance(result, tuple) else (result,)
+        result = (result[0], classes, *result[1:])
+        return tuple(r[0] for r in result) if single else result
+
+    def scores(self, images) -> np.ndarray:
+        """The score blob's values, (N, num_classes) float32: forward passes only."""
+        batch, single = self._main._images(images)
+        out = np.empty((len(batch), self.num_classes), np.float32)
+        step = self._main.batch_size
+        for start in range(0, len(batch), step):
+            part = slice(start, start + step)
+            self._main._engine.scores(np.ascontiguousarray(batch[part], np.float32), out[part], start)
+        return out[0] if single else out
+
+    def _run(self, images: np.ndarray, classes: np.ndarray, delta: bool):
+        method, options = self.method, self.options
+        if delta and method != "integrated_gradients":
+            raise ValueError("return_convergence_delta is for method='integrated_gradients' only")
+        if method in CAM_METHODS:
+            return self._cams(images, classes)
+        reduce = options["reduce"]
+        if method == "guided_gradcam":
+            raw = self._gradients(images, classes, "none")
+            cams = self._cams(images, classes, mode=options["upsample"] or "bilinear")
+            return _reduce(raw * cams[:, :, None], reduce)
+        if method == "integrated_gradients" and delta:
+            raw = self._gradients(images, classes, "none")
+            return _reduce(raw, reduce), self._convergence_delta(images, classes, raw)
+        return self._gradients(images, classes, reduce)
+
+    def _gradients(self, images: np.ndarray, classes: np.ndarray, reduce: str) -> np.ndarray:
+        """The input-gradient methods, streamed in chunks of whole images through the engine."""
+        method, options = self.method, self.options
+        saliency = self._input
+        c, h, w = self.image_shape
+        n, k = classes.shape
+        out = np.empty((n, k, c, h, w) if reduce == "none" else (n, k, h, w), np.float32)
+        samples = options.get("samples", options.get("n_steps", 1))
+        chunk = max(1, saliency.batch_size // samples)  # images per engine call: rows stay near batch_size
+        seed = options.get("seed")
+        if method in NOISE_METHODS and seed is None:
+            seed = int(np.random.SeedSequence().generate_state(1)[0])
+        for start in range(0, n, chunk):
+            part = slice(start, start + chunk)
+            x = np.ascontiguousarray(images[part], dtype=np.float32)
+            call = dict(reduce=reduce, first_index=start)
+            if method == "input_x_gradient":
+                call.update(multiplier=x)
+            elif method in NOISE_METHODS:
+                rows = np.repeat(x, samples, axis=0).reshape(len(x), samples, c, h, w)
+                for i, image in enumerate(x):
+                    sigma = options["stdev"]
+                    if sigma is None:
+                        sigma = options["noise_level"] * float(image.max() - image.min())
+                    noise = np.random.default_rng([seed, start + i]).standard_normal(
+                        (samples, c, h, w), np.float32
+                    )
+                    rows[i] += np.float32(sigma) * noise
+                x = rows.reshape(-1, c, h, w)
+                call.update(
+                    samples=samples,
+                    sample_weights=np.full(samples, 1.0 / samples, np.float32),
+                    accumulate=NOISE_METHODS[method],
+                )
+            elif method == "integrated_gradients":
+                alphas, weights = integration_points(samples, options["quadrature"])
+                baseline = self._baseline_for(start, len(x))
+                path = (
+                    baseline[:, None]
+                    + alphas.astype(np.float32)[None, :, None, None, None] * (x - baseline)[:, None]
+                )
+                call.update(
+                    samples=samples,
+                    sample_weights=weights.astype(np.float32),
+                    multiplier=np.ascontiguousarray(x - baseline),
+                )
+                x = np.ascontiguousarray(path.reshape(-1, c, h, w), dtype=np.float32)
+            saliency._engine.compute(x, classes[part], out[part], **call)
+        return out
+
+    def _baseline_for(self, start: int, count: int) -> np.ndarray:
+        b = self._baselines
+        if b.ndim == 4:
+            return b[start : start + count]
+        return np.broadcast_to(b, (count, *self.image_shape)).astype(np.float32)
+
+    def _convergence_delta(self, images: np.ndarray, classes: np.ndarray, raw: np.ndarray) -> np.ndarray:
+        baselines = np.concatenate(
+            [self._baseline_for(s, min(64, len(images) - s)) for s in range(0, len(images), 64)]
+        )
+        rows = np.arange(len(images))[:, None]
+        difference = self.scores(images)[rows, classes] - self.scores(baselines)[rows, classes]
+        return raw.reshape(*classes.shape, -1).sum(axis=2, dtype=np.float64) - difference
+
+    def _cams(self, images: np.ndarray, classes: np.ndarray, mode: str | None = None) -> np.ndarray:
+        """Grad-CAM (or ++) maps (N, K, h, w), upsampled to (N, K, H, W) unless upsample=False."""
+        cam_engine = self._cam
+        c, h, w = cam_engine._engine.gradient_shape
+        n, k = classes.shape
+        mode = mode if mode is not None else self.options["upsample"]
+        size = self.image_shape[1:] if mode else (h, w)
+        out = np.empty((n, k, *size), np.float32)
+        step = cam_engine.batch_size
+        for start in range(0, n, step):
+            part = slice(start, start + step)
+            x = np.ascontiguousarray(images[part], dtype=np.float32)
+            grads = np.empty((len(x), k, c, h, w), np.float32)
+            acts = np.empty((len(x), c, h, w), np.float32)
+            cam_engine._engine.compute(
+                x, classes[part], grads, reduce="none", activations=acts, first_index=start
+            )
+            if self.method == "gradcam++":
+                squared = grads**2
+                total = acts.sum(axis=(2, 3))[:, None, :, None, None]
+                alpha = np.where(grads != 0, squared / (2 * squared + total * squared * grads + 1e-6), 0)
+                weights = (np.maximum(grads, 0) * alpha).sum(axis=(3, 4))
+            else:
+                weights = grads.mean(axis=(3, 4))
+            cams = np.einsum("nkc,nchw->nkhw", weights, acts)
+            if self.method == "guided_gradcam" or self.options.get("relu", True):
+                cams = np.maximum(cams, 0)
+            out[part] = upsample(cams, size, mode) if mode else cams
+        return out
+
+
+def _reduce(raw: np.ndarray, reduce: str) -> np.ndarray:
+    if reduce == "none":
+        return raw.astype(np.float32, copy=False)
+    if reduce == "sum":
+        return raw.sum(axis=2, dtype=np.float32)
+    return np.abs(raw).max(axis=2)
+
+
+def _key(value):
+    """A hashable, exact stand-in for an option's value (arrays by content, not by their short repr)."""
+    if isinstance(value, np.ndarray):
+        return (
+            "array",
+            value.shape,
+            value.dtype.str,
+            hashlib.sha1(np.ascontiguousarray(value).tobytes()).hexdigest(),
+        )
+    return ("value", repr(value))
+
+
+# One Attribution per net, for the method and options of its latest call (as fastsal.compute does).
+_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_cache_lock = threading.Lock()
+
+
+def attribute(
+    net: caffe.Net,
+    images,
+    classes,
+    method: str = "saliency",
+    *,
+    score: str | None = None,
+    input: str | None = None,  # noqa: A002
+    batch_size: int | None = None,
+    return_convergence_delta: bool = False,
+    **options,
+):
+    """Attributions of ``images`` for ``classes`` under ``net`` by ``method``: see :class:`Attribution`.
+    The engines are built on first use and cached per net."""
+    _check_net(net)
+    key = (method, score, input, batch_size, tuple(sorted((name, _key(v)) for name, v in options.items())))
+    with _cache_lock:
+        cached = _cache.get(net)
+        if cached is None or cached[0] != key:
+            cached = _cache[net] = (
+                key,
+                Attribution(net, method, score=score, input=input, batch_size=batch_size, **options),
+            )
+    return cached[1].compute(images, classes, return_convergence_delta=return_convergence_delta)
