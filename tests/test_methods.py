@@ -20,7 +20,6 @@ from conftest import (
     producer_layer,
     random_images,
     seed_recipe,
-    write,
 )
 
 
