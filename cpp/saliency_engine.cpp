@@ -170,6 +170,7 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
       device_buffers_(std::make_unique<DeviceBuffers>()) {
   {
     QuietGlog quiet;
+    CaffeModeScope mode(device_);  // layers set up in the caller's mode could touch a GPU it never meant
     // At batch 1; every batch resizes the input. fastsal's speed swaps replace CPU code only: on a GPU,
     // Caffe's own layers (cuDNN's where built) run.
     net_ = std::make_unique<SaliencyNet>(plan_.param,
