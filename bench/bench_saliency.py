@@ -299,8 +299,14 @@ def machine() -> dict:
         (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
         "?",
     )
+    flags = next(
+        (line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), []
+    )
     info = {
         "cpu": cpu,
+        "isa": " ".join(
+            f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "amx_tile") if f in flags
+        ),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,

@@ -90,7 +90,7 @@ fastsal::SaliencyRequest make_request(const fastsal::SaliencyEngine& engine, con
                                       const py::object& sample_weights, const std::string& accumulate,
                                       const py::object& multiplier, const std::string& reduce,
                                       const py::object& top_classes, const py::object& activations,
-                                      std::int64_t first_index) {
+                                      const py::object& scores, std::int64_t first_index) {
   if (samples < 1) throw py::value_error("samples must be at least 1");
   const py::ssize_t rows = images.ndim() > 0 ? images.shape(0) : 0;
   const py::ssize_t n = rows / samples;
@@ -115,6 +115,7 @@ fastsal::SaliencyRequest make_request(const fastsal::SaliencyEngine& engine, con
   if (!request.classes && !request.top_classes)
     throw py::value_error("give classes, or top_classes to receive each image's top-k classes");
   request.activations = optional_buffer<float>(activations, "activations", with_front({n}, g));
+  request.scores = optional_buffer<float>(scores, "scores", {n, engine.num_classes()});
   return request;
 }
 
@@ -178,10 +179,11 @@ PYBIND11_MODULE(_core, m) {
           [](fastsal::SaliencyEngine& engine, const py::array& images, const py::object& classes,
              const py::array& out, int samples, const py::object& sample_weights,
              const std::string& accumulate, const py::object& multiplier, const std::string& reduce,
-             const py::object& top_classes, const py::object& activations, std::int64_t first_index) {
+             const py::object& top_classes, const py::object& activations, const py::object& scores,
+             std::int64_t first_index) {
             const fastsal::SaliencyRequest request =
                 make_request(engine, images, classes, out, samples, sample_weights, accumulate, multiplier,
-                             reduce, top_classes, activations, first_index);
+                             reduce, top_classes, activations, scores, first_index);
             // Safe without the GIL: the engine owns its net and the caller keeps these arrays alive.
             py::gil_scoped_release release;
             engine.compute(request);
@@ -190,7 +192,7 @@ PYBIND11_MODULE(_core, m) {
           py::arg("sample_weights") = py::none(), py::arg("accumulate") = "sum",
           py::arg("multiplier") = py::none(), py::arg("reduce") = "absmax",
           py::arg("top_classes") = py::none(), py::arg("activations") = py::none(),
-          py::arg("first_index") = 0)
+          py::arg("scores") = py::none(), py::arg("first_index") = 0)
       .def(
           "scores",
           [](fastsal::SaliencyEngine& engine, const py::array& images, const py::array& out,
@@ -210,7 +212,7 @@ PYBIND11_MODULE(_core, m) {
              const py::array& out) {
             const fastsal::SaliencyRequest request =
                 make_request(engine, images, classes, out, 1, py::none(), "sum", py::none(), "absmax",
-                             py::none(), py::none(), 0);
+                             py::none(), py::none(), py::none(), 0);
             std::vector<fastsal::LayerTime> times;
             {
               py::gil_scoped_release release;

@@ -241,8 +241,8 @@ void SaliencyEngine::check_request(const SaliencyRequest& request) const {
     throw std::invalid_argument("top_k=" + std::to_string(request.classes_per_image) + " exceeds the " +
                                 std::to_string(num_classes_) + " classes of score blob '" + plan_.score_blob +
                                 "', or several samples per image: rank the classes first");
-  if (request.activations && request.samples != 1)
-    throw std::invalid_argument("activations are returned for one sample per image only");
+  if ((request.activations || request.scores) && request.samples != 1)
+    throw std::invalid_argument("activations and scores are returned for one sample per image only");
   if (!request.classes) return;
   const std::size_t n = std::size_t(request.num_images) * request.classes_per_image;
   for (std::size_t i = 0; i < n; ++i)
@@ -359,6 +359,13 @@ void SaliencyEngine::run_batch(const SaliencyRequest& request, std::int64_t firs
   // Rows that start an image (every row, unless pairs): its ranking and its activations come from there.
   const auto starts_image = [&](int r) { return !pairs || (first + r) % k_count == 0; };
 
+  if (request.scores) {
+    const float* values = score_->cpu_data();
+    for (int r = 0; r < rows; ++r)
+      if (starts_image(r))
+        std::copy_n(values + std::size_t(r) * num_classes_, num_classes_,
+                    request.scores + image_of(r) * num_classes_);
+  }
   if (request.activations) {
     const float* values = gradient_->cpu_data();
     for (int r = 0; r < rows; ++r)

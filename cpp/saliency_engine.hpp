@@ -73,6 +73,7 @@ struct SaliencyRequest {
   int* top_classes = nullptr;    // (num_images, K), written when classes is null
   float* out = nullptr;          // (num_images, K, H, W), or (num_images, K, *G) with Reduce::kNone
   float* activations = nullptr;  // optional (num_images, *G): the gradient blob's values (samples == 1)
+  float* scores = nullptr;       // optional (num_images, num_classes): the score blob's values (samples == 1)
 };
 
 // Seconds Caffe spent in one layer, summed over a call: the engine's floor.

@@ -45,9 +45,9 @@ def test_demo_writes_its_picture(tmp_path, capsys):
 
     demo.main(["--out", str(tmp_path), "--photos", "coffee", "chelsea"])
     assert "maps/s" in capsys.readouterr().out
-    picture = tmp_path / "open_nsfw_saliency.png"
     from PIL import Image
 
-    with Image.open(picture) as image:
-        assert image.size[0] > 300 and image.size[1] > 300
-        assert np.asarray(image.convert("L")).std() > 10  # not a blank canvas
+    for picture in ("open_nsfw_saliency.png", "open_nsfw_methods.png"):
+        with Image.open(tmp_path / picture) as image:
+            assert image.size[0] > 300 and image.size[1] > 300
+            assert np.asarray(image.convert("L")).std() > 10  # not a blank canvas

@@ -281,21 +281,13 @@ class Attribution:
         see :meth:`Saliency.compute`). Returns (N, K, H, W) maps, (N, K, C, H, W) with
         ``reduce="none"``; one (C, H, W) image drops the N axis. With ``return_convergence_delta``
         (integrated_gradients only): ``(maps, delta)``, delta (N, K)."""
-        for engine in (self._input, self._cam):
-            if engine is not None:
-                engine._refresh()
+        self._refresh()
         batch, single = self._main._images(images)
         ids = self._main._classes(classes, len(batch))
-        if (
-            self.method == "integrated_gradients"
-            and self._baselines.ndim == 4
-            and len(self._baselines) != len(batch)
-        ):
-            raise ValueError(f"baselines has {len(self._baselines)} images but there are {len(batch)}")
-        result = self._run(batch, ids, return_convergence_delta)
-        if single:
-            return tuple(r[0] for r in result) if isinstance(result, tuple) else result[0]
-        return result
+        maps, _, _, delta = self._run(batch, ids, None, return_convergence_delta)
+        result = (maps, delta) if return_convergence_delta else (maps,)
+        result = tuple(r[0] for r in result) if single else result
+        return result if return_convergence_delta else result[0]
 
     def compute_top_k(self, images, k: int = 1, *, return_convergence_delta: bool = False):
         """Attributions for each image's ``k`` best classes, ranked once on the clean image (ties: the
@@ -305,14 +297,28 @@ class Attribution:
             raise ValueError(
                 f"k={k} exceeds the {self.num_classes} classes of score blob '{self._main.score}'"
             )
-        self._main._refresh()
+        self._refresh()
         batch, single = self._main._images(images)
-        scores = self.scores(batch)
-        classes = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        result = self.compute(batch, classes, return_convergence_delta=return_convergence_delta)
-        result = result if isinstance(result, tuple) else (result,)
-        result = (result[0], classes, *result[1:])
+        maps, classes, _, delta = self._run(batch, None, k, return_convergence_delta)
+        result = (maps, classes, delta) if return_convergence_delta else (maps, classes)
         return tuple(r[0] for r in result) if single else result
+
+    def explain(self, images, classes=None, k: int | None = None):
+        """``(maps, classes, scores)`` for a batch in one go, for jobs: classes given ((N, K) or any form
+        of :meth:`compute`) or each image's top ``k``; scores (N, num_classes) of the clean images, taken
+        from the attribution's own forward pass where it has one."""
+        self._refresh()
+        batch, _ = self._main._images(images)
+        ids = None if classes is None else self._main._classes(classes, len(batch))
+        if ids is None:
+            _check_positive_int("k", k)
+        maps, classes, scores, _ = self._run(batch, ids, k, False, want_scores=True)
+        return maps, classes, scores
+
+    def _refresh(self) -> None:
+        for engine in (self._input, self._cam):
+            if engine is not None:
+                engine._refresh()
 
     def scores(self, images) -> np.ndarray:
         """The score blob's values, (N, num_classes) float32: forward passes only."""
@@ -324,29 +330,53 @@ class Attribution:
             self._main._engine.scores(np.ascontiguousarray(batch[part], np.float32), out[part], start)
         return out[0] if single else out
 
-    def _run(self, images: np.ndarray, classes: np.ndarray, delta: bool):
+    def _run(self, images: np.ndarray, classes, k, delta: bool, want_scores: bool = False):
+        """(maps, classes (N, K) int64, scores or None, delta or None). classes None: each image's top k,
+        ranked on the clean image: by the attribution's own forward when it has one sample per image."""
         method, options = self.method, self.options
         if delta and method != "integrated_gradients":
             raise ValueError("return_convergence_delta is for method='integrated_gradients' only")
-        if method in CAM_METHODS:
-            return self._cams(images, classes)
+        if (
+            method == "integrated_gradients"
+            and self._baselines.ndim == 4
+            and len(self._baselines) != len(images)
+        ):
+            raise ValueError(f"baselines has {len(self._baselines)} images but there are {len(images)}")
+        scores = None
+        if method in NOISE_METHODS or method == "integrated_gradients":
+            if classes is None or want_scores:
+                scores = self.scores(images)
+            if classes is None:
+                classes = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            want_scores = False
+        if method in CAM_METHODS or method == "guided_gradcam":
+            mode = options["upsample"] if method in CAM_METHODS else options["upsample"] or "bilinear"
+            cams, classes, scores = self._cams(images, classes, k, want_scores, mode)
+            if method in CAM_METHODS:
+                return cams, classes, scores, None
+            raw, _, _ = self._gradients(images, classes, "none")
+            return _reduce(raw * cams[:, :, None], options["reduce"]), classes, scores, None
         reduce = options["reduce"]
-        if method == "guided_gradcam":
-            raw = self._gradients(images, classes, "none")
-            cams = self._cams(images, classes, mode=options["upsample"] or "bilinear")
-            return _reduce(raw * cams[:, :, None], reduce)
         if method == "integrated_gradients" and delta:
-            raw = self._gradients(images, classes, "none")
-            return _reduce(raw, reduce), self._convergence_delta(images, classes, raw)
-        return self._gradients(images, classes, reduce)
+            raw, _, _ = self._gradients(images, classes, "none")
+            return _reduce(raw, reduce), classes, scores, self._convergence_delta(images, classes, raw)
+        maps, classes, own_scores = self._gradients(images, classes, reduce, k, want_scores)
+        return maps, classes, own_scores if scores is None else scores, None
 
-    def _gradients(self, images: np.ndarray, classes: np.ndarray, reduce: str) -> np.ndarray:
-        """The input-gradient methods, streamed in chunks of whole images through the engine."""
+    def _gradients(
+        self, images: np.ndarray, classes, reduce: str, k: int | None = None, want_scores: bool = False
+    ):
+        """The input-gradient methods, streamed in chunks of whole images through the engine:
+        (out, classes, scores or None); classes None ranks each image's top k in the engine."""
         method, options = self.method, self.options
         saliency = self._input
         c, h, w = self.image_shape
-        n, k = classes.shape
+        n = len(images)
+        k = k if classes is None else classes.shape[1]
+        classes = None if classes is None else np.ascontiguousarray(classes, dtype=np.int32)
         out = np.empty((n, k, c, h, w) if reduce == "none" else (n, k, h, w), np.float32)
+        top = np.empty((n, k), np.int32) if classes is None else None
+        scores = np.empty((n, self.num_classes), np.float32) if want_scores else None
         samples = options.get("samples", options.get("n_steps", 1))
         chunk = max(1, saliency.batch_size // samples)  # images per engine call: rows stay near batch_size
         seed = options.get("seed")
@@ -387,8 +417,15 @@ class Attribution:
                     multiplier=np.ascontiguousarray(x - baseline),
                 )
                 x = np.ascontiguousarray(path.reshape(-1, c, h, w), dtype=np.float32)
-            saliency._engine.compute(x, classes[part], out[part], **call)
-        return out
+            saliency._engine.compute(
+                x,
+                None if classes is None else classes[part],
+                out[part],
+                top_classes=None if top is None else top[part],
+                scores=None if scores is None else scores[part],
+                **call,
+            )
+        return out, (classes if top is None else top).astype(np.int64), scores
 
     def _baseline_for(self, start: int, count: int) -> np.ndarray:
         b = self._baselines
@@ -404,14 +441,18 @@ class Attribution:
         difference = self.scores(images)[rows, classes] - self.scores(baselines)[rows, classes]
         return raw.reshape(*classes.shape, -1).sum(axis=2, dtype=np.float64) - difference
 
-    def _cams(self, images: np.ndarray, classes: np.ndarray, mode: str | None = None) -> np.ndarray:
-        """Grad-CAM (or ++) maps (N, K, h, w), upsampled to (N, K, H, W) unless upsample=False."""
+    def _cams(self, images: np.ndarray, classes, k, want_scores: bool, mode):
+        """Grad-CAM (or ++) maps (N, K, h, w), upsampled to (N, K, H, W) unless mode is False; with the
+        classes (ranked in the engine when None) and the scores when asked."""
         cam_engine = self._cam
         c, h, w = cam_engine._engine.gradient_shape
-        n, k = classes.shape
-        mode = mode if mode is not None else self.options["upsample"]
+        n = len(images)
+        k = k if classes is None else classes.shape[1]
+        classes = None if classes is None else np.ascontiguousarray(classes, dtype=np.int32)
         size = self.image_shape[1:] if mode else (h, w)
         out = np.empty((n, k, *size), np.float32)
+        top = np.empty((n, k), np.int32) if classes is None else None
+        scores = np.empty((n, self.num_classes), np.float32) if want_scores else None
         step = cam_engine.batch_size
         for start in range(0, n, step):
             part = slice(start, start + step)
@@ -419,7 +460,14 @@ class Attribution:
             grads = np.empty((len(x), k, c, h, w), np.float32)
             acts = np.empty((len(x), c, h, w), np.float32)
             cam_engine._engine.compute(
-                x, classes[part], grads, reduce="none", activations=acts, first_index=start
+                x,
+                None if classes is None else classes[part],
+                grads,
+                reduce="none",
+                activations=acts,
+                top_classes=None if top is None else top[part],
+                scores=None if scores is None else scores[part],
+                first_index=start,
             )
             if self.method == "gradcam++":
                 squared = grads**2
@@ -432,7 +480,7 @@ class Attribution:
             if self.method == "guided_gradcam" or self.options.get("relu", True):
                 cams = np.maximum(cams, 0)
             out[part] = upsample(cams, size, mode) if mode else cams
-        return out
+        return out, (classes if top is None else top).astype(np.int64), scores
 
 
 def _reduce(raw: np.ndarray, reduce: str) -> np.ndarray:

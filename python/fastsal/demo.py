@@ -1,4 +1,5 @@
-"""The demo: saliency of Yahoo's open_nsfw ResNet-50 on scikit-image's sample photos, as PNG overlays.
+"""The demo: saliency of Yahoo's open_nsfw ResNet-50 on scikit-image's sample photos, as PNG overlays, then
+the attribution methods side by side for each photo's predicted class.
 
 python -m fastsal.demo --out out
 """
@@ -73,12 +74,51 @@ def main(argv=None) -> None:
     grid = args.out / "open_nsfw_saliency.png"
     figure.savefig(grid, dpi=80)
 
+    methods = methods_figure(net, images, crops, names, probabilities.argmax(axis=1), args.out, colormap, plt)
+
     n_maps = maps.shape[0] * maps.shape[1]
     print(
         f"fastsal: {n_maps} maps ({len(names)} photos x {maps.shape[1]} classes, {maps.shape[2]}x{maps.shape[3]}) "
         f"in {done - built:.2f} s = {n_maps / (done - built):.1f} maps/s on CPU, a first call that also "
-        f"allocates the net's memory (engine built in {built - start:.2f} s); wrote {grid}"
+        f"allocates the net's memory (engine built in {built - start:.2f} s); wrote {grid} and {methods}"
     )
+
+
+METHOD_COLUMNS = (  # (title, method, options): the methods people use today, at their usual settings
+    ("saliency", "saliency", {}),
+    ("SmoothGrad (25)", "smoothgrad", {"samples": 25, "seed": 0}),
+    ("Integrated Gradients (50)", "integrated_gradients", {}),
+    ("Grad-CAM", "gradcam", {}),
+    ("guided Grad-CAM", "guided_gradcam", {}),
+)
+
+
+def methods_figure(net, images, crops, names, classes, out: Path, colormap, plt) -> Path:
+    """One row per photo: the photo, then each method's map for the photo's predicted class."""
+    figure, axes = plt.subplots(
+        len(names),
+        len(METHOD_COLUMNS) + 1,
+        figsize=(2.4 * (len(METHOD_COLUMNS) + 1), 2.5 * len(names)),
+        squeeze=False,
+    )
+    per_image = np.asarray(classes)[:, None]
+    columns = [
+        fastsal.Attribution(net, method, **options).compute(images, per_image)[:, 0]
+        for _, method, options in METHOD_COLUMNS
+    ]
+    for row, name in enumerate(names):
+        label = examples.OPEN_NSFW_CLASSES[per_image[row, 0]]
+        panels = [crops[row] / 255.0] + [overlay(crops[row], maps[row], colormap) for maps in columns]
+        titles = [f"{name} ({label})"] + [title for title, _, _ in METHOD_COLUMNS]
+        for col, (panel, title) in enumerate(zip(panels, titles)):
+            axes[row, col].imshow(panel)
+            axes[row, col].set_axis_off()
+            axes[row, col].set_title(title, fontsize=9)
+    figure.suptitle("fastsal's methods on open_nsfw, for each photo's predicted class")
+    figure.tight_layout()
+    path = out / "open_nsfw_methods.png"
+    figure.savefig(path, dpi=80)
+    return path
 
 
 if __name__ == "__main__":

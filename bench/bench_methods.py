@@ -1,0 +1,163 @@
+"""Integrated Gradients and SmoothGrad: fastsal against Captum on the same weights, in one process.
+
+    .venv/bin/pip install ".[bench]"                  # torch + captum
+    .venv/bin/python bench/bench_methods.py            # ~25 min on 2 cores: writes methods.{json,md}
+
+For each model and K it alternates fastsal.Attribution and Captum's IntegratedGradients (n_steps=50,
+Gauss-Legendre, baseline 0) and NoiseTunnel(Saliency) (25 samples, the same absolute stdev) on the
+Caffe net translated to PyTorch (fastsal.torch_port), one target column per Captum call, as its users
+write it. Reports maps/s, the ratio, IG's agreement with Captum, and the peak memory of fastsal's IG at
+10 and 100 steps in fresh processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+import fastsal
+from bench_saliency import HERE, load_model, machine
+
+CONFIGS = {"open_nsfw": [1, 2], "vgg16": [1, 2, 10]}  # K per model, N = 1
+METHODS = {"integrated_gradients": {"n_steps": 50}, "smoothgrad": {"samples": 25}}
+
+
+def captum_runner(model, method: str, stdev: float):
+    import torch
+    from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
+
+    def run(images: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(images).requires_grad_()
+        out = []
+        for k in range(classes.shape[1]):
+            target = torch.from_numpy(classes[:, k].astype(np.int64))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if method == "integrated_gradients":
+                    a = IntegratedGradients(model).attribute(x, target=target, n_steps=50)
+                else:
+                    a = NoiseTunnel(Saliency(model)).attribute(
+                        x, nt_type="smoothgrad", nt_samples=25, stdevs=stdev, target=target, abs=False
+                    )
+            out.append(a.detach().numpy())
+        return np.stack(out, axis=1)
+
+    return run
+
+
+def run(models, repeats: int, workdir: Path) -> list[dict]:
+    from fastsal.torch_port import to_torch
+
+    rows = []
+    for name in models:
+        prototxt, net, score, images = load_model(name, 1, workdir)
+        model = to_torch(net, str(prototxt), score)
+        stdev = float(0.15 * (images.max() - images.min()))
+        for k in CONFIGS[name]:
+            classes = np.arange(k)[None, :]
+            for method, options in METHODS.items():
+                extra = {"stdev": stdev, "seed": 0} if method == "smoothgrad" else {}
+                ours = fastsal.Attribution(net, method, reduce="none", **options, **extra)
+                theirs = captum_runner(model, method, stdev)
+                ours.compute(images, classes[:, :1])  # warm up both: the nets' memory, oneDNN's kernels
+                theirs(images, classes[:, :1])
+                times = {"fastsal": [], "captum": []}
+                for _ in range(repeats):
+                    for label, fn in (("fastsal", ours.compute), ("captum", theirs)):
+                        start = time.perf_counter()
+                        result = fn(images, classes)
+                        times[label].append(time.perf_counter() - start)
+                        if label == "fastsal":
+                            mine = result
+                        else:
+                            reference = result
+                best = {label: min(t) for label, t in times.items()}
+                row = {
+                    "model": name,
+                    "method": method,
+                    "K": k,
+                    "maps_per_s": {label: k / t for label, t in best.items()},
+                    "speedup_vs_captum": best["captum"] / best["fastsal"],
+                }
+                if method == "integrated_gradients":
+                    scale = np.abs(reference).max()
+                    row["within_1e-3_of_max"] = float((np.abs(mine - reference) <= 1e-3 * scale).mean())
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def probe(n_steps: int) -> None:
+    import resource
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _, net, _, images = load_model("open_nsfw", 1, Path(tmp))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        fastsal.Attribution(net, "integrated_gradients", n_steps=n_steps).compute(images, [0, 1])
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+
+
+def memory() -> list[dict]:
+    rows = []
+    for steps in (10, 100):
+        out = subprocess.run(
+            [sys.executable, __file__, "--probe", str(steps)], capture_output=True, text=True, check=True
+        )
+        rows.append(
+            {
+                "model": "open_nsfw",
+                "n_steps": steps,
+                "peak_rss_above_loaded_mb": float(out.stdout.split()[-1]),
+            }
+        )
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--probe", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    fastsal.set_caffe_log_level(2)
+    if args.probe:
+        return probe(args.probe)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {
+            "machine": machine(),
+            "runs": run(args.models, args.repeats, Path(tmp)),
+            "memory": memory(),
+        }
+    (args.out / "methods.json").write_text(json.dumps(results, indent=1) + "\n")
+    lines = [
+        "| model | method | K | fastsal maps/s | captum maps/s | fastsal / captum | IG: within 1e-3 of max |"
+    ]
+    lines.append("|---|---|---|---|---|---|---|")
+    for r in results["runs"]:
+        m = r["maps_per_s"]
+        agree = f"{r['within_1e-3_of_max']:.2%}" if "within_1e-3_of_max" in r else "- (different noise)"
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['K']} | {m['fastsal']:.3f} | {m['captum']:.3f} | "
+            f"{r['speedup_vs_captum']:.2f}x | {agree} |"
+        )
+    lines += ["", "| model | IG n_steps | peak RSS above the loaded net (MB) |", "|---|---|---|"]
+    lines += [
+        f"| {r['model']} | {r['n_steps']} | {r['peak_rss_above_loaded_mb']:.0f} |" for r in results["memory"]
+    ]
+    (args.out / "methods.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
