@@ -1,0 +1,175 @@
+"""Caffe's image preprocessing, defined once for jobs, the CLI and dream: decode as caffe.io.load_image
+does, resize to ``images_dim`` with caffe.io.resize_image, centre-crop to the net's input as
+caffe.Classifier does, then caffe.io.Transformer's order: transpose, channel swap, raw scale, mean
+subtraction, input scale. Flag names follow Caffe's python/classify.py."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the job records its reason and goes on."""
+
+
+def load_image(path, color: bool = True) -> np.ndarray:
+    """(H, W, 3) float32 RGB in [0, 1] (or (H, W, 1) when not color), the values caffe.io.load_image
+    returns: grayscale tiled to 3 channels, alpha dropped, 16-bit scaled to [0, 1]. Decoded by Pillow
+    from the file's bytes, so a file that is no image leaves no handle open behind its error."""
+    import io
+
+    import skimage
+    import skimage.color
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        with Image.open(io.BytesIO(data)) as decoded:
+            decoded.load()
+            if decoded.mode == "P":
+                decoded = decoded.convert("RGBA" if "transparency" in decoded.info else "RGB")
+            elif decoded.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
+                decoded = decoded.convert("RGB" if decoded.mode != "1" else "L")
+            image = np.asarray(decoded)
+    except Exception as error:  # every decoder failure is the image's: truncated, corrupt, not an image
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ImageError(f"cannot decode ({type(error).__name__}): {first_line}") from None
+    if image.ndim not in (2, 3) or image.size == 0:
+        raise ImageError(f"not a 2-D image: decoded shape {image.shape}")
+    if image.dtype == np.int32:  # Pillow's 16-bit grayscale mode "I"
+        image = image.astype(np.uint16)
+    image = skimage.img_as_float(image).astype(np.float32)
+    if image.ndim == 3 and image.shape[2] in (2, 4):  # alpha dropped
+        image = image[:, :, : image.shape[2] - 1]
+    if not color and image.ndim == 3:
+        image = skimage.color.rgb2gray(image).astype(np.float32) if image.shape[2] == 3 else image[:, :, 0]
+    if image.ndim == 2:
+        image = image[:, :, np.newaxis]
+    if color and image.shape[2] == 1:
+        image = np.tile(image, (1, 1, 3))
+    return image
+
+
+def load_mean(path) -> np.ndarray:
+    """A mean from a .binaryproto (Caffe's compute_image_mean) or a .npy file, as (C, H, W) or (C,)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mean file not found: {path}")
+    if path.suffix == ".npy":
+        mean = np.load(path)
+    else:
+        import caffe
+
+        blob = caffe.proto.caffe_pb2.BlobProto()
+        try:
+            blob.ParseFromString(path.read_bytes())
+            mean = caffe.io.blobproto_to_array(blob)[0]
+        except Exception as error:
+            raise ValueError(f"mean file {path} is not a BlobProto (.binaryproto): {error}") from None
+    return np.asarray(mean, np.float32)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Caffe's preprocessing for a net input of shape ``input_shape`` (C, H, W)."""
+
+    input_shape: tuple[int, int, int]
+    images_dim: tuple[int, int] | None = None  # resize to this first (default: the input's H, W)
+    mean: np.ndarray | None = None  # (C,) or (C, H, W), subtracted after raw_scale
+    raw_scale: float | None = 255.0  # classify.py's default: load_image gives [0, 1]
+    channel_swap: tuple[int, ...] | None = (2, 1, 0)  # classify.py's default: RGB to BGR
+    input_scale: float | None = None
+
+    def __post_init__(self):
+        c, h, w = self.input_shape
+        if c not in (1, 3):
+            raise ValueError(
+                f"the net takes {c}-channel images; image files give 1 or 3 (use a .npy of inputs)"
+            )
+        if self.images_dim is not None:
+            if len(self.images_dim) != 2 or min(self.images_dim) < 1:
+                raise ValueError(f"images_dim must be two positive sizes, got {self.images_dim}")
+            if self.images_dim[0] < h or self.images_dim[1] < w:
+                raise ValueError(
+                    f"images_dim {tuple(self.images_dim)} is smaller than the net's input {h}x{w}"
+                )
+        if self.channel_swap is not None and sorted(self.channel_swap) != list(range(c)):
+            raise ValueError(f"channel_swap must order the {c} channels 0..{c - 1}, got {self.channel_swap}")
+        if self.mean is not None:
+            mean = np.asarray(self.mean, np.float32)
+            if mean.shape not in ((c,), (c, h, w)):
+                raise ValueError(
+                    f"mean has shape {mean.shape}, but the net's input is {(c, h, w)}: give ({c},) values or a "
+                    f"({c}, {h}, {w}) image (for a larger mean image, take its per-channel mean: mean.mean((1, 2)))"
+                )
+            object.__setattr__(self, "mean", mean)
+        for name in ("raw_scale", "input_scale"):
+            value = getattr(self, name)
+            if value is not None and not np.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+
+    def describe(self) -> dict:
+        """JSON-able, exact: the job's plan records it."""
+        mean = None
+        if self.mean is not None:
+            mean = (
+                self.mean.tolist()
+                if self.mean.ndim == 1
+                else {
+                    "shape": list(self.mean.shape),
+                    "sha256": hashlib.sha256(self.mean.tobytes()).hexdigest(),
+                }
+            )
+        return {
+            "input_shape": list(self.input_shape),
+            "images_dim": None if self.images_dim is None else list(self.images_dim),
+            "mean": mean,
+            "raw_scale": self.raw_scale,
+            "channel_swap": None if self.channel_swap is None else list(self.channel_swap),
+            "input_scale": self.input_scale,
+        }
+
+    def crop(self, image: np.ndarray) -> np.ndarray:
+        """The (H, W, C) image resized and centre-cropped to the net's input size, still in [0, 1] RGB."""
+        import caffe.io
+
+        _, h, w = self.input_shape
+        dims = self.images_dim or (h, w)
+        if image.shape[:2] != tuple(dims):
+            image = caffe.io.resize_image(image, dims)
+        top, left = (dims[0] - h) // 2, (dims[1] - w) // 2
+        return image[top : top + h, left : left + w]
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """A decoded (H, W, C) image in [0, 1] as the net's (C, H, W) float32 input."""
+        x = self.crop(image).astype(np.float32).transpose(2, 0, 1)
+        if self.channel_swap is not None:
+            x = x[list(self.channel_swap)]
+        if self.raw_scale is not None:
+            x = x * np.float32(self.raw_scale)
+        if self.mean is not None:
+            x = x - (self.mean[:, None, None] if self.mean.ndim == 1 else self.mean)
+        if self.input_scale is not None:
+            x = x * np.float32(self.input_scale)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def deprocess(self, x: np.ndarray) -> np.ndarray:
+        """The inverse of __call__ after the crop: a net input (C, H, W) as a displayable (H, W, 3) uint8."""
+        x = np.asarray(x, np.float32)
+        if self.input_scale is not None:
+            x = x / np.float32(self.input_scale)
+        if self.mean is not None:
+            x = x + (self.mean[:, None, None] if self.mean.ndim == 1 else self.mean)
+        if self.raw_scale is not None:
+            x = x / np.float32(self.raw_scale)
+        if self.channel_swap is not None:
+            x = x[np.argsort(self.channel_swap)]
+        image = np.clip(x.transpose(1, 2, 0), 0, 1)
+        if image.shape[2] == 1:
+            image = np.repeat(image, 3, axis=2)
+        return (image * 255 + 0.5).astype(np.uint8)

@@ -1,0 +1,162 @@
+"""The ``fastsal`` command: a thin argparse layer over fastsal.jobs (run, status). Flag names follow
+Caffe's python/classify.py, hyphenated.
+
+    fastsal run IMAGES --model-def deploy.prototxt --pretrained-model model.caffemodel -o maps.zarr
+    fastsal status maps.zarr
+
+Exit codes: run: 0 every image ok, 1 some images failed (see ``fastsal status``), 2 refused before any
+work; status: 0 complete and ok, 1 some images failed, 3 unfinished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import jobs
+from ._attribution import METHODS
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _pair(text: str) -> tuple[int, int]:
+    values = _ints(text)
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected HEIGHT,WIDTH, got {text!r}")
+    return tuple(values)
+
+
+METHOD_FLAGS = {  # flag -> (option name, type, help)
+    "--reduce": ("reduce", str, "channel reduction of the maps: absmax (default) or sum"),
+    "--samples": ("samples", int, "noise samples (smoothgrad, smoothgrad_sq, vargrad; default 25)"),
+    "--noise-level": ("noise_level", float, "noise sigma relative to each image's max - min (default 0.15)"),
+    "--stdev": ("stdev", float, "absolute noise sigma, instead of --noise-level"),
+    "--seed": ("seed", int, "seed of the noise: the same seed gives the same maps"),
+    "--n-steps": ("n_steps", int, "integration steps (integrated_gradients; default 50)"),
+    "--quadrature": ("quadrature", str, "integrated_gradients' rule (default gausslegendre)"),
+    "--layer": ("layer", str, "the blob for gradcam, gradcam++, guided_gradcam"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="fastsal", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = top.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="attribution maps of a dataset on disk, into a Zarr store")
+    run.add_argument(
+        "images", help="a directory (recursive), a glob, a text file of paths, or a .npy of inputs"
+    )
+    run.add_argument("--model-def", required=True, help="the deploy prototxt")
+    run.add_argument("--pretrained-model", required=True, help="the trained .caffemodel")
+    run.add_argument("-o", "--output", required=True, help="the Zarr store to write (or resume)")
+    which = run.add_mutually_exclusive_group()
+    which.add_argument("--classes", type=_ints, help="class ids for every image, e.g. 3,7")
+    which.add_argument("--top-k", type=int, help="each image's K best classes (default: 1)")
+    which.add_argument("--classes-file", help="one row of K class ids per image, in input order")
+    run.add_argument("--method", choices=METHODS, default="saliency")
+    for flag, (_, kind, text) in METHOD_FLAGS.items():
+        run.add_argument(flag, type=kind, help=text)
+    prep = run.add_argument_group("preprocessing (caffe.io.Transformer's order; classify.py's defaults)")
+    prep.add_argument(
+        "--images-dim", type=_pair, help="resize to H,W before the centre crop (default: the net's input)"
+    )
+    means = prep.add_mutually_exclusive_group()
+    means.add_argument("--mean-file", help="a .binaryproto or .npy mean")
+    means.add_argument(
+        "--mean-value", type=_floats, help="per-channel mean, after channel swap, e.g. 104,117,123"
+    )
+    prep.add_argument("--raw-scale", type=float, default=255.0, help="scale of [0, 1] pixels (default 255)")
+    prep.add_argument(
+        "--channel-swap", type=_ints, default=[2, 1, 0], help="channel order (default 2,1,0: RGB to BGR)"
+    )
+    prep.add_argument("--input-scale", type=float, help="scale after mean subtraction")
+    run.add_argument("--batch-size", type=int, help="rows per forward pass (default: fit 1 GiB)")
+    run.add_argument("--gpu", type=int, help="CUDA device (a CUDA build)")
+    run.add_argument("--chunk-size", type=int, default=64, help="images per chunk of work and of the store")
+    run.add_argument("--overlays", help="also write PNG heat-map overlays into this folder")
+    spread = run.add_mutually_exclusive_group()
+    spread.add_argument(
+        "--workers", type=int, help="a Dask LocalCluster of N worker processes (fastsal[dask])"
+    )
+    spread.add_argument("--scheduler", help="an existing Dask scheduler, tcp://HOST:PORT (fastsal[dask])")
+    run.add_argument("--overwrite", action="store_true", help="replace a store that holds another job")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    state = commands.add_parser("status", help="what a store holds: done, failed and why, pending")
+    state.add_argument("output")
+    return top
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    import fastsal
+
+    fastsal.set_caffe_log_level(2)
+    try:
+        if args.command == "status":
+            return _status(args.output)
+        options = {
+            name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _, _) in METHOD_FLAGS.items()
+        }
+        summary = jobs.run_job(
+            args.images,
+            args.model_def,
+            args.pretrained_model,
+            args.output,
+            classes=args.classes,
+            top_k=args.top_k,
+            classes_file=args.classes_file,
+            method=args.method,
+            method_options={k: v for k, v in options.items() if v is not None},
+            images_dim=args.images_dim,
+            mean_file=args.mean_file,
+            mean_value=args.mean_value,
+            raw_scale=args.raw_scale,
+            channel_swap=args.channel_swap,
+            input_scale=args.input_scale,
+            batch_size=args.batch_size,
+            gpu=args.gpu,
+            chunk_size=args.chunk_size,
+            overlays=args.overlays,
+            overwrite=args.overwrite,
+            workers=args.workers,
+            scheduler=args.scheduler,
+            quiet=args.quiet,
+        )
+    except (jobs.JobError, FileNotFoundError, ValueError, TypeError) as error:
+        print(f"fastsal: error: {error}", file=sys.stderr)
+        return 2
+    print(summary.line(args.output))
+    return summary.exit_code
+
+
+def _status(output: str) -> int:
+    info = jobs.status(output)
+    plan = info["plan"]
+    print(f"{output}: {plan['method']} on {info['images']} images, chunk {plan['chunk_size']}")
+    print(f"chunks: {info['chunks_done']} of {info['chunks']} done")
+    print(f"images: {info['ok']} ok, {len(info['failed'])} failed, {info['pending']} pending")
+    for failure in info["failed"]:
+        where = failure["path"] or f"input {failure['index']}"
+        print(f"  failed: [{failure['index']}] {where}: {failure['reason']}")
+    if info["failed"]:
+        return 1
+    return 0 if info["chunks_done"] == info["chunks"] else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
