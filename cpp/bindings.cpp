@@ -77,6 +77,13 @@ fastsal::Reduce reduce_mode(const std::string& name) {
   throw py::value_error("reduce must be 'absmax', 'sum' or 'none', got '" + name + "'");
 }
 
+fastsal::Objective objective_mode(const std::string& name) {
+  if (name == "class_score") return fastsal::Objective::kClassScore;
+  if (name == "l2") return fastsal::Objective::kL2;
+  if (name == "guide") return fastsal::Objective::kGuide;
+  throw py::value_error("objective must be 'class_score', 'l2' or 'guide', got '" + name + "'");
+}
+
 fastsal::ReLURule relu_rule(const std::string& name) {
   if (name == "gradient") return fastsal::ReLURule::kGradient;
   if (name == "guided") return fastsal::ReLURule::kGuided;
@@ -90,7 +97,9 @@ fastsal::SaliencyRequest make_request(const fastsal::SaliencyEngine& engine, con
                                       const py::object& sample_weights, const std::string& accumulate,
                                       const py::object& multiplier, const std::string& reduce,
                                       const py::object& top_classes, const py::object& activations,
-                                      const py::object& scores, std::int64_t first_index) {
+                                      const py::object& scores, std::int64_t first_index,
+                                      const std::string& objective = "class_score",
+                                      const py::object& guide = py::none()) {
   if (samples < 1) throw py::value_error("samples must be at least 1");
   const py::ssize_t rows = images.ndim() > 0 ? images.shape(0) : 0;
   const py::ssize_t n = rows / samples;
@@ -116,6 +125,13 @@ fastsal::SaliencyRequest make_request(const fastsal::SaliencyEngine& engine, con
     throw py::value_error("give classes, or top_classes to receive each image's top-k classes");
   request.activations = optional_buffer<float>(activations, "activations", with_front({n}, g));
   request.scores = optional_buffer<float>(scores, "scores", {n, engine.num_classes()});
+  request.objective = objective_mode(objective);
+  if (!guide.is_none()) {
+    const py::array features = guide.cast<py::array>();
+    if (features.ndim() != 2) throw py::value_error("guide should be a (C, M) array of features");
+    request.guide = checked_buffer<float>(features, "guide", {features.shape(0), features.shape(1)});
+    request.guide_columns = static_cast<int>(features.shape(1));
+  }
   return request;
 }
 
@@ -141,7 +157,7 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init([](py::handle net, const std::string& input_blob, const std::string& score_blob,
                        const std::string& gradient_blob, int batch_size, bool fast_layers,
                        const std::string& rule, int device, const std::string& layout,
-                       std::size_t memory_budget) {
+                       std::size_t memory_budget, const std::vector<int>& image_shape) {
              fastsal::EngineOptions options;
              options.input_blob = input_blob;
              options.score_blob = score_blob;
@@ -152,17 +168,20 @@ PYBIND11_MODULE(_core, m) {
              options.device = device;
              options.layout = batch_layout(layout);
              options.memory_budget = memory_budget;
+             options.image_shape = image_shape;
              // The user's net is read under the GIL: another thread could be running pycaffe on it.
              return std::make_unique<fastsal::SaliencyEngine>(pycaffe_net(net), options);
            }),
            py::arg("net"), py::kw_only(), py::arg("input_blob"), py::arg("score_blob"),
            py::arg("gradient_blob") = "", py::arg("batch_size"), py::arg("fast_layers"),
-           py::arg("relu_rule") = "gradient", py::arg("device"), py::arg("layout"), py::arg("memory_budget"))
+           py::arg("relu_rule") = "gradient", py::arg("device"), py::arg("layout"), py::arg("memory_budget"),
+           py::arg("image_shape") = std::vector<int>{})
       .def_property_readonly("input_blob", &fastsal::SaliencyEngine::input_blob)
       .def_property_readonly("score_blob", &fastsal::SaliencyEngine::score_blob)
       .def_property_readonly("gradient_blob", &fastsal::SaliencyEngine::gradient_blob)
       .def_property_readonly("image_shape", &fastsal::SaliencyEngine::image_shape)
       .def_property_readonly("gradient_shape", &fastsal::SaliencyEngine::gradient_shape)
+      .def_property_readonly("score_shape", &fastsal::SaliencyEngine::score_shape)
       .def_property_readonly("num_classes", &fastsal::SaliencyEngine::num_classes)
       .def_property_readonly("bytes_per_image", &fastsal::SaliencyEngine::bytes_per_image)
       .def_property_readonly("score_rewrites", &fastsal::SaliencyEngine::score_rewrites)
@@ -180,10 +199,10 @@ PYBIND11_MODULE(_core, m) {
              const py::array& out, int samples, const py::object& sample_weights,
              const std::string& accumulate, const py::object& multiplier, const std::string& reduce,
              const py::object& top_classes, const py::object& activations, const py::object& scores,
-             std::int64_t first_index) {
+             std::int64_t first_index, const std::string& objective, const py::object& guide) {
             const fastsal::SaliencyRequest request =
                 make_request(engine, images, classes, out, samples, sample_weights, accumulate, multiplier,
-                             reduce, top_classes, activations, scores, first_index);
+                             reduce, top_classes, activations, scores, first_index, objective, guide);
             // Safe without the GIL: the engine owns its net and the caller keeps these arrays alive.
             py::gil_scoped_release release;
             engine.compute(request);
@@ -192,7 +211,8 @@ PYBIND11_MODULE(_core, m) {
           py::arg("sample_weights") = py::none(), py::arg("accumulate") = "sum",
           py::arg("multiplier") = py::none(), py::arg("reduce") = "absmax",
           py::arg("top_classes") = py::none(), py::arg("activations") = py::none(),
-          py::arg("scores") = py::none(), py::arg("first_index") = 0)
+          py::arg("scores") = py::none(), py::arg("first_index") = 0, py::arg("objective") = "class_score",
+          py::arg("guide") = py::none())
       .def(
           "scores",
           [](fastsal::SaliencyEngine& engine, const py::array& images, const py::array& out,

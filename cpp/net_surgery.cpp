@@ -4,6 +4,8 @@
 #include <google/protobuf/message.h>
 
 #include <algorithm>
+#include <cmath>
+#include <map>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -155,6 +157,63 @@ bool in_place(const caffe::Net<float>& net, int layer, int blob) {
   return writes(net, layer, blob) && std::find(bottoms.begin(), bottoms.end(), blob) != bottoms.end();
 }
 
+// Caffe CHECK-aborts on a negative blob size and on reading an empty one: before building the net at
+// another image size, follow the spatial size through the kept layers with Caffe's own formulas
+// (conv_layer.cpp compute_output_shape, pooling_layer.cpp Reshape) and refuse any size below 1.
+void check_spatial_sizes(const caffe::Net<float>& net, const std::vector<bool>& keep, int input_id,
+                         const std::vector<int>& image_shape) {
+  std::map<int, std::pair<int, int>> size = {{input_id, {image_shape[1], image_shape[2]}}};
+  for (int l = 0; l < static_cast<int>(keep.size()); ++l) {
+    if (!keep[l] || net.bottom_ids(l).empty()) continue;
+    const auto found = size.find(net.bottom_ids(l)[0]);
+    if (found == size.end()) continue;
+    const caffe::LayerParameter& p = net.layers()[l]->layer_param();
+    auto [h, w] = found->second;
+    if (p.type() == "Convolution" || p.type() == "Deconvolution") {
+      const auto& c = p.convolution_param();
+      const auto pick = [](const auto& values, int fallback) {
+        return values.size() ? values.Get(0) : fallback;
+      };
+      const int kh = c.has_kernel_h() ? c.kernel_h() : pick(c.kernel_size(), 1);
+      const int kw = c.has_kernel_w() ? c.kernel_w() : pick(c.kernel_size(), 1);
+      const int sh = c.has_stride_h() ? c.stride_h() : pick(c.stride(), 1);
+      const int sw = c.has_stride_w() ? c.stride_w() : pick(c.stride(), 1);
+      const int ph = c.has_pad_h() ? c.pad_h() : pick(c.pad(), 0);
+      const int pw = c.has_pad_w() ? c.pad_w() : pick(c.pad(), 0);
+      const int d = pick(c.dilation(), 1);
+      if (p.type() == "Deconvolution") {
+        h = sh * (h - 1) + d * (kh - 1) + 1 - 2 * ph;
+        w = sw * (w - 1) + d * (kw - 1) + 1 - 2 * pw;
+      } else {
+        h = (h + 2 * ph - (d * (kh - 1) + 1)) / sh + 1;
+        w = (w + 2 * pw - (d * (kw - 1) + 1)) / sw + 1;
+      }
+    } else if (p.type() == "Pooling") {
+      const auto& q = p.pooling_param();
+      if (q.global_pooling()) {
+        h = w = 1;
+      } else {
+        const int kh = q.has_kernel_h() ? q.kernel_h() : q.kernel_size();
+        const int kw = q.has_kernel_w() ? q.kernel_w() : q.kernel_size();
+        const int sh = q.has_stride_h() ? q.stride_h() : q.stride();
+        const int sw = q.has_stride_w() ? q.stride_w() : q.stride();
+        const int ph = q.has_pad_h() ? q.pad_h() : q.pad();
+        const int pw = q.has_pad_w() ? q.pad_w() : q.pad();
+        h = static_cast<int>(std::ceil(static_cast<float>(h + 2 * ph - kh) / sh)) + 1;
+        w = static_cast<int>(std::ceil(static_cast<float>(w + 2 * pw - kw) / sw)) + 1;
+      }
+    } else if (p.type() == "Crop" || p.type() == "Reshape" || p.type() == "InnerProduct" ||
+               p.type() == "Flatten") {
+      continue;  // no longer an image-shaped size to follow
+    }
+    if (h < 1 || w < 1)
+      throw error("images of " + std::to_string(image_shape[1]) + "x" + std::to_string(image_shape[2]) +
+                  " are too small for " + describe(net, l) + ": its output would be " + std::to_string(h) +
+                  "x" + std::to_string(w));
+    for (int t : net.top_ids(l)) size[t] = {h, w};
+  }
+}
+
 }  // namespace
 
 std::string default_score_blob(const caffe::Net<float>& net) {
@@ -186,7 +245,8 @@ int producer_of(const caffe::Net<float>& net, int blob, int before) {
 }
 
 SaliencyNetPlan plan_saliency_net(const caffe::Net<float>& net, const std::string& input_blob,
-                                  const std::string& score_blob, const std::string& gradient_blob) {
+                                  const std::string& score_blob, const std::string& gradient_blob,
+                                  const std::vector<int>& image_shape) {
   SaliencyNetPlan plan;
   if (!input_blob.empty()) {
     plan.input_blob = input_blob;
@@ -268,6 +328,14 @@ SaliencyNetPlan plan_saliency_net(const caffe::Net<float>& net, const std::strin
     throw error("input blob '" + plan.input_blob + "' has shape " + input.shape_string() +
                 "; fastsal computes maps for image inputs of shape (N, C, H, W)");
   plan.image_shape.assign(input.shape().begin() + 1, input.shape().end());
+  plan.user_image_shape = plan.image_shape;
+  if (!image_shape.empty()) {  // another image size for the same layers (dream's octaves)
+    if (image_shape.size() != 3 || image_shape[0] != plan.image_shape[0])
+      throw error("image_shape must be (C, H, W) with the input's " + std::to_string(plan.image_shape[0]) +
+                  " channels");
+    plan.image_shape = image_shape;
+    check_spatial_sizes(net, keep, input_id, image_shape);
+  }
   for (int d : plan.image_shape)
     if (d < 1)
       throw error("input blob '" + plan.input_blob + "' has shape " + input.shape_string() +

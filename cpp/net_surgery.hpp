@@ -18,6 +18,7 @@ struct SaliencyNetPlan {
   std::string score_blob;        // whose entries are the class scores
   std::string score_layer;       // the last layer the score is read after (an in-place Softmax never is)
   std::vector<int> image_shape;  // one input image: the input blob's shape without the batch axis
+  std::vector<int> user_image_shape;        // the user's input blob's, when planned (image_shape may differ)
   std::vector<std::string> score_rewrites;  // in-place layers after the score's producer, kept (documented)
   std::string
       gradient_blob;  // the gradient is taken here: the input blob, or a blob between it and the score
@@ -35,8 +36,10 @@ std::string default_score_blob(const caffe::Net<float>& net);
 // input_blob / score_blob / gradient_blob may be empty: the net's first input / the bottom of the net's
 // one Softmax output, else the net's only output / the input. Reads only the net's layers and its input
 // blob's (C, H, W): never the batch size or the other blobs' current shapes, which pycaffe users change.
+// A non-empty image_shape (C, H, W) replaces the input blob's (the layers must take it: check_weights_fit).
 SaliencyNetPlan plan_saliency_net(const caffe::Net<float>& net, const std::string& input_blob,
-                                  const std::string& score_blob, const std::string& gradient_blob = "");
+                                  const std::string& score_blob, const std::string& gradient_blob = "",
+                                  const std::vector<int>& image_shape = {});
 
 // Throws if a layer of `internal` would not take the user's weights as they are (ShareTrainedLayersWith
 // CHECK-aborts on a count or shape mismatch), naming the layer and both shapes.

@@ -164,7 +164,8 @@ double seconds_since(Clock::time_point start) {
 }  // namespace
 
 SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOptions& options)
-    : plan_(plan_saliency_net(user_net, options.input_blob, options.score_blob, options.gradient_blob)),
+    : plan_(plan_saliency_net(user_net, options.input_blob, options.score_blob, options.gradient_blob,
+                              options.image_shape)),
       device_(checked_device(options.device)),
       layout_(options.layout),
       device_buffers_(std::make_unique<DeviceBuffers>()) {
@@ -207,8 +208,8 @@ SaliencyEngine::~SaliencyEngine() = default;
 bool SaliencyEngine::matches(const caffe::Net<float>& user_net) const {
   if (!user_net.has_blob(plan_.input_blob)) return false;
   const auto& shape = user_net.blob_by_name(plan_.input_blob)->shape();
-  if (shape.size() != plan_.image_shape.size() + 1 ||
-      !std::equal(plan_.image_shape.begin(), plan_.image_shape.end(), shape.begin() + 1))
+  if (shape.size() != plan_.user_image_shape.size() + 1 ||
+      !std::equal(plan_.user_image_shape.begin(), plan_.user_image_shape.end(), shape.begin() + 1))
     return false;
   const int user_layers = static_cast<int>(user_net.layers().size());
   for (const auto& [mine, theirs] : shared_layers_) {
@@ -241,6 +242,9 @@ void SaliencyEngine::check_request(const SaliencyRequest& request) const {
     throw std::invalid_argument("top_k=" + std::to_string(request.classes_per_image) + " exceeds the " +
                                 std::to_string(num_classes_) + " classes of score blob '" + plan_.score_blob +
                                 "', or several samples per image: rank the classes first");
+  if (request.objective == Objective::kGuide &&
+      (!request.guide || request.guide_columns < 1 || score_->num_axes() < 2))
+    throw std::invalid_argument("a guide needs its (C, M) features and a score blob with channels");
   if ((request.activations || request.scores) && request.samples != 1)
     throw std::invalid_argument("activations and scores are returned for one sample per image only");
   if (!request.classes) return;
@@ -423,10 +427,12 @@ void SaliencyEngine::run_batch(const SaliencyRequest& request, std::int64_t firs
   for (int pass = 0; pass < passes; ++pass) {
     // Backward overwrites bottom diffs, so one forward serves every pass (in-place layers may have
     // written the score's diff, so it is re-seeded each time).
-    if (gpu) {
+    if (gpu && request.objective == Objective::kClassScore) {
 #ifdef FASTSAL_WITH_CUDA
       seed_one_hot_gpu(score_->mutable_gpu_diff(), rows, num_classes_, seeds, passes, pass);
 #endif
+    } else if (request.objective != Objective::kClassScore) {
+      seed_objective(request, rows);  // on a GPU through host copies of the score blob: dream's small case
     } else {
       float* seed = score_->mutable_cpu_diff();
       caffe::caffe_set(score_->count(), 0.f, seed);
@@ -486,6 +492,33 @@ void SaliencyEngine::run_batch(const SaliencyRequest& request, std::int64_t firs
     std::copy_n(device_buffers_->pinned_maps, floats, out0);
   }
 #endif
+}
+
+void SaliencyEngine::seed_objective(const SaliencyRequest& request, int rows) {
+  const float* data = score_->cpu_data();
+  float* diff = score_->mutable_cpu_diff();
+  if (request.objective == Objective::kL2) {
+    std::copy_n(data, score_->count(), diff);
+    return;
+  }
+  // kGuide: for each position j of each row, the guide column m maximising <a[:, j], guide[:, m]>.
+  const int channels = score_->shape(1);
+  const std::int64_t positions = score_->count(2), m_count = request.guide_columns;
+  for (int r = 0; r < rows; ++r) {
+    const float* a = data + std::size_t(r) * channels * positions;
+    float* d = diff + std::size_t(r) * channels * positions;
+#pragma omp parallel for schedule(static) if (positions * m_count * channels >= (1 << 18))
+    for (std::int64_t j = 0; j < positions; ++j) {
+      std::int64_t best = 0;
+      float best_dot = -INFINITY;
+      for (std::int64_t m = 0; m < m_count; ++m) {
+        float dot = 0.f;
+        for (int c = 0; c < channels; ++c) dot += a[c * positions + j] * request.guide[c * m_count + m];
+        if (dot > best_dot) best_dot = dot, best = m;
+      }
+      for (int c = 0; c < channels; ++c) d[c * positions + j] = request.guide[c * m_count + best];
+    }
+  }
 }
 
 void SaliencyEngine::finish(const SaliencyRequest& request, const float* accumulator) const {

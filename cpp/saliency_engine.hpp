@@ -40,11 +40,12 @@ BatchPlan plan_batches(BatchLayout layout, bool on_gpu, int num_images, int clas
                        int batch_size);
 
 struct EngineOptions {
-  std::string input_blob;     // empty: the net's first input
-  std::string score_blob;     // empty: the input of the net's one Softmax output, else its only output
-  std::string gradient_blob;  // empty: the input blob; else a blob between input and score (Grad-CAM)
-  int batch_size = 0;         // rows per forward pass; 0: as many as fit memory_budget, at most 16
-  bool fast_layers = true;    // fastsal's faster CPU layers (fast_layers.hpp); false: Caffe's own code only
+  std::string input_blob;        // empty: the net's first input
+  std::string score_blob;        // empty: the input of the net's one Softmax output, else its only output
+  std::string gradient_blob;     // empty: the input blob; else a blob between input and score (Grad-CAM)
+  std::vector<int> image_shape;  // empty: the input blob's (C, H, W); else this size (dream's octaves)
+  int batch_size = 0;            // rows per forward pass; 0: as many as fit memory_budget, at most 16
+  bool fast_layers = true;  // fastsal's faster CPU layers (fast_layers.hpp); false: Caffe's own code only
   ReLURule relu_rule = ReLURule::kGradient;  // guided backprop and deconvnet replace plain ReLUs' backward
   int device = -1;  // -1: CPU; else the CUDA device (a CUDA build of Caffe and fastsal)
   BatchLayout layout = BatchLayout::kAuto;
@@ -57,6 +58,11 @@ struct EngineOptions {
 enum class Accumulate { kSum, kSquares, kVariance };
 enum class Reduce { kAbsMax, kSum, kNone };  // over the gradient blob's channels; kNone: the raw values
 
+// What the backward differentiates: the class score (a one-hot seed), or deep dream's objectives at the
+// score blob: 0.5 ||a||^2 (seed a), or the guide's (each position of a seeded with the guide feature
+// vector that has the largest dot product with it, as Google's deepdream notebook does).
+enum class Objective { kClassScore, kL2, kGuide };
+
 // One call's buffers, all C-contiguous, sizes checked by the caller. G is the gradient blob's shape for
 // one image (the image shape by default), g its element count.
 struct SaliencyRequest {
@@ -68,6 +74,9 @@ struct SaliencyRequest {
   const float* multiplier = nullptr;  // optional (num_images, *G): the combined gradient times this
   Reduce reduce = Reduce::kAbsMax;
   std::int64_t first_index = 0;  // index of images[0] in the caller's whole array, for error messages
+  Objective objective = Objective::kClassScore;
+  const float* guide = nullptr;  // kGuide: (C, M) features, C the score blob's channels
+  int guide_columns = 0;         // M
   int classes_per_image = 0;     // K
   const int* classes = nullptr;  // (num_images, K); null: take each image's top-K scores (samples == 1)
   int* top_classes = nullptr;    // (num_images, K), written when classes is null
@@ -109,6 +118,9 @@ class SaliencyEngine {
   const std::string& score_blob() const { return plan_.score_blob; }
   const std::vector<int>& image_shape() const { return plan_.image_shape; }
   const std::string& gradient_blob() const { return plan_.gradient_blob; }
+  std::vector<int> score_shape() const {  // one image's
+    return {score_->shape().begin() + 1, score_->shape().end()};
+  }
   const std::vector<int>& gradient_shape() const { return gradient_shape_; }  // G: one image's
   int num_classes() const { return num_classes_; }
   std::size_t bytes_per_image() const { return bytes_per_image_; }
@@ -132,6 +144,8 @@ class SaliencyEngine {
   // (n, k) pair index), then the backward passes of their classes.
   void run_batch(const SaliencyRequest& request, std::int64_t first, int rows, bool pairs, float* accumulator,
                  std::vector<LayerTime>* times);
+  // Writes dream's seed (objective kL2 or kGuide) into the score blob's diff, from its data.
+  void seed_objective(const SaliencyRequest& request, int rows);
   // After every sample was accumulated: variance, multiplier, channel reduction, into request.out.
   void finish(const SaliencyRequest& request, const float* accumulator) const;
   // Throws std::domain_error naming the first image whose forward pass overflowed float32.

@@ -4,8 +4,6 @@ real Dask LocalCluster, and refusing bad input before any work."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -63,7 +61,7 @@ def dataset(tmp_path_factory):
     Image.fromarray(photo(rng, 48, 48)).save(sub / "rgb.png")
     Image.fromarray(photo(rng, 40, 36)[..., 0]).save(sub / "grey.png")
     Image.fromarray(np.dstack([photo(rng, 36, 40), np.full((36, 40), 200, np.uint8)])).save(sub / "rgba.png")
-    Image.fromarray((photo(rng, 34, 34)[..., 1].astype(np.uint16) * 257)).save(sub / "sixteen.png")
+    Image.fromarray(photo(rng, 34, 34)[..., 1].astype(np.uint16) * 257).save(sub / "sixteen.png")
     good = (folder / "photo00.jpg").read_bytes()
     (folder / "truncated.jpg").write_bytes(good[: len(good) // 3])
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)
@@ -224,16 +222,25 @@ def job_command(dataset, model, out, *extra):
     ]
 
 
-@pytest.mark.parametrize("kill_after", [1, 3, 6])
-def test_resume_after_sigkill_equals_an_uninterrupted_run(model, dataset, tmp_path, kill_after):
-    args = ("--chunk-size", 2, "--method", "integrated_gradients", "--n-steps", 400, "--classes", "1,3")
-    reference = tmp_path / "reference.zarr"
+KILLED_JOB = ("--chunk-size", 2, "--method", "integrated_gradients", "--n-steps", 400, "--classes", "1,3")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(model, dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "reference.zarr"
     subprocess.run(
-        job_command(dataset, model, reference, *args), check=False, capture_output=True, timeout=600
+        job_command(dataset, model, out, *KILLED_JOB), check=False, capture_output=True, timeout=600
     )
+    return out
+
+
+@pytest.mark.parametrize("kill_after", [1, 3, 6])
+def test_resume_after_sigkill_equals_an_uninterrupted_run(
+    model, dataset, uninterrupted, tmp_path, kill_after
+):
     out = tmp_path / "killed.zarr"
     job = subprocess.Popen(
-        job_command(dataset, model, out, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        job_command(dataset, model, out, *KILLED_JOB), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     markers = out / jobs.MARKERS
     deadline = time.time() + 300
@@ -247,13 +254,13 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(model, dataset, tmp_pa
     assert kill_after <= len(done) < 11, "the kill should land mid-job"
     assert jobs.status(out)["pending"] > 0
     finished = subprocess.run(
-        job_command(dataset, model, out, *args), capture_output=True, text=True, timeout=600
+        job_command(dataset, model, out, *KILLED_JOB), capture_output=True, text=True, timeout=600
     )
     assert finished.returncode == 1, finished.stderr  # the 4 bad files
     assert f"{len(done)} chunks already done" in finished.stdout
     for name, mtime in done.items():  # finished chunks were not redone
         assert (markers / name).stat().st_mtime_ns == mtime
-    assert_same_store(out, reference)
+    assert_same_store(out, uninterrupted)
 
 
 def test_write_error_stops_the_job_and_a_rerun_completes_it(model, dataset, tmp_path, monkeypatch):

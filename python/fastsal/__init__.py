@@ -16,20 +16,25 @@ import caffe  # noqa: E402, F401
 
 from ._attribution import METHODS, Attribution, attribute  # noqa: E402
 from ._build import build_info, cuda_device_count, has_cuda, set_caffe_log_level  # noqa: E402
+from ._dream import dream, visualize_classes  # noqa: E402
 from ._load import load  # noqa: E402
+from ._preprocess import Preprocessing  # noqa: E402
 from ._saliency import Saliency, compute, compute_top_k  # noqa: E402
 
 __all__ = [
     "METHODS",
     "Attribution",
+    "Preprocessing",
     "Saliency",
     "attribute",
     "build_info",
     "compute",
     "compute_top_k",
+    "dream",
     "cuda_device_count",
     "has_cuda",
     "load",
     "set_caffe_log_level",
+    "visualize_classes",
 ]
 __version__ = "0.1.0"

@@ -147,7 +147,13 @@ class Preprocessing:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """A decoded (H, W, C) image in [0, 1] as the net's (C, H, W) float32 input."""
-        x = self.crop(image).astype(np.float32).transpose(2, 0, 1)
+        return self.transform(self.crop(image))
+
+    def transform(self, image: np.ndarray) -> np.ndarray:
+        """Transformer's steps without the resize and crop (any image size; a per-channel mean)."""
+        if self.mean is not None and self.mean.ndim == 3 and image.shape[:2] != tuple(self.input_shape[1:]):
+            raise ValueError("a mean image fits the net's input size only: give per-channel mean values")
+        x = image.astype(np.float32).transpose(2, 0, 1)
         if self.channel_swap is not None:
             x = x[list(self.channel_swap)]
         if self.raw_scale is not None:

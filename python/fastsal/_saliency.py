@@ -61,6 +61,8 @@ class Saliency:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         _gradient_blob: str = "",
         _relu_rule: str = "gradient",
+        _image_shape: tuple[int, ...] = (),
+        _warn: bool = True,
     ):
         _check_net(net)
         for name, value in (("score", score), ("input", input)):
@@ -78,6 +80,7 @@ class Saliency:
             score_blob=score or "",
             gradient_blob=_gradient_blob,
             relu_rule=_relu_rule,
+            image_shape=list(_image_shape),
             batch_size=batch_size or 0,
             fast_layers=bool(fast_layers),
             device=-1 if device is None else int(device),
@@ -85,12 +88,13 @@ class Saliency:
             memory_budget=memory_budget,
         )
         self._net = weakref.ref(net)
+        self._warn = _warn
         self._lock = threading.Lock()
         self._engine = self._build(net)
 
     def _build(self, net):
         engine = _core.Engine(net, **self._options)
-        if engine.score_rewrites:
+        if engine.score_rewrites and self._warn:
             warnings.warn(
                 f"score blob '{engine.score_blob}' is rewritten in place by "
                 + ", ".join(engine.score_rewrites)

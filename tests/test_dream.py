@@ -1,0 +1,218 @@
+"""Class-model visualisation and deep dream: scores rise, batched equals one at a time, the notebook's
+make_step through pycaffe as the reference, and bad input."""
+
+from __future__ import annotations
+
+import caffe
+import numpy as np
+import pytest
+
+import fastsal
+from conftest import NETS, _input, conv, fc, layer, make_net, producer_layer
+
+# resnet_block ends in ReLU -> global average pooling -> fc: its pooled features are >= 0, so a class
+# whose fc weights another class's dominate can never win, whatever the image. Its scores still rise.
+CLASSIFIABLE = sorted(set(NETS) - {"resnet_block_bn_scale_eltwise"})
+
+
+def final_scores(net, score, images):
+    net.blobs["data"].reshape(*images.shape)
+    return net.forward(data=images, end=producer_layer(net, score))[score].reshape(len(images), -1).copy()
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+def test_every_class_score_rises_and_wins(tmp_path, name):
+    text, score = NETS[name]
+    net = make_net(tmp_path, text, seed=len(name))
+    n = net.blobs[score].data[0].size
+    images, history = fastsal.visualize_classes(
+        net, range(n), score=score, iterations=200, learning_rate=0.2, return_scores=True
+    )
+    assert images.shape == (n, *net.blobs["data"].data.shape[1:])
+    assert history.shape == (201, n) and (history[-1] > history[0]).all()
+    scores = final_scores(net, score, images)
+    np.testing.assert_allclose(scores[np.arange(n), np.arange(n)], history[-1], rtol=1e-4, atol=1e-5)
+    if name in CLASSIFIABLE:
+        np.testing.assert_array_equal(scores.argmax(axis=1), np.arange(n))
+
+
+@pytest.mark.parametrize("preset", ["simonyan", "yosinski"])
+def test_batched_equals_one_class_at_a_time(tmp_path, preset):
+    net = make_net(tmp_path, NETS["inception_concat_lrn_no_softmax"][0], seed=3)
+    options = dict(iterations=12, preset=preset, seed=5, score="score")
+    together = fastsal.visualize_classes(net, [1, 4, 2], **options)
+    for row, c in enumerate([1, 4, 2]):
+        alone = fastsal.visualize_classes(net, [c], **options)[0]
+        np.testing.assert_allclose(together[row], alone, rtol=1e-4, atol=1e-4 * np.abs(alone).max())
+
+
+def test_jitter_and_regularisers_keep_batching_exact(tmp_path):
+    net = make_net(tmp_path, NETS["conv_maxpool_fc_softmax"][0], seed=3)
+    options = dict(
+        iterations=10, jitter=3, decay=0.01, blur_radius=0.5, blur_every=3, clip_norm_percentile=10
+    )
+    together = fastsal.visualize_classes(net, [0, 6], **options)
+    alone = fastsal.visualize_classes(net, [6], **options)[0]
+    np.testing.assert_allclose(together[1], alone, rtol=1e-4, atol=1e-4 * np.abs(alone).max())
+    preprocessing = fastsal.Preprocessing((3, 12, 12), mean=np.array([100.0, 110.0, 120.0], np.float32))
+    clipped = fastsal.visualize_classes(
+        net, [0], iterations=5, learning_rate=1e4, preprocessing=preprocessing
+    )
+    pixels = preprocessing.deprocess(clipped[0])  # inside [0, 255] before rounding: nothing clipped away
+    assert clipped[0].max() <= 255 - 100 + 1e-3 and clipped[0].min() >= -120 - 1e-3 and pixels.std() > 0
+
+
+DREAM_NET = (
+    _input((3, 16, 16), batch=1)
+    + conv("conv1", "data", 6)
+    + layer("relu1", "ReLU", "conv1", "conv1")
+    + layer("pool1", "Pooling", "conv1", params="pooling_param { pool: MAX kernel_size: 2 stride: 2 }")
+    + conv("conv2", "pool1", 8)
+    + layer("relu2", "ReLU", "conv2", "conv2")
+    + fc("fc", "conv2", 4)
+)
+
+
+def notebook_dream(net, path, image, end, steps, step_size):
+    """Google's deepdream notebook's make_step through pycaffe: one octave, jitter and clipping off."""
+    with open(path) as f:
+        text = "force_backward: true\n" + f.read()
+    reference = caffe.Net(write_path(path, text), caffe.TEST)
+    reference.share_with(net)
+    src = reference.blobs["data"]
+    src.reshape(1, *image.shape)
+    reference.reshape()
+    src.data[0] = image
+    last = producer_layer(reference, end)
+    for _ in range(steps):
+        reference.forward(end=last)
+        dst = reference.blobs[end]
+        dst.diff[:] = dst.data
+        reference.backward(start=last)
+        g = src.diff[0]
+        src.data[:] += step_size / np.abs(g).mean() * g
+    return src.data[0].copy()
+
+
+def write_path(path, text):
+    target = path + ".dream.prototxt"
+    with open(target, "w") as f:
+        f.write(text)
+    return target
+
+
+@pytest.mark.parametrize("end", ["conv2", "pool1"])
+def test_dream_matches_the_notebook_make_step(tmp_path, rng, end):
+    net = make_net(tmp_path, DREAM_NET, seed=8)
+    image = rng.standard_normal((3, 16, 16)).astype(np.float32) * 20
+    expected = notebook_dream(net, str(tmp_path / "net.prototxt"), image, end, steps=4, step_size=1.5)
+    got = fastsal.dream(net, image, end, octaves=1, iterations=4, jitter=0)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_dream_octaves_at_any_size_raise_the_norm_and_are_deterministic(tmp_path, rng):
+    net = make_net(tmp_path, DREAM_NET, seed=8)
+    image = rng.standard_normal((3, 41, 37)).astype(np.float32) * 20  # not the net's 16x16
+    dreamt, norms = fastsal.dream(net, image, "conv2", octaves=3, iterations=5, seed=4, return_norms=True)
+    assert dreamt.shape == image.shape and len(norms) == 3
+    assert all(after > before for before, after in norms)
+    np.testing.assert_array_equal(fastsal.dream(net, image, "conv2", octaves=3, iterations=5, seed=4), dreamt)
+    other = fastsal.dream(net, image, "conv2", octaves=3, iterations=5, seed=5)
+    assert np.abs(other - dreamt).max() > 0
+    guide = rng.standard_normal((3, 20, 24)).astype(np.float32) * 20
+    guided = fastsal.dream(net, image, "conv2", octaves=2, iterations=3, guide=guide)
+    plain = fastsal.dream(net, image, "conv2", octaves=2, iterations=3)
+    assert guided.shape == image.shape and np.abs(guided - plain).max() > 1e-3
+
+
+def test_guide_objective_matches_its_formula(tmp_path, rng):
+    """The notebook's objective_guide: each position's diff is the guide feature with the largest dot
+    product with it; one step, checked through pycaffe."""
+    net = make_net(tmp_path, DREAM_NET, seed=8)
+    path = str(tmp_path / "net.prototxt")
+    image = rng.standard_normal((3, 16, 16)).astype(np.float32) * 20
+    guide = rng.standard_normal((3, 16, 16)).astype(np.float32) * 20
+    with open(path) as f:
+        reference = caffe.Net(write_path(path, "force_backward: true\n" + f.read()), caffe.TEST)
+    reference.share_with(net)
+    last = producer_layer(reference, "conv2")
+    reference.blobs["data"].data[0] = guide
+    reference.forward(end=last)
+    y = reference.blobs["conv2"].data[0].reshape(8, -1).copy()
+    reference.blobs["data"].data[0] = image
+    reference.forward(end=last)
+    x = reference.blobs["conv2"].data[0].reshape(8, -1)
+    reference.blobs["conv2"].diff[0] = y[:, x.T.dot(y).argmax(1)].reshape(8, 8, 8)
+    reference.backward(start=last)
+    g = reference.blobs["data"].diff[0]
+    expected = image + 1.5 / np.abs(g).mean() * g
+    got = fastsal.dream(net, image, "conv2", octaves=1, iterations=1, jitter=0, guide=guide)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        ({"layer": "nowhere"}, ValueError, "unknown score blob 'nowhere'"),
+        ({"layer": "data"}, ValueError, "is not computed from input blob 'data'"),
+        ({"octaves": 0}, ValueError, "octaves must be a positive integer"),
+        ({"octave_scale": 1.0}, ValueError, "octave_scale must be > 1"),
+        ({"step_size": -1.0}, ValueError, "step_size must be >= 0"),
+        ({"image": np.zeros((4, 16, 16))}, ValueError, r"image must be one \(3, H, W\) image"),
+        ({"image": np.full((3, 16, 16), np.nan)}, ValueError, "image contains NaN"),
+        ({"guide": np.zeros((1, 16, 16))}, ValueError, r"guide must be one \(3, H, W\) image"),
+    ],
+    ids=["unknown", "input", "octaves", "scale", "step", "channels", "nan", "guide"],
+)
+def test_dream_refuses_bad_input(tmp_path, options, error, message):
+    net = make_net(tmp_path, DREAM_NET, seed=8)
+    call = {"image": np.zeros((3, 16, 16), np.float32), "layer": "conv2", **options}
+    image, name = call.pop("image"), call.pop("layer")
+    with pytest.raises(error, match=message):
+        fastsal.dream(net, image, name, **call)
+
+
+def test_dream_image_too_small_for_the_layers_is_refused_not_fatal(tmp_path):
+    """A 5x5 unpadded convolution on a 2x2 image would give Caffe a negative size (a CHECK abort)."""
+    net = make_net(tmp_path, _input((3, 16, 16), batch=1) + conv("big", "data", 4, k=5, pad=0) + fc("fc", "big", 2))
+    with pytest.raises(ValueError, match=r"images of 2x2 are too small for layer 'big' \(Convolution\)"):
+        fastsal.dream(net, np.zeros((3, 2, 2), np.float32), "big", octaves=1)
+    with pytest.raises(ValueError, match="too small"):
+        fastsal.dream(net, np.zeros((3, 16, 16), np.float32), "big", octaves=4, octave_scale=3.0)
+
+
+def test_visualize_refuses_bad_input(tmp_path):
+    net = make_net(tmp_path, NETS["conv_maxpool_fc_softmax"][0])
+    with pytest.raises(ValueError, match=r"class 9 \(classes\[0, 1\]\) is out of range"):
+        fastsal.visualize_classes(net, [1, 9])
+    with pytest.raises(ValueError, match="preset must be one of simonyan, yosinski"):
+        fastsal.visualize_classes(net, [1], preset="mine")
+    with pytest.raises(ValueError, match="learning_rate must be > 0"):
+        fastsal.visualize_classes(net, [1], learning_rate=0)
+    with pytest.raises(ValueError, match="iterations must be a positive integer"):
+        fastsal.visualize_classes(net, [1], iterations=0)
+
+
+@pytest.mark.slow
+def test_open_nsfw_visualisation_and_dream():
+    from fastsal import examples
+
+    prototxt, weights = examples.open_nsfw_files()
+    net = fastsal.load(prototxt, weights)
+    preprocessing = fastsal.Preprocessing((3, 224, 224), mean=examples.OPEN_NSFW_MEAN_BGR)
+    images, history = fastsal.visualize_classes(
+        net, [0, 1], iterations=30, learning_rate=50.0, preprocessing=preprocessing, return_scores=True
+    )
+    assert (history[-1] > history[0]).all()
+    np.testing.assert_array_equal(final_scores(net, "fc_nsfw", images).argmax(axis=1), [0, 1])
+    photo = examples.open_nsfw_batch(["coffee"])[0][0]
+    dreamt, norms = fastsal.dream(
+        net,
+        photo,
+        "eltwise_stage1_block0",
+        octaves=2,
+        iterations=3,
+        preprocessing=preprocessing,
+        return_norms=True,
+    )
+    assert all(after > before for before, after in norms) and dreamt.shape == photo.shape
