@@ -174,7 +174,9 @@ def test_dream_refuses_bad_input(tmp_path, options, error, message):
 
 def test_dream_image_too_small_for_the_layers_is_refused_not_fatal(tmp_path):
     """A 5x5 unpadded convolution on a 2x2 image would give Caffe a negative size (a CHECK abort)."""
-    net = make_net(tmp_path, _input((3, 16, 16), batch=1) + conv("big", "data", 4, k=5, pad=0) + fc("fc", "big", 2))
+    net = make_net(
+        tmp_path, _input((3, 16, 16), batch=1) + conv("big", "data", 4, k=5, pad=0) + fc("fc", "big", 2)
+    )
     with pytest.raises(ValueError, match=r"images of 2x2 are too small for layer 'big' \(Convolution\)"):
         fastsal.dream(net, np.zeros((3, 2, 2), np.float32), "big", octaves=1)
     with pytest.raises(ValueError, match="too small"):
@@ -216,3 +218,43 @@ def test_open_nsfw_visualisation_and_dream():
         return_norms=True,
     )
     assert all(after > before for before, after in norms) and dreamt.shape == photo.shape
+
+
+def test_cli_visualize_and_dream_write_pictures(tmp_path, rng):
+    from PIL import Image
+
+    from fastsal import cli
+
+    net = make_net(tmp_path, DREAM_NET, seed=8)
+    net.save(str(tmp_path / "net.caffemodel"))
+    model = [
+        "--model-def",
+        str(tmp_path / "net.prototxt"),
+        "--pretrained-model",
+        str(tmp_path / "net.caffemodel"),
+    ]
+    assert (
+        cli.main(["visualize", *model, "--classes", "0,3", "--iterations", "5", "-o", str(tmp_path / "cls")])
+        == 0
+    )
+    for c in (0, 3):
+        with Image.open(tmp_path / "cls" / f"class_{c}.png") as image:
+            assert image.size == (16, 16) and np.asarray(image).std() > 0
+    photo = (rng.random((40, 50, 3)) * 255).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    args = [
+        "dream",
+        str(tmp_path / "photo.png"),
+        *model,
+        "--layer",
+        "conv2",
+        "--octaves",
+        "2",
+        "--iterations",
+        "2",
+    ]
+    assert cli.main([*args, "--mean-value", "100,110,120", "-o", str(tmp_path / "dream.png")]) == 0
+    with Image.open(tmp_path / "dream.png") as image:
+        assert image.size == (50, 40)
+        assert np.abs(np.asarray(image).astype(int) - photo).max() > 0
+    assert cli.main([*args, "-o", str(tmp_path / "x.png"), "--layer", "nowhere"]) == 2

@@ -47,7 +47,7 @@ def test_demo_writes_its_picture(tmp_path, capsys):
     assert "maps/s" in capsys.readouterr().out
     from PIL import Image
 
-    for picture in ("open_nsfw_saliency.png", "open_nsfw_methods.png"):
+    for picture in ("open_nsfw_saliency.png", "open_nsfw_methods.png", "open_nsfw_dream.png"):
         with Image.open(tmp_path / picture) as image:
             assert image.size[0] > 300 and image.size[1] > 300
             assert np.asarray(image.convert("L")).std() > 10  # not a blank canvas

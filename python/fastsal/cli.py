@@ -3,6 +3,8 @@ Caffe's python/classify.py, hyphenated.
 
     fastsal run IMAGES --model-def deploy.prototxt --pretrained-model model.caffemodel -o maps.zarr
     fastsal status maps.zarr
+    fastsal visualize --model-def ... --pretrained-model ... --classes 0,1 -o classes/
+    fastsal dream photo.jpg --model-def ... --pretrained-model ... --layer inception_4c/output -o dream.png
 
 Exit codes: run: 0 every image ok, 1 some images failed (see ``fastsal status``), 2 refused before any
 work; status: 0 complete and ok, 1 some images failed, 3 unfinished.
@@ -12,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+import numpy as np
 
 from . import jobs
 from ._attribution import METHODS
@@ -50,27 +55,8 @@ METHOD_FLAGS = {  # flag -> (option name, type, help)
 }
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
-        prog="fastsal", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    commands = top.add_subparsers(dest="command", required=True)
-
-    run = commands.add_parser("run", help="attribution maps of a dataset on disk, into a Zarr store")
-    run.add_argument(
-        "images", help="a directory (recursive), a glob, a text file of paths, or a .npy of inputs"
-    )
-    run.add_argument("--model-def", required=True, help="the deploy prototxt")
-    run.add_argument("--pretrained-model", required=True, help="the trained .caffemodel")
-    run.add_argument("-o", "--output", required=True, help="the Zarr store to write (or resume)")
-    which = run.add_mutually_exclusive_group()
-    which.add_argument("--classes", type=_ints, help="class ids for every image, e.g. 3,7")
-    which.add_argument("--top-k", type=int, help="each image's K best classes (default: 1)")
-    which.add_argument("--classes-file", help="one row of K class ids per image, in input order")
-    run.add_argument("--method", choices=METHODS, default="saliency")
-    for flag, (_, kind, text) in METHOD_FLAGS.items():
-        run.add_argument(flag, type=kind, help=text)
-    prep = run.add_argument_group("preprocessing (caffe.io.Transformer's order; classify.py's defaults)")
+def add_preprocessing(command) -> None:
+    prep = command.add_argument_group("preprocessing (caffe.io.Transformer's order; classify.py's defaults)")
     prep.add_argument(
         "--images-dim", type=_pair, help="resize to H,W before the centre crop (default: the net's input)"
     )
@@ -84,6 +70,51 @@ def parser() -> argparse.ArgumentParser:
         "--channel-swap", type=_ints, default=[2, 1, 0], help="channel order (default 2,1,0: RGB to BGR)"
     )
     prep.add_argument("--input-scale", type=float, help="scale after mean subtraction")
+
+
+def add_model(command) -> None:
+    command.add_argument("--model-def", required=True, help="the deploy prototxt")
+    command.add_argument("--pretrained-model", required=True, help="the trained .caffemodel")
+
+
+def preprocessing_for(args, input_shape, per_channel: bool = False):
+    from ._preprocess import Preprocessing, load_mean
+
+    mean = load_mean(args.mean_file) if args.mean_file else args.mean_value
+    if mean is not None and per_channel and np.ndim(mean) == 3:
+        mean = np.asarray(mean).mean(
+            axis=(1, 2)
+        )  # dream runs at any size: the mean image's per-channel values
+    return Preprocessing(
+        tuple(input_shape),
+        images_dim=args.images_dim,
+        mean=None if mean is None else np.asarray(mean, np.float32),
+        raw_scale=args.raw_scale,
+        channel_swap=tuple(args.channel_swap) if args.channel_swap else None,
+        input_scale=args.input_scale,
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="fastsal", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = top.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="attribution maps of a dataset on disk, into a Zarr store")
+    run.add_argument(
+        "images", help="a directory (recursive), a glob, a text file of paths, or a .npy of inputs"
+    )
+    add_model(run)
+    run.add_argument("-o", "--output", required=True, help="the Zarr store to write (or resume)")
+    which = run.add_mutually_exclusive_group()
+    which.add_argument("--classes", type=_ints, help="class ids for every image, e.g. 3,7")
+    which.add_argument("--top-k", type=int, help="each image's K best classes (default: 1)")
+    which.add_argument("--classes-file", help="one row of K class ids per image, in input order")
+    run.add_argument("--method", choices=METHODS, default="saliency")
+    for flag, (_, kind, text) in METHOD_FLAGS.items():
+        run.add_argument(flag, type=kind, help=text)
+    add_preprocessing(run)
     run.add_argument("--batch-size", type=int, help="rows per forward pass (default: fit 1 GiB)")
     run.add_argument("--gpu", type=int, help="CUDA device (a CUDA build)")
     run.add_argument("--chunk-size", type=int, default=64, help="images per chunk of work and of the store")
@@ -98,6 +129,34 @@ def parser() -> argparse.ArgumentParser:
 
     state = commands.add_parser("status", help="what a store holds: done, failed and why, pending")
     state.add_argument("output")
+
+    show = commands.add_parser("visualize", help="images that maximise class scores, as PNGs")
+    add_model(show)
+    show.add_argument("--classes", type=_ints, required=True, help="class ids, e.g. 0,1")
+    show.add_argument("-o", "--output", required=True, help="folder for class_<id>.png")
+    show.add_argument("--preset", choices=["simonyan", "yosinski"])
+    show.add_argument("--iterations", type=int, default=200)
+    show.add_argument("--learning-rate", type=float, default=1.0)
+    show.add_argument("--decay", type=float, default=0.0)
+    show.add_argument("--blur-radius", type=float, default=0.0)
+    show.add_argument("--blur-every", type=int, default=0)
+    show.add_argument("--jitter", type=int, default=0)
+    show.add_argument("--seed", type=int, default=0)
+    add_preprocessing(show)
+
+    dream = commands.add_parser("dream", help="deep dream of an image, as a PNG")
+    dream.add_argument("image")
+    add_model(dream)
+    dream.add_argument("--layer", required=True, help="the blob whose L2 norm is raised")
+    dream.add_argument("-o", "--output", required=True, help="the PNG to write")
+    dream.add_argument("--octaves", type=int, default=4)
+    dream.add_argument("--octave-scale", type=float, default=1.4)
+    dream.add_argument("--iterations", type=int, default=10)
+    dream.add_argument("--step-size", type=float, default=1.5)
+    dream.add_argument("--jitter", type=int, default=32)
+    dream.add_argument("--guide", help="an image whose features at --layer guide the dream")
+    dream.add_argument("--seed", type=int, default=0)
+    add_preprocessing(dream)
     return top
 
 
@@ -109,6 +168,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "status":
             return _status(args.output)
+        if args.command in ("visualize", "dream"):
+            return _picture(args)
         options = {
             name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _, _) in METHOD_FLAGS.items()
         }
@@ -142,6 +203,58 @@ def main(argv=None) -> int:
         return 2
     print(summary.line(args.output))
     return summary.exit_code
+
+
+def _picture(args) -> int:
+    from PIL import Image
+
+    import fastsal
+
+    from ._preprocess import load_image
+
+    net = fastsal.load(args.model_def, args.pretrained_model)
+    input_shape = net.blobs[net.inputs[0]].data.shape[1:]
+    preprocessing = preprocessing_for(args, input_shape, per_channel=args.command == "dream")
+    out = Path(args.output)
+    if args.command == "visualize":
+        images = fastsal.visualize_classes(
+            net,
+            args.classes,
+            iterations=args.iterations,
+            preset=args.preset,
+            learning_rate=args.learning_rate,
+            decay=args.decay,
+            blur_radius=args.blur_radius,
+            blur_every=args.blur_every,
+            jitter=args.jitter,
+            seed=args.seed,
+            preprocessing=preprocessing,
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        for c, image in zip(args.classes, images):
+            Image.fromarray(preprocessing.deprocess(image)).save(out / f"class_{c}.png")
+        print(f"fastsal: {len(images)} class visualisations -> {out}")
+        return 0
+    color = input_shape[0] == 3
+    image = preprocessing.transform(load_image(args.image, color))
+    guide = None if args.guide is None else preprocessing.transform(load_image(args.guide, color))
+    dreamt = fastsal.dream(
+        net,
+        image,
+        args.layer,
+        octaves=args.octaves,
+        octave_scale=args.octave_scale,
+        iterations=args.iterations,
+        step_size=args.step_size,
+        jitter=args.jitter,
+        guide=guide,
+        seed=args.seed,
+        preprocessing=preprocessing,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(preprocessing.deprocess(dreamt)).save(out)
+    print(f"fastsal: dream of {args.image} at '{args.layer}' -> {out}")
+    return 0
 
 
 def _status(output: str) -> int:

@@ -67,12 +67,13 @@ def main(argv=None) -> None:
     figure.savefig(grid, dpi=80)
 
     methods = methods_figure(net, images, crops, names, probabilities.argmax(axis=1), args.out, colormap, plt)
+    dreams = dream_figure(net, args.out, plt)
 
     n_maps = maps.shape[0] * maps.shape[1]
     print(
         f"fastsal: {n_maps} maps ({len(names)} photos x {maps.shape[1]} classes, {maps.shape[2]}x{maps.shape[3]}) "
         f"in {done - built:.2f} s = {n_maps / (done - built):.1f} maps/s on CPU, a first call that also "
-        f"allocates the net's memory (engine built in {built - start:.2f} s); wrote {grid} and {methods}"
+        f"allocates the net's memory (engine built in {built - start:.2f} s); wrote {grid}, {methods}, {dreams}"
     )
 
 
@@ -109,6 +110,44 @@ def methods_figure(net, images, crops, names, classes, out: Path, colormap, plt)
     figure.suptitle("fastsal's methods on open_nsfw, for each photo's predicted class")
     figure.tight_layout()
     path = out / "open_nsfw_methods.png"
+    figure.savefig(path, dpi=80)
+    return path
+
+
+def dream_figure(net, out: Path, plt) -> Path:
+    """open_nsfw's two classes visualised (Yosinski et al.'s regularisers) and a deep dream of a photo."""
+    from skimage.transform import rescale
+
+    preprocessing = fastsal.Preprocessing((3, 224, 224), mean=examples.OPEN_NSFW_MEAN_BGR)
+    classes = fastsal.visualize_classes(
+        net, [0, 1], iterations=100, preset="yosinski", preprocessing=preprocessing
+    )
+    photo = rescale(examples.sample_photos(["coffee"])["coffee"] / 255.0, 0.6, channel_axis=2)
+    dreamt = fastsal.dream(
+        net,
+        preprocessing.transform(photo),
+        "eltwise_stage1_block3",
+        octaves=3,
+        iterations=10,
+        preprocessing=preprocessing,
+    )
+    panels = [preprocessing.deprocess(c) for c in classes] + [
+        (photo * 255).astype(np.uint8),
+        preprocessing.deprocess(dreamt),
+    ]
+    titles = [f"class: {name}" for name in examples.OPEN_NSFW_CLASSES] + [
+        "coffee",
+        "dream at eltwise_stage1_block3",
+    ]
+    widths = [p.shape[1] / p.shape[0] for p in panels]
+    figure, axes = plt.subplots(1, 4, figsize=(3 * sum(widths), 3.3), gridspec_kw={"width_ratios": widths})
+    for ax, panel, title in zip(axes, panels, titles):
+        ax.imshow(panel)
+        ax.set_axis_off()
+        ax.set_title(title, fontsize=9)
+    figure.suptitle("fastsal.visualize_classes and fastsal.dream on open_nsfw")
+    figure.tight_layout()
+    path = out / "open_nsfw_dream.png"
     figure.savefig(path, dpi=80)
     return path
 
