@@ -63,32 +63,44 @@ std::vector<py::ssize_t> with_front(std::vector<py::ssize_t> front, const std::v
   return front;
 }
 
+// One of a few names, as its enum value; the error names the argument and every choice.
+template <typename Enum>
+Enum choice(const char* argument, const std::string& name,
+            std::initializer_list<std::pair<const char*, Enum>> values) {
+  std::string names;
+  for (const auto& [text, value] : values) {
+    if (name == text) return value;
+    names += (names.empty() ? "'" : ", '") + std::string(text) + "'";
+  }
+  throw py::value_error(std::string(argument) + " must be one of " + names + ", got '" + name + "'");
+}
+
 fastsal::Accumulate accumulate_mode(const std::string& name) {
-  if (name == "sum") return fastsal::Accumulate::kSum;
-  if (name == "squares") return fastsal::Accumulate::kSquares;
-  if (name == "variance") return fastsal::Accumulate::kVariance;
-  throw py::value_error("accumulate must be 'sum', 'squares' or 'variance', got '" + name + "'");
+  using fastsal::Accumulate;
+  return choice<Accumulate>(
+      "accumulate", name,
+      {{"sum", Accumulate::kSum}, {"squares", Accumulate::kSquares}, {"variance", Accumulate::kVariance}});
 }
 
 fastsal::Reduce reduce_mode(const std::string& name) {
-  if (name == "absmax") return fastsal::Reduce::kAbsMax;
-  if (name == "sum") return fastsal::Reduce::kSum;
-  if (name == "none") return fastsal::Reduce::kNone;
-  throw py::value_error("reduce must be 'absmax', 'sum' or 'none', got '" + name + "'");
+  using fastsal::Reduce;
+  return choice<Reduce>("reduce", name,
+                        {{"absmax", Reduce::kAbsMax}, {"sum", Reduce::kSum}, {"none", Reduce::kNone}});
 }
 
 fastsal::Objective objective_mode(const std::string& name) {
-  if (name == "class_score") return fastsal::Objective::kClassScore;
-  if (name == "l2") return fastsal::Objective::kL2;
-  if (name == "guide") return fastsal::Objective::kGuide;
-  throw py::value_error("objective must be 'class_score', 'l2' or 'guide', got '" + name + "'");
+  using fastsal::Objective;
+  return choice<Objective>(
+      "objective", name,
+      {{"class_score", Objective::kClassScore}, {"l2", Objective::kL2}, {"guide", Objective::kGuide}});
 }
 
 fastsal::ReLURule relu_rule(const std::string& name) {
-  if (name == "gradient") return fastsal::ReLURule::kGradient;
-  if (name == "guided") return fastsal::ReLURule::kGuided;
-  if (name == "deconvnet") return fastsal::ReLURule::kDeconvnet;
-  throw py::value_error("relu_rule must be 'gradient', 'guided' or 'deconvnet', got '" + name + "'");
+  using fastsal::ReLURule;
+  return choice<ReLURule>("relu_rule", name,
+                          {{"gradient", ReLURule::kGradient},
+                           {"guided", ReLURule::kGuided},
+                           {"deconvnet", ReLURule::kDeconvnet}});
 }
 
 // Every buffer's shape follows from images (N * samples rows), out (N, K, ...) and the engine's shapes.
@@ -136,10 +148,10 @@ fastsal::SaliencyRequest make_request(const fastsal::SaliencyEngine& engine, con
 }
 
 fastsal::BatchLayout batch_layout(const std::string& name) {
-  if (name == "auto") return fastsal::BatchLayout::kAuto;
-  if (name == "per_class") return fastsal::BatchLayout::kPerClass;
-  if (name == "pairs") return fastsal::BatchLayout::kPairs;
-  throw py::value_error("batch_layout must be 'auto', 'per_class' or 'pairs', got '" + name + "'");
+  using fastsal::BatchLayout;
+  return choice<BatchLayout>(
+      "batch_layout", name,
+      {{"auto", BatchLayout::kAuto}, {"per_class", BatchLayout::kPerClass}, {"pairs", BatchLayout::kPairs}});
 }
 
 std::string libcaffe_path() {

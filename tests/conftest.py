@@ -147,10 +147,9 @@ def producer_layer(net: caffe.Net, blob: str) -> str:
     return [name for name, tops in net.top_names.items() if blob in tops][-1]
 
 
-def seed_recipe(net: caffe.Net, prototxt: str, images, classes, score: str, input_blob: str = "data"):
-    """classes: (N, K). The caffe-users recipe, one image and one class at a time, through pycaffe: a force_backward copy
-    of the net sharing its weights, forward to the score, a one-hot in the score's diff, backward,
-    then NumPy's abs and max over channels. Returns (maps (N, K, H, W), gradients (N, K, C, H, W))."""
+def force_backward_copy(net: caffe.Net, prototxt: str) -> caffe.Net:
+    """The pycaffe way to get gradients from a deploy net: the same prototxt with force_backward on,
+    sharing the net's weights. Every pycaffe reference in the tests starts here."""
     with open(prototxt) as f:
         text = "force_backward: true\n" + f.read()
     reference_path = prototxt + ".force_backward.prototxt"
@@ -158,6 +157,14 @@ def seed_recipe(net: caffe.Net, prototxt: str, images, classes, score: str, inpu
         f.write(text)
     reference = caffe.Net(reference_path, caffe.TEST)
     reference.share_with(net)
+    return reference
+
+
+def seed_recipe(net: caffe.Net, prototxt: str, images, classes, score: str, input_blob: str = "data"):
+    """classes: (N, K). The caffe-users recipe, one image and one class at a time, through pycaffe: a force_backward copy
+    of the net sharing its weights, forward to the score, a one-hot in the score's diff, backward,
+    then NumPy's abs and max over channels. Returns (maps (N, K, H, W), gradients (N, K, C, H, W))."""
+    reference = force_backward_copy(net, prototxt)
     images = np.asarray(images, np.float32)
     classes = np.asarray(classes)
     assert classes.shape[0] == len(images), "the oracle takes (N, K) classes"

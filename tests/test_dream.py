@@ -3,12 +3,11 @@ make_step through pycaffe as the reference, and bad input."""
 
 from __future__ import annotations
 
-import caffe
 import numpy as np
 import pytest
 
 import fastsal
-from conftest import NETS, _input, conv, fc, layer, make_net, producer_layer
+from conftest import NETS, _input, conv, fc, force_backward_copy, layer, make_net, producer_layer
 
 # resnet_block ends in ReLU -> global average pooling -> fc: its pooled features are >= 0, so a class
 # whose fc weights another class's dominate can never win, whatever the image. Its scores still rise.
@@ -75,10 +74,7 @@ DREAM_NET = (
 
 def notebook_dream(net, path, image, end, steps, step_size):
     """Google's deepdream notebook's make_step through pycaffe: one octave, jitter and clipping off."""
-    with open(path) as f:
-        text = "force_backward: true\n" + f.read()
-    reference = caffe.Net(write_path(path, text), caffe.TEST)
-    reference.share_with(net)
+    reference = force_backward_copy(net, path)
     src = reference.blobs["data"]
     src.reshape(1, *image.shape)
     reference.reshape()
@@ -92,13 +88,6 @@ def notebook_dream(net, path, image, end, steps, step_size):
         g = src.diff[0]
         src.data[:] += step_size / np.abs(g).mean() * g
     return src.data[0].copy()
-
-
-def write_path(path, text):
-    target = path + ".dream.prototxt"
-    with open(target, "w") as f:
-        f.write(text)
-    return target
 
 
 @pytest.mark.parametrize("end", ["conv2", "pool1"])
@@ -132,9 +121,7 @@ def test_guide_objective_matches_its_formula(tmp_path, rng):
     path = str(tmp_path / "net.prototxt")
     image = rng.standard_normal((3, 16, 16)).astype(np.float32) * 20
     guide = rng.standard_normal((3, 16, 16)).astype(np.float32) * 20
-    with open(path) as f:
-        reference = caffe.Net(write_path(path, "force_backward: true\n" + f.read()), caffe.TEST)
-    reference.share_with(net)
+    reference = force_backward_copy(net, path)
     last = producer_layer(reference, "conv2")
     reference.blobs["data"].data[0] = guide
     reference.forward(end=last)

@@ -65,7 +65,9 @@ def test_device_argument(tmp_path):
     for bad in (-1, True, "cuda:0", 1.0):
         with pytest.raises(ValueError, match="device must be None \\(the CPU\\) or a CUDA device index >= 0"):
             fastsal.Saliency(net, device=bad)
-    with pytest.raises(ValueError, match="batch_layout must be 'auto', 'per_class' or 'pairs', got 'rows'"):
+    with pytest.raises(
+        ValueError, match="batch_layout must be one of 'auto', 'per_class', 'pairs', got 'rows'"
+    ):
         fastsal.Saliency(net, batch_layout="rows")
     count = fastsal.cuda_device_count()
     if not fastsal.has_cuda():

@@ -3,7 +3,6 @@ recipe's gradients, NumPy for the rest), against finite differences (IG complete
 
 from __future__ import annotations
 
-import caffe
 import numpy as np
 import pytest
 from skimage.transform import resize
@@ -15,6 +14,7 @@ from conftest import (
     assert_close_to_reference,
     conv,
     fc,
+    force_backward_copy,
     layer,
     make_net,
     producer_layer,
@@ -170,10 +170,7 @@ def test_integrated_gradients_completeness_on_a_smooth_net(tmp_path, rng):
 def cam_reference(net, path, images, classes, score, blob, plus=False, relu=True):
     """Grad-CAM from its formula: the blob's values and gradient through pycaffe (backward stopped after
     the blob's last writer), weights = spatial mean (Grad-CAM) or pytorch-grad-cam's (Grad-CAM++)."""
-    with open(path) as f:
-        text = "force_backward: true\n" + f.read()
-    reference = caffe.Net(write_next(path, text), caffe.TEST)
-    reference.share_with(net)
+    reference = force_backward_copy(net, path)
     names = list(reference._layer_names)
     last = producer_layer(reference, score)
     stop = names[names.index(producer_layer(reference, blob)) + 1]
@@ -200,13 +197,6 @@ def cam_reference(net, path, images, classes, score, blob, plus=False, relu=True
             row.append(np.maximum(cam, 0) if relu else cam)
         cams.append(row)
     return np.array(cams)
-
-
-def write_next(path, text):
-    target = path + ".cam.prototxt"
-    with open(target, "w") as f:
-        f.write(text)
-    return target
 
 
 CAM_NET = (

@@ -140,7 +140,7 @@ def dream_figure(net, out: Path, plt) -> Path:
         "dream at eltwise_stage1_block3",
     ]
     widths = [p.shape[1] / p.shape[0] for p in panels]
-    figure, axes = plt.subplots(1, 4, figsize=(3 * sum(widths), 3.3), gridspec_kw={"width_ratios": widths})
+    figure, axes = plt.subplots(1, 4, figsize=(3.6 * sum(widths), 4.2), gridspec_kw={"width_ratios": widths})
     for ax, panel, title in zip(axes, panels, titles):
         ax.imshow(panel)
         ax.set_axis_off()

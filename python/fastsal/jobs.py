@@ -115,14 +115,16 @@ def _open_store(output: str, mode: str):
 class Worker:
     """The model loaded once per process; decodes, explains and writes any chunk of the job."""
 
-    def __init__(self, spec: JobSpec, validate: bool = False):
+    def __init__(self, spec: JobSpec, attribution: _attribution.Attribution | None = None):
         import fastsal
 
         self.spec = spec
-        self.net = fastsal.load(spec.model_def, spec.pretrained_model, validate=validate)
-        self.attribution = _attribution.Attribution(
-            self.net, spec.method, batch_size=spec.batch_size, device=spec.gpu, **spec.options
-        )
+        if attribution is None:  # a Dask worker: the client checked the model already
+            net = fastsal.load(spec.model_def, spec.pretrained_model, validate=False)
+            attribution = _attribution.Attribution(
+                net, spec.method, batch_size=spec.batch_size, device=spec.gpu, **spec.options
+            )
+        self.attribution = attribution
         self.decoders = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
         self._array = None
         self._store = None
@@ -252,7 +254,12 @@ def done_chunks(output: str) -> dict[int, dict]:
     return {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in folder.glob("chunk-*.json")}
 
 
-def prepare(
+def prepare(images, model_def, pretrained_model, output, **options) -> JobSpec:
+    """Checks everything and writes the plan (see :func:`_prepare`); returns the job's spec."""
+    return _prepare(images, model_def, pretrained_model, output, **options)[0]
+
+
+def _prepare(
     images,
     model_def,
     pretrained_model,
@@ -274,10 +281,10 @@ def prepare(
     chunk_size=64,
     overlays=None,
     overwrite=False,
-) -> JobSpec:
+) -> tuple[JobSpec, _attribution.Attribution]:
     """Checks everything and writes the plan: the store exists, empty or partly done, when it returns.
     Raises JobError (or FileNotFoundError) before any work for a bad model, mean, classes, inputs or
-    output."""
+    output. Returns the spec and the checked model's Attribution, which the local run reuses."""
     import fastsal
 
     options = dict(method_options or {})
@@ -376,7 +383,7 @@ def prepare(
         plan=plan,
     )
     _create_store(spec, attribution.num_classes, overwrite)
-    return spec
+    return spec, attribution
 
 
 def _jsonable(value):
@@ -457,7 +464,7 @@ def run_job(
 ):
     """Runs (or resumes) a job: see the module's docstring and ``fastsal run --help``. Returns a
     JobSummary; images that fail are recorded in the store and counted, not raised."""
-    spec = prepare(images, model_def, pretrained_model, output, **options)
+    spec, attribution = _prepare(images, model_def, pretrained_model, output, **options)
     done = done_chunks(spec.output)
     todo = [c for c in range(-(-spec.count // spec.chunk_size)) if c not in done]
     start = time.perf_counter()
@@ -473,9 +480,10 @@ def run_job(
         file=sys.stderr,
     ) as progress:
         if workers or scheduler:
+            del attribution  # the workers load their own
             _run_dask(spec, todo, workers, scheduler, progress)
         else:
-            _run_local(spec, todo, progress)
+            _run_local(Worker(spec, attribution), todo, progress)
     seconds = time.perf_counter() - start
     finished = done_chunks(spec.output)
     failed = sum(len(s["failed"]) for s in finished.values())
@@ -483,10 +491,9 @@ def run_job(
     return JobSummary(spec.count, ok, failed, seconds, len(done))
 
 
-def _run_local(spec: JobSpec, todo: list[int], progress) -> None:
+def _run_local(worker: Worker, todo: list[int], progress) -> None:
     """Decoding runs ahead of the engine (two chunks) and writing behind it, in threads: the engine
     releases the GIL, so they overlap with it."""
-    worker = Worker(spec)
     with ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as writer:
         loads = deque(loader.submit(worker.load, c) for c in todo[:2])
         writes = deque()
