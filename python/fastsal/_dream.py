@@ -146,7 +146,7 @@ def visualize_classes(
 class _Dreamer:
     """The engines of one dream, one per image size (octave), sharing the net's weights."""
 
-    def __init__(self, net, layer, input, batch_size):  # noqa: A002
+    def __init__(self, net, layer, input):  # noqa: A002
         if not isinstance(layer, str):
             raise TypeError(f"layer must be a blob name (str), got {type(layer).__name__}")
         self.net, self.layer, self.input, self.engines = net, layer, input, {}
@@ -224,7 +224,7 @@ def dream(
     step_size = _check_number("step_size", step_size, 0)
     if isinstance(jitter, bool) or not isinstance(jitter, numbers.Integral) or jitter < 0:
         raise ValueError(f"jitter must be an integer >= 0, got {jitter!r}")
-    dreamer = _Dreamer(net, layer, input, None)
+    dreamer = _Dreamer(net, layer, input)
     channels = dreamer.input_channels
     base = _checked_image(image, channels, "image")
     guide_features = None
