@@ -363,19 +363,14 @@ void SaliencyEngine::run_batch(const SaliencyRequest& request, std::int64_t firs
   // Rows that start an image (every row, unless pairs): its ranking and its activations come from there.
   const auto starts_image = [&](int r) { return !pairs || (first + r) % k_count == 0; };
 
-  if (request.scores) {
-    const float* values = score_->cpu_data();
+  // A blob's values per image, from the row that starts it, into (num_images, floats) at out.
+  const auto copy_per_image = [&](const caffe::Blob<float>& blob, std::size_t floats, float* out) {
+    const float* values = blob.cpu_data();
     for (int r = 0; r < rows; ++r)
-      if (starts_image(r))
-        std::copy_n(values + std::size_t(r) * num_classes_, num_classes_,
-                    request.scores + image_of(r) * num_classes_);
-  }
-  if (request.activations) {
-    const float* values = gradient_->cpu_data();
-    for (int r = 0; r < rows; ++r)
-      if (starts_image(r))
-        std::copy_n(values + r * g_floats, g_floats, request.activations + image_of(r) * g_floats);
-  }
+      if (starts_image(r)) std::copy_n(values + r * floats, floats, out + image_of(r) * floats);
+  };
+  if (request.scores) copy_per_image(*score_, num_classes_, request.scores);
+  if (request.activations) copy_per_image(*gradient_, g_floats, request.activations);
   // Without given classes, each image's top K (ties: lower id first), ranked once, from the row that
   // holds its first pair (every row, per class); later rows of the image read the ranking written then.
   if (!request.classes) {

@@ -94,28 +94,28 @@ def run(*args) -> int:
     return cli.main([str(a) for a in args])
 
 
-def test_job_matches_the_engine_on_caffes_preprocessing(model, dataset, tmp_path, capsys):
+def run_args(model, images, out, *extra) -> list[str]:
+    """`fastsal run IMAGES --model-def ... --pretrained-model ... -o OUT EXTRA...` as CLI words."""
     prototxt, weights = model
-    out = tmp_path / "maps.zarr"
-    code = run(
+    return [
         "run",
-        dataset,
+        str(images),
         "--model-def",
         prototxt,
         "--pretrained-model",
         weights,
         "-o",
-        out,
-        "--top-k",
-        2,
-        "--images-dim",
-        "40,40",
-        "--mean-value",
-        "104,117,123",
-        "--chunk-size",
-        5,
-        "--overlays",
-        tmp_path / "overlays",
+        str(out),
+        *map(str, extra),
+    ]
+
+
+def test_job_matches_the_engine_on_caffes_preprocessing(model, dataset, tmp_path, capsys):
+    prototxt, weights = model
+    out = tmp_path / "maps.zarr"
+    code = run(
+        *run_args(model, dataset, out, "--top-k", 2, "--images-dim", "40,40", "--mean-value", "104,117,123"),
+        *("--chunk-size", 5, "--overlays", tmp_path / "overlays"),
     )
     assert code == 1  # some images failed
     assert "22 images, 18 ok, 4 failed" in capsys.readouterr().out
@@ -202,24 +202,8 @@ def assert_same_store(a, b):
 
 
 def job_command(dataset, model, out, *extra):
-    prototxt, weights = model
-    return [
-        sys.executable,
-        "-m",
-        "fastsal.cli",
-        "run",
-        str(dataset),
-        "--model-def",
-        prototxt,
-        "--pretrained-model",
-        weights,
-        "-o",
-        str(out),
-        "--mean-value",
-        "104,117,123",
-        "--quiet",
-        *map(str, extra),
-    ]
+    words = run_args(model, dataset, out, "--mean-value", "104,117,123", "--quiet", *extra)
+    return [sys.executable, "-m", "fastsal.cli", *words]
 
 
 KILLED_JOB = ("--chunk-size", 2, "--method", "integrated_gradients", "--n-steps", 400, "--classes", "1,3")
@@ -354,18 +338,7 @@ def test_refused_before_any_work(model, dataset, tmp_path, capsys, change, messa
     np.save(tmp_path / "wrong_mean.npy", np.zeros((3, 5, 5), np.float32))
     (tmp_path / "not_a_store").mkdir()
     (tmp_path / "not_a_store" / "precious.txt").write_text("keep me")
-    args = [
-        "run",
-        dataset,
-        "--model-def",
-        prototxt,
-        "--pretrained-model",
-        weights,
-        "-o",
-        tmp_path / "out.zarr",
-        "--mean-value",
-        "104,117,123",
-    ]
+    args = run_args(model, dataset, tmp_path / "out.zarr", "--mean-value", "104,117,123")
     extra = [str(a) for a in change(tmp_path)]
     for flag in ("--model-def", "-o", "--mean-value"):
         if flag in extra and flag in args:
@@ -382,19 +355,7 @@ def test_refused_before_any_work(model, dataset, tmp_path, capsys, change, messa
 
 def test_other_arguments_on_an_existing_store_are_refused(model, dataset, tmp_path, capsys):
     prototxt, weights = model
-    base = [
-        "run",
-        dataset,
-        "--model-def",
-        prototxt,
-        "--pretrained-model",
-        weights,
-        "-o",
-        tmp_path / "o.zarr",
-        "--mean-value",
-        "104,117,123",
-        "--quiet",
-    ]
+    base = run_args(model, dataset, tmp_path / "o.zarr", "--mean-value", "104,117,123", "--quiet")
     assert run(*base, "--classes", "1") == 1
     before = arrays(tmp_path / "o.zarr")
     assert run(*base, "--classes", "2") == 2
@@ -407,19 +368,7 @@ def test_other_arguments_on_an_existing_store_are_refused(model, dataset, tmp_pa
 def test_empty_folder_and_status_of_a_non_store(tmp_path, model, capsys):
     prototxt, weights = model
     (tmp_path / "empty").mkdir()
-    assert (
-        run(
-            "run",
-            tmp_path / "empty",
-            "--model-def",
-            prototxt,
-            "--pretrained-model",
-            weights,
-            "-o",
-            tmp_path / "o.zarr",
-        )
-        == 2
-    )
+    assert run(*run_args(model, tmp_path / "empty", tmp_path / "o.zarr")) == 2
     assert "no images found" in capsys.readouterr().err
     assert run("status", tmp_path / "empty") == 2
     assert "is not a fastsal store" in capsys.readouterr().err

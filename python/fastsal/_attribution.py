@@ -363,6 +363,15 @@ class Attribution:
         maps, classes, own_scores = self._gradients(images, classes, reduce, k, want_scores)
         return maps, classes, own_scores if scores is None else scores, None
 
+    def _targets(self, n: int, classes, k, want_scores: bool):
+        """The engine's side of the classes for one call: (classes as int32 or None, K, the (N, K) array
+        the engine ranks into when classes is None, the (N, num_classes) scores array if wanted)."""
+        k = k if classes is None else classes.shape[1]
+        classes = None if classes is None else np.ascontiguousarray(classes, dtype=np.int32)
+        top = np.empty((n, k), np.int32) if classes is None else None
+        scores = np.empty((n, self.num_classes), np.float32) if want_scores else None
+        return classes, k, top, scores
+
     def _gradients(
         self, images: np.ndarray, classes, reduce: str, k: int | None = None, want_scores: bool = False
     ):
@@ -372,11 +381,8 @@ class Attribution:
         saliency = self._input
         c, h, w = self.image_shape
         n = len(images)
-        k = k if classes is None else classes.shape[1]
-        classes = None if classes is None else np.ascontiguousarray(classes, dtype=np.int32)
+        classes, k, top, scores = self._targets(n, classes, k, want_scores)
         out = np.empty((n, k, c, h, w) if reduce == "none" else (n, k, h, w), np.float32)
-        top = np.empty((n, k), np.int32) if classes is None else None
-        scores = np.empty((n, self.num_classes), np.float32) if want_scores else None
         samples = options.get("samples", options.get("n_steps", 1))
         chunk = max(1, saliency.batch_size // samples)  # images per engine call: rows stay near batch_size
         seed = options.get("seed")
@@ -447,12 +453,9 @@ class Attribution:
         cam_engine = self._cam
         c, h, w = cam_engine._engine.gradient_shape
         n = len(images)
-        k = k if classes is None else classes.shape[1]
-        classes = None if classes is None else np.ascontiguousarray(classes, dtype=np.int32)
+        classes, k, top, scores = self._targets(n, classes, k, want_scores)
         size = self.image_shape[1:] if mode else (h, w)
         out = np.empty((n, k, *size), np.float32)
-        top = np.empty((n, k), np.int32) if classes is None else None
-        scores = np.empty((n, self.num_classes), np.float32) if want_scores else None
         step = cam_engine.batch_size
         for start in range(0, n, step):
             part = slice(start, start + step)

@@ -61,6 +61,14 @@ class JobSpec:
     overlays: str | None = None
     plan: dict = field(default_factory=dict)
 
+    @property
+    def chunks(self) -> int:
+        return -(-self.count // self.chunk_size)
+
+    def chunk_range(self, chunk: int) -> range:
+        """The input indices of one chunk."""
+        return range(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, self.count))
+
 
 def _sha256(path) -> str:
     digest = hashlib.sha256()
@@ -129,12 +137,9 @@ class Worker:
         self._array = None
         self._store = None
 
-    def chunk_range(self, chunk: int) -> range:
-        return range(chunk * self.spec.chunk_size, min((chunk + 1) * self.spec.chunk_size, self.spec.count))
-
     def load(self, chunk: int):
         """(inputs (n_ok, C, H, W), indices of those, {index: reason}, crops for overlays)."""
-        indices = list(self.chunk_range(chunk))
+        indices = list(self.spec.chunk_range(chunk))
         if self.spec.array is not None:
             if self._array is None:
                 self._array = np.load(self.spec.array, mmap_mode="r")
@@ -192,7 +197,7 @@ class Worker:
         results, keep, failed, crops = computed
         if self._store is None:
             self._store = _open_store(self.spec.output, "r+")
-        store, span = self._store, self.chunk_range(chunk)
+        store, span = self._store, self.spec.chunk_range(chunk)
         n, k = len(span), self.spec.k
         maps = np.full((n, k, *store["maps"].shape[2:]), np.nan, np.float32)
         ids = np.full((n, k), -1, np.int32)
@@ -466,15 +471,13 @@ def run_job(
     JobSummary; images that fail are recorded in the store and counted, not raised."""
     spec, attribution = _prepare(images, model_def, pretrained_model, output, **options)
     done = done_chunks(spec.output)
-    todo = [c for c in range(-(-spec.count // spec.chunk_size)) if c not in done]
+    todo = [c for c in range(spec.chunks) if c not in done]
     start = time.perf_counter()
     from tqdm import tqdm
 
     with tqdm(
         total=spec.count,
-        initial=sum(
-            len(range(c * spec.chunk_size, min((c + 1) * spec.chunk_size, spec.count))) for c in done
-        ),
+        initial=sum(len(spec.chunk_range(c)) for c in done),
         unit="img",
         disable=True if quiet else None,  # None: off when stderr is not a terminal
         file=sys.stderr,
@@ -502,7 +505,7 @@ def _run_local(worker: Worker, todo: list[int], progress) -> None:
             if i + 2 < len(todo):
                 loads.append(loader.submit(worker.load, todo[i + 2]))
             computed = worker.compute(loaded)
-            writes.append((writer.submit(worker.write, chunk, computed), len(worker.chunk_range(chunk))))
+            writes.append((writer.submit(worker.write, chunk, computed), len(worker.spec.chunk_range(chunk))))
             while len(writes) > 1 or (writes and writes[0][0].done()):
                 future, size = writes.popleft()
                 future.result()  # a write error (disk full, permissions) stops the job here
@@ -532,14 +535,7 @@ def _run_dask(spec: JobSpec, todo: list[int], workers, scheduler, progress) -> N
         ]
         for future in as_completed(futures):
             summary = future.result()
-            progress.update(
-                len(
-                    range(
-                        summary["chunk"] * spec.chunk_size,
-                        min((summary["chunk"] + 1) * spec.chunk_size, spec.count),
-                    )
-                )
-            )
+            progress.update(len(spec.chunk_range(summary["chunk"])))
     finally:
         client.close()
         if cluster is not None:
