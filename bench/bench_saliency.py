@@ -7,8 +7,10 @@
 
 For every (model, N images, K classes) it alternates (a) the seed recipe of the caffe-users thread
 (a force_backward net, one forward per image, one backward per class, NumPy abs-max), (b)
-fastsal.compute, and (c) Captum's Saliency on the same VGG-16 weights in PyTorch when torch and captum
-are installed (`pip install .[bench]`). It reports maps/s (best of --repeats), the ratios, the largest
+fastsal.compute (exact, the default), (c) fastsal's inexact mode (exact=False), and (d) Captum's
+Saliency on the same weights in PyTorch (fastsal.torch_port) when torch and captum are installed
+(`pip install .[bench]`). The host's CPU, ISA flags and the oneDNN implementation of every primitive
+(from DNNL_VERBOSE in a probe process) go into results.json. It reports maps/s (best of --repeats), the ratios, the largest
 relative difference of the maps, fastsal's time over the engine floor (Caffe's own layer time for one
 forward plus K data-only backwards, timed layer by layer in C++) and over its own layer time (the
 overhead outside the layers), and peak memory in fresh processes.
@@ -112,34 +114,19 @@ class SeedRecipe:
         return maps
 
 
-class CaptumVGG:
-    """The same VGG-16 weights in PyTorch, explained with Captum's Saliency (abs, max over channels)."""
+class CaptumSaliency:
+    """The same weights in PyTorch (fastsal.torch_port, layer by layer), explained with Captum's Saliency
+    (abs, max over channels): what a user would switch to."""
 
-    def __init__(self, net: caffe.Net, device: int | None):
+    def __init__(self, net: caffe.Net, prototxt: Path, score: str, device: int | None):
         import torch
         from captum.attr import Saliency
-        from torch import nn
 
-        layers: list[nn.Module] = []
-        names = list(net._layer_names)
-        for name, layer in zip(names, net.layers):
-            if layer.type == "Convolution":
-                w, b = (p.data for p in net.params[name])
-                conv = nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1)
-                conv.weight.data, conv.bias.data = torch.from_numpy(w.copy()), torch.from_numpy(b.copy())
-                layers += [conv, nn.ReLU()]
-            elif layer.type == "Pooling":
-                layers.append(nn.MaxPool2d(2, 2))
-            elif layer.type == "InnerProduct":
-                w, b = (p.data for p in net.params[name])
-                if not any(isinstance(m, nn.Linear) for m in layers):
-                    layers.append(nn.Flatten())
-                fc = nn.Linear(w.shape[1], w.shape[0])
-                fc.weight.data, fc.bias.data = torch.from_numpy(w.copy()), torch.from_numpy(b.copy())
-                layers += [fc] + ([nn.ReLU()] if name != "fc8" else [])
+        from fastsal.torch_port import to_torch
+
         self.torch = torch
         self.device = "cpu" if device is None else f"cuda:{device}"
-        self.model = nn.Sequential(*layers).eval().to(self.device)
+        self.model = to_torch(net, str(prototxt), score).eval().to(self.device)
         self.saliency = Saliency(self.model)
 
     def __call__(self, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -164,6 +151,11 @@ def largest_relative_difference(maps: np.ndarray, reference: np.ndarray) -> floa
     return float(np.abs(maps - reference).max() / np.abs(reference).max())
 
 
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ranks = [np.argsort(np.argsort(x.ravel())).astype(np.float64) for x in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
 def timed(seconds: list, method, *args) -> np.ndarray:
     """method(*args), appending its wall time to seconds."""
     start = time.perf_counter()
@@ -185,7 +177,9 @@ def run_model(
         if device is not None
         else fastsal.Saliency(net, score=score, batch_size=fast.batch_size, fast_layers=False)
     )
-    captum = CaptumVGG(net, device) if with_captum and name == "vgg16" else None
+    # The inexact mode (exact=False: the forward's convolutions through oneDNN too), CPU only.
+    inexact = None if device is not None else fastsal.Saliency(net, score=score, exact=False)
+    captum = CaptumSaliency(net, prototxt, score, device) if with_captum and name != "small" else None
     rows = []
     for n, k in grid:
         images = images_all[:n]
@@ -193,10 +187,16 @@ def run_model(
         fast.compute(images, classes)  # warm: blobs grow to the largest batch once
         if stock:
             stock.compute(images, classes[:, :1])
-        times: dict[str, list] = {"seed": [], "fastsal": [], "captum": []}
+        if inexact:
+            inexact.compute(images, classes)
+        if captum:
+            captum(images, classes)
+        times: dict[str, list] = {"seed": [], "fastsal": [], "inexact": [], "captum": []}
         for _ in range(repeats):  # alternate, so drifts in the machine hit every method alike
             reference = timed(times["seed"], seed, images, classes)
             maps = timed(times["fastsal"], fast.compute, images, classes)
+            if inexact:
+                inexact_maps = timed(times["inexact"], inexact.compute, images, classes)
             if captum:
                 captum_maps = timed(times["captum"], captum, images, classes)
         # The floor: Caffe's own layer code for one forward and K data-only backwards, layer by layer.
@@ -218,9 +218,16 @@ def run_model(
             "fastsal_over_floor": best["fastsal"] / floor,
             "fastsal_over_own_layer_time": best["fastsal"] / fast_layer_seconds,
         }
+        if inexact:
+            row["inexact_speedup_vs_seed"] = best["seed"] / best["inexact"]
+            row["inexact_spearman_min"] = min(
+                spearman(inexact_maps[i, j], maps[i, j]) for i in range(n) for j in range(k)
+            )
         if captum:
             row["speedup_vs_captum"] = best["captum"] / best["fastsal"]
             row["captum_max_relative_difference"] = largest_relative_difference(captum_maps, reference)
+            if inexact:
+                row["inexact_speedup_vs_captum"] = best["captum"] / best["inexact"]
         rows.append(row)
         progress.update(1)
         progress.write(format_row(row))
@@ -234,8 +241,12 @@ def format_row(row: dict) -> str:
         f"maps/s  x{row['speedup_vs_seed']:.2f}  floor x{row['fastsal_over_floor']:.2f} "
         f"own layers x{row['fastsal_over_own_layer_time']:.2f}  diff {row['max_relative_difference']:.1e}"
     )
+    if "inexact" in m:
+        text += f"  inexact {m['inexact']:.2f} (x{row['inexact_speedup_vs_seed']:.2f} seed)"
     if "captum" in m:
         text += f"  captum {m['captum']:.2f} (fastsal x{row['speedup_vs_captum']:.2f})"
+        if "inexact" in m:
+            text += f" (inexact x{row['inexact_speedup_vs_captum']:.2f})"
     return text
 
 
@@ -294,6 +305,34 @@ def memory_study(model: str, progress) -> list[dict]:
 # ---- report ----
 
 
+def probe_dnnl() -> None:
+    """Runs VGG-16 once in each mode (under DNNL_VERBOSE=1, set by the caller) so that oneDNN names the
+    implementation of every primitive it executes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _, net, score, images = load_model("vgg16", 1, Path(tmp))
+        for exact in (True, False):
+            fastsal.Saliency(net, score=score, exact=exact).compute(images, [0, 1])
+
+
+def dnnl_implementations() -> dict:
+    """{"convolution backward_data": {"jit:avx512_core": count, ...}, ...} from a fresh process."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--probe-dnnl"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, DNNL_VERBOSE="1", GLOG_minloglevel="2"),
+    ).stdout
+    found: dict[str, dict[str, int]] = {}
+    for line in out.splitlines():
+        fields = line.split(",")
+        if len(fields) > 6 and fields[0] == "onednn_verbose" and fields[1] == "exec":
+            kind = f"{fields[3]} {fields[5]}"
+            found.setdefault(kind, {}).setdefault(fields[4], 0)
+            found[kind][fields[4]] += 1
+    return found
+
+
 def machine() -> dict:
     cpu = next(
         (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
@@ -312,6 +351,7 @@ def machine() -> dict:
         "numpy": np.__version__,
         "fastsal": fastsal.__version__,
         **{f"caffe_{k}": v for k, v in fastsal.build_info().items()},
+        "onednn_implementations": dnnl_implementations(),
     }
     if captum_available():
         import captum
@@ -324,15 +364,23 @@ def machine() -> dict:
 def write_markdown(results: dict, path: Path) -> None:
     lines = [
         "| model | N | K | seed maps/s | fastsal maps/s | fastsal / seed | captum maps/s | fastsal / captum "
-        "| max rel. diff | fastsal / floor | fastsal / own layers |",
-        "|" + "---|" * 11,
+        "| inexact maps/s | inexact / seed | inexact / captum | inexact Spearman (min) | max rel. diff "
+        "| fastsal / floor | fastsal / own layers |",
+        "|" + "---|" * 15,
     ]
     for r in results["runs"]:
         m = r["maps_per_s"]
         captum = (f"{m['captum']:.2f} | {r['speedup_vs_captum']:.2f}x") if "captum" in m else "- | -"
+        inexact = (
+            f"{m['inexact']:.2f} | {r['inexact_speedup_vs_seed']:.2f}x | "
+            + (f"{r['inexact_speedup_vs_captum']:.2f}x" if "captum" in m else "-")
+            + f" | {r['inexact_spearman_min']:.4f}"
+            if "inexact" in m
+            else "- | - | - | -"
+        )
         lines.append(
             f"| {r['model']} | {r['N']} | {r['K']} | {m['seed']:.2f} | {m['fastsal']:.2f} | "
-            f"{r['speedup_vs_seed']:.2f}x | {captum} | {r['max_relative_difference']:.1e} | "
+            f"{r['speedup_vs_seed']:.2f}x | {captum} | {inexact} | {r['max_relative_difference']:.1e} | "
             f"{r['fastsal_over_floor']:.2f} | {r['fastsal_over_own_layer_time']:.2f} |"
         )
     if results.get("memory"):
@@ -361,7 +409,7 @@ def plot(results: dict, path: Path) -> None:
         runs = [r for r in results["runs"] if r["model"] == model]
         n = max({r["N"] for r in runs}, key=lambda v: (len({r["K"] for r in runs if r["N"] == v}), v))
         runs = sorted((r for r in runs if r["N"] == n), key=lambda r: r["K"])
-        for method, style in (("seed", "o--"), ("fastsal", "o-"), ("captum", "s:")):
+        for method, style in (("seed", "o--"), ("fastsal", "o-"), ("inexact", "^-"), ("captum", "s:")):
             points = [(r["K"], r["maps_per_s"][method]) for r in runs if method in r["maps_per_s"]]
             if points:
                 ax.plot(*zip(*points), style, label=method)
@@ -394,6 +442,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--out", type=Path, default=HERE, help="folder for results.json, results.md, maps_per_s.png"
     )
+    parser.add_argument("--probe-dnnl", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--probe-memory", nargs=4, metavar=("MODEL", "METHOD", "N", "BATCH"), help=argparse.SUPPRESS
     )
@@ -402,6 +451,8 @@ def main(argv=None) -> None:
     if args.probe_memory:
         model, method, n, b = args.probe_memory
         return probe_memory(model, method, int(n), int(b))
+    if args.probe_dnnl:
+        return probe_dnnl()
 
     from tqdm import tqdm
 

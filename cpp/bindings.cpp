@@ -167,7 +167,7 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<fastsal::SaliencyEngine>(m, "Engine")
       .def(py::init([](py::handle net, const std::string& input_blob, const std::string& score_blob,
-                       const std::string& gradient_blob, int batch_size, bool fast_layers,
+                       const std::string& gradient_blob, int batch_size, bool fast_layers, bool exact,
                        const std::string& rule, int device, const std::string& layout,
                        std::size_t memory_budget, const std::vector<int>& image_shape) {
              fastsal::EngineOptions options;
@@ -176,6 +176,7 @@ PYBIND11_MODULE(_core, m) {
              options.gradient_blob = gradient_blob;
              options.batch_size = batch_size;
              options.fast_layers = fast_layers;
+             options.exact = exact;
              options.relu_rule = relu_rule(rule);
              options.device = device;
              options.layout = batch_layout(layout);
@@ -186,8 +187,8 @@ PYBIND11_MODULE(_core, m) {
            }),
            py::arg("net"), py::kw_only(), py::arg("input_blob"), py::arg("score_blob"),
            py::arg("gradient_blob") = "", py::arg("batch_size"), py::arg("fast_layers"),
-           py::arg("relu_rule") = "gradient", py::arg("device"), py::arg("layout"), py::arg("memory_budget"),
-           py::arg("image_shape") = std::vector<int>{})
+           py::arg("exact") = true, py::arg("relu_rule") = "gradient", py::arg("device"), py::arg("layout"),
+           py::arg("memory_budget"), py::arg("image_shape") = std::vector<int>{})
       .def_property_readonly("input_blob", &fastsal::SaliencyEngine::input_blob)
       .def_property_readonly("score_blob", &fastsal::SaliencyEngine::score_blob)
       .def_property_readonly("gradient_blob", &fastsal::SaliencyEngine::gradient_blob)
@@ -204,6 +205,7 @@ PYBIND11_MODULE(_core, m) {
           },
           "Whether the engine still describes net: same image shape, same weight memory.", py::arg("net"))
       .def_property_readonly("batch_size", &fastsal::SaliencyEngine::batch_size)
+      .def_property_readonly("head_layer", &fastsal::SaliencyEngine::head_layer)
       .def_property_readonly("device", &fastsal::SaliencyEngine::device)
       .def(
           "compute",

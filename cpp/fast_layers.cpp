@@ -1,17 +1,27 @@
 #include "fast_layers.hpp"
 
 #include <algorithm>
+#include <caffe/layers/batch_norm_layer.hpp>
 #include <caffe/layers/conv_layer.hpp>
+#include <caffe/layers/eltwise_layer.hpp>
+#include <caffe/layers/inner_product_layer.hpp>
 #include <caffe/layers/pooling_layer.hpp>
 #include <caffe/layers/relu_layer.hpp>
+#include <caffe/layers/scale_layer.hpp>
+#include <caffe/layers/split_layer.hpp>
+#include <cfloat>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #ifdef FASTSAL_WITH_DNNL
 #include <oneapi/dnnl/dnnl.hpp>
 #endif
+#include "inner_product.hpp"
 #ifdef FASTSAL_WITH_CUDA
 #include "cuda_kernels.hpp"
 #endif
@@ -112,7 +122,11 @@ class PoolingLayer : public caffe::PoolingLayer<float> {
  protected:
   void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
                    const std::vector<caffe::Blob<float>*>& top) override {
-    caffe::PoolingLayer<float>::Forward_cpu(bottom, top);
+    if (is_max() && top.size() == 1) {
+      max_forward(*bottom[0], *top[0]);
+    } else {
+      caffe::PoolingLayer<float>::Forward_cpu(bottom, top);
+    }
     overflowed_row_ = -1;
     if (!is_max()) return;
     const std::int64_t per_row = top[0]->count(1);
@@ -152,18 +166,327 @@ class PoolingLayer : public caffe::PoolingLayer<float> {
   int mask_at(const std::vector<caffe::Blob<float>*>& top, std::int64_t i) const {
     return top.size() > 1 ? static_cast<int>(top[1]->cpu_data()[i]) : this->max_idx_.cpu_data()[i];
   }
+  // Caffe's max pooling forward, comparison for comparison (the first maximum in the window wins, and
+  // a window of nothing above -FLT_MAX keeps index -1), spread over (image, channel) planes.
+  void max_forward(const caffe::Blob<float>& bottom, caffe::Blob<float>& top) {
+    const float* bottom_data = bottom.cpu_data();
+    float* top_data = top.mutable_cpu_data();
+    int* mask = this->max_idx_.mutable_cpu_data();
+    const std::int64_t planes = std::int64_t(top.shape(0)) * this->channels_;
+    const std::int64_t top_plane = std::int64_t(this->pooled_height_) * this->pooled_width_;
+    const std::int64_t bottom_plane = std::int64_t(this->height_) * this->width_;
+#pragma omp parallel for schedule(static) if (planes * bottom_plane >= (1 << 16))
+    for (std::int64_t p = 0; p < planes; ++p) {
+      const float* in = bottom_data + p * bottom_plane;
+      float* out = top_data + p * top_plane;
+      int* index_out = mask + p * top_plane;
+      for (int ph = 0; ph < this->pooled_height_; ++ph) {
+        for (int pw = 0; pw < this->pooled_width_; ++pw) {
+          const int hstart = std::max(ph * this->stride_h_ - this->pad_h_, 0);
+          const int wstart = std::max(pw * this->stride_w_ - this->pad_w_, 0);
+          const int hend = std::min(ph * this->stride_h_ - this->pad_h_ + this->kernel_h_, this->height_);
+          const int wend = std::min(pw * this->stride_w_ - this->pad_w_ + this->kernel_w_, this->width_);
+          float best = -FLT_MAX;
+          int best_index = -1;
+          for (int h = hstart; h < hend; ++h)
+            for (int w = wstart; w < wend; ++w)
+              if (in[h * this->width_ + w] > best)
+                best = in[h * this->width_ + w], best_index = h * this->width_ + w;
+          out[ph * this->pooled_width_ + pw] = best;
+          index_out[ph * this->pooled_width_ + pw] = best_index;
+        }
+      }
+    }
+  }
+
   int overflowed_row_ = -1;
 };
 
+// Caffe's per-element layers, term for term (this file is built without FMA contraction, so every
+// product and sum rounds where Caffe's does), spread over the cores: Caffe runs them on one.
+template <typename F>
+void parallel_for(std::int64_t count, F body) {
+#pragma omp parallel for schedule(static) if (count >= (1 << 15))
+  for (std::int64_t i = 0; i < count; ++i) body(i);
+}
+
+// Test-time batch normalisation: (x - mean / s) / sqrt(var / s + eps) per channel, and its data backward
+// diff / sqrt(var / s + eps), as Caffe rounds them; without Caffe's copy of the output for training.
+class BatchNormLayer : public caffe::BatchNormLayer<float> {
+ public:
+  using caffe::BatchNormLayer<float>::BatchNormLayer;
+
+ protected:
+  void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
+                   const std::vector<caffe::Blob<float>*>& top) override {
+    if (!this->use_global_stats_) return caffe::BatchNormLayer<float>::Forward_cpu(bottom, top);
+    const float stored = this->blobs_[2]->cpu_data()[0];
+    const float factor = stored == 0 ? 0 : 1 / stored;
+    mean_of_.resize(this->channels_), deviation_.resize(this->channels_);
+    for (int c = 0; c < this->channels_; ++c) {
+      mean_of_[c] = factor * this->blobs_[0]->cpu_data()[c];
+      float variance = factor * this->blobs_[1]->cpu_data()[c];
+      variance += this->eps_;
+      deviation_[c] = std::sqrt(variance);
+    }
+    const float* x = bottom[0]->cpu_data();
+    float* y = top[0]->mutable_cpu_data();
+    const int channels = this->channels_;
+    const std::int64_t plane = bottom[0]->count() / (std::int64_t(bottom[0]->shape(0)) * channels);
+    parallel_for(std::int64_t(bottom[0]->shape(0)) * channels, [&](std::int64_t p) {
+      const float m = mean_of_[p % channels], d = deviation_[p % channels];
+      for (std::int64_t i = p * plane; i < (p + 1) * plane; ++i) {
+        const float centred = x[i] - m;
+        y[i] = centred / d;
+      }
+    });
+  }
+
+  void Backward_cpu(const std::vector<caffe::Blob<float>*>& top, const std::vector<bool>& propagate_down,
+                    const std::vector<caffe::Blob<float>*>& bottom) override {
+    if (!this->use_global_stats_)
+      return caffe::BatchNormLayer<float>::Backward_cpu(top, propagate_down, bottom);
+    const float* g = top[0]->cpu_diff();
+    float* out = bottom[0]->mutable_cpu_diff();
+    const int channels = this->channels_;
+    const std::int64_t plane = bottom[0]->count() / (std::int64_t(bottom[0]->shape(0)) * channels);
+    parallel_for(std::int64_t(bottom[0]->shape(0)) * channels, [&](std::int64_t p) {
+      const float d = deviation_[p % channels];
+      for (std::int64_t i = p * plane; i < (p + 1) * plane; ++i) out[i] = g[i] / d;
+    });
+  }
+
+ private:
+  std::vector<float> mean_of_, deviation_;  // per channel, from the forward every backward follows
+};
+
+// Scale by a learned per-channel factor, then Caffe's bias, and the data backward diff * factor; without
+// the copy of the input Caffe keeps for the factor's gradient.
+class ScaleLayer : public caffe::ScaleLayer<float> {
+ public:
+  using caffe::ScaleLayer<float>::ScaleLayer;
+
+ protected:
+  void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
+                   const std::vector<caffe::Blob<float>*>& top) override {
+    if (bottom.size() > 1) return caffe::ScaleLayer<float>::Forward_cpu(bottom, top);
+    const float* scale = this->blobs_[0]->cpu_data();
+    const float* bias = this->bias_layer_ ? this->blobs_[this->bias_param_id_]->cpu_data() : nullptr;
+    const float* x = bottom[0]->cpu_data();
+    float* y = top[0]->mutable_cpu_data();
+    const int dim = this->scale_dim_;
+    const std::int64_t inner = this->inner_dim_;
+    parallel_for(std::int64_t(this->outer_dim_) * dim, [&](std::int64_t p) {
+      const float s = scale[p % dim], b = bias ? bias[p % dim] : 0.f;
+      for (std::int64_t i = p * inner; i < (p + 1) * inner; ++i) {
+        const float scaled = x[i] * s;
+        y[i] = bias ? scaled + b : scaled;
+      }
+    });
+  }
+
+  void Backward_cpu(const std::vector<caffe::Blob<float>*>& top, const std::vector<bool>& propagate_down,
+                    const std::vector<caffe::Blob<float>*>& bottom) override {
+    const bool parameter_gradients = std::any_of(this->param_propagate_down_.begin(),
+                                                 this->param_propagate_down_.end(), [](bool b) { return b; });
+    if (bottom.size() > 1 || parameter_gradients)
+      return caffe::ScaleLayer<float>::Backward_cpu(top, propagate_down, bottom);
+    if (!propagate_down[0]) return;
+    const float* scale = this->blobs_[0]->cpu_data();
+    const float* g = top[0]->cpu_diff();
+    float* out = bottom[0]->mutable_cpu_diff();
+    const int dim = this->scale_dim_;
+    const std::int64_t inner = this->inner_dim_;
+    parallel_for(std::int64_t(this->outer_dim_) * dim, [&](std::int64_t p) {
+      const float s = scale[p % dim];
+      for (std::int64_t i = p * inner; i < (p + 1) * inner; ++i) out[i] = g[i] * s;
+    });
+  }
+};
+
+// Element-wise sum with unit coefficients (ResNet's shortcut): ((0 + a) + b) + ..., and the diff
+// copied to every input, as Caffe's axpy and copy give them.
+class EltwiseLayer : public caffe::EltwiseLayer<float> {
+ public:
+  using caffe::EltwiseLayer<float>::EltwiseLayer;
+
+ protected:
+  void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
+                   const std::vector<caffe::Blob<float>*>& top) override {
+    if (!plain_sum()) return caffe::EltwiseLayer<float>::Forward_cpu(bottom, top);
+    float* y = top[0]->mutable_cpu_data();
+    const std::int64_t count = top[0]->count();
+    for (std::size_t b = 0; b < bottom.size(); ++b) {
+      const float* x = bottom[b]->cpu_data();
+      const bool first = b == 0;
+#pragma omp parallel for simd schedule(static) if (count >= (1 << 16))
+      for (std::int64_t i = 0; i < count; ++i) y[i] = (first ? 0.f : y[i]) + x[i];
+    }
+  }
+
+  void Backward_cpu(const std::vector<caffe::Blob<float>*>& top, const std::vector<bool>& propagate_down,
+                    const std::vector<caffe::Blob<float>*>& bottom) override {
+    if (!plain_sum()) return caffe::EltwiseLayer<float>::Backward_cpu(top, propagate_down, bottom);
+    const float* g = top[0]->cpu_diff();
+    const std::int64_t count = top[0]->count();
+    for (std::size_t b = 0; b < bottom.size(); ++b) {
+      if (!propagate_down[b]) continue;
+      float* out = bottom[b]->mutable_cpu_diff();
+#pragma omp parallel for simd schedule(static) if (count >= (1 << 16))
+      for (std::int64_t i = 0; i < count; ++i) out[i] = g[i];
+    }
+  }
+
+ private:
+  bool plain_sum() const {
+    return this->op_ == caffe::EltwiseParameter_EltwiseOp_SUM &&
+           std::all_of(this->coeffs_.begin(), this->coeffs_.end(), [](float c) { return c == 1.f; });
+  }
+};
+
+// Split's backward sums its tops' diffs, (a + b) + c ..., as Caffe's add and axpy do, over the cores.
+class SplitLayer : public caffe::SplitLayer<float> {
+ public:
+  using caffe::SplitLayer<float>::SplitLayer;
+
+ protected:
+  void Backward_cpu(const std::vector<caffe::Blob<float>*>& top, const std::vector<bool>& propagate_down,
+                    const std::vector<caffe::Blob<float>*>& bottom) override {
+    if (!propagate_down[0] || top.size() < 2)
+      return caffe::SplitLayer<float>::Backward_cpu(top, propagate_down, bottom);
+    float* out = bottom[0]->mutable_cpu_diff();
+    const std::int64_t count = bottom[0]->count();
+    const float* a = top[0]->cpu_diff();
+    const float* b = top[1]->cpu_diff();
+#pragma omp parallel for simd schedule(static) if (count >= (1 << 16))
+    for (std::int64_t i = 0; i < count; ++i) out[i] = a[i] + b[i];
+    for (std::size_t t = 2; t < top.size(); ++t) {
+      const float* c = top[t]->cpu_diff();
+#pragma omp parallel for simd schedule(static) if (count >= (1 << 16))
+      for (std::int64_t i = 0; i < count; ++i) out[i] += c[i];
+    }
+  }
+};
+
+// Fully connected layers through inner_product.hpp's streaming products: the data backward always (its
+// order of summation is free: the forward's masks are fixed), the forward only when not exact.
+class InnerProductLayer : public caffe::InnerProductLayer<float> {
+ public:
+  InnerProductLayer(const caffe::LayerParameter& param, bool forward)
+      : caffe::InnerProductLayer<float>(param), streamed_forward_(forward) {}
+
+ protected:
+  void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
+                   const std::vector<caffe::Blob<float>*>& top) override {
+    if (!streamed_forward_ || this->transpose_)
+      return caffe::InnerProductLayer<float>::Forward_cpu(bottom, top);
+    inner_product_forward(this->M_, this->K_, this->N_, bottom[0]->cpu_data(), this->blobs_[0]->cpu_data(),
+                          this->bias_term_ ? this->blobs_[1]->cpu_data() : nullptr,
+                          top[0]->mutable_cpu_data());
+  }
+
+  void Backward_cpu(const std::vector<caffe::Blob<float>*>& top, const std::vector<bool>& propagate_down,
+                    const std::vector<caffe::Blob<float>*>& bottom) override {
+    const bool weight_gradients =
+        this->param_propagate_down_[0] || (this->bias_term_ && this->param_propagate_down_[1]);
+    if (weight_gradients || this->transpose_)
+      return caffe::InnerProductLayer<float>::Backward_cpu(top, propagate_down, bottom);
+    if (propagate_down[0])
+      inner_product_backward(this->M_, this->K_, this->N_, top[0]->cpu_diff(), this->blobs_[0]->cpu_data(),
+                             bottom[0]->mutable_cpu_diff());
+  }
+
+ private:
+  bool streamed_forward_;
+};
+
 #ifdef FASTSAL_WITH_DNNL
-// Caffe's data-only convolution backward is a GEMM per image plus col2im, single-threaded outside the
-// GEMM; oneDNN's backward-data convolution is faster. Only the backward pass: a forward computed in
-// another order rounds differently, and at ReLU's kink and max pooling's near-ties that rounding
-// reroutes whole gradients, so the forward stays Caffe's, bit for bit. Plain NCHW/OIHW layouts, so
-// Caffe's blobs and the user's shared weights are used in place.
+dnnl::engine& cpu_engine() {
+  static dnnl::engine cpu(dnnl::engine::kind::cpu, 0);
+  return cpu;
+}
+
+// Buffers shared by every oneDNN layer of one net (they run one at a time): the blocked copies of the
+// activations and diffs, and the scratchpads. Per layer they would double the net's activation memory.
+class Workspace {
+ public:
+  enum Slot { kInput, kOutput, kScratchpad, kSlots };
+  void* get(Slot slot, std::size_t bytes) {
+    Buffer& buffer = buffers_[slot];
+    if (buffer.bytes < bytes) {
+      buffer.data.reset(static_cast<char*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)));
+      if (!buffer.data) throw std::bad_alloc();
+      buffer.bytes = bytes;
+    }
+    return buffer.data.get();
+  }
+
+ private:
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  struct Buffer {
+    std::unique_ptr<char, Free> data;
+    std::size_t bytes = 0;
+  };
+  Buffer buffers_[kSlots];
+};
+
+// A tensor in the layout a oneDNN primitive chose, fed from or read back into Caffe's plain one: the
+// reorders and a buffer exist only when the two layouts differ. The buffer is the workspace's slot,
+// or with no workspace the layout's own, kept between calls (the weights, reordered once per forward).
+class Layout {
+ public:
+  Layout() = default;
+  Layout(const dnnl::memory::desc& plain, const dnnl::memory::desc& chosen, Workspace* workspace,
+         Workspace::Slot slot)
+      : plain_(plain), chosen_(chosen), workspace_(workspace), slot_(slot), copies_(chosen != plain) {
+    if (!copies_) return;
+    if (!workspace_) own_ = dnnl::memory(chosen, cpu_engine());
+    to_chosen_ = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), plain, cpu_engine(), chosen));
+    to_plain_ = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), chosen, cpu_engine(), plain));
+  }
+  // The primitive's argument holding Caffe's values at `data`.
+  dnnl::memory in(dnnl::stream& stream, const float* data) const {
+    dnnl::memory plain(plain_, cpu_engine(), const_cast<float*>(data));
+    if (!copies_) return plain;
+    dnnl::memory copy = buffer();
+    to_chosen_.execute(stream, plain, copy);
+    return copy;
+  }
+  // The primitive's argument for an output that belongs at `data`; then `back` puts it there.
+  dnnl::memory out(float* data) const {
+    return copies_ ? buffer() : dnnl::memory(plain_, cpu_engine(), data);
+  }
+  void back(dnnl::stream& stream, float* data) const {
+    if (!copies_) return;
+    dnnl::memory copy = buffer(), plain(plain_, cpu_engine(), data);
+    to_plain_.execute(stream, copy, plain);
+  }
+  // The layout's own copy (null when the layouts agree or the workspace holds it), kept between calls.
+  const dnnl::memory& kept() const { return own_; }
+
+ private:
+  dnnl::memory buffer() const {
+    return own_ ? own_ : dnnl::memory(chosen_, cpu_engine(), workspace_->get(slot_, chosen_.get_size()));
+  }
+  dnnl::memory::desc plain_, chosen_;
+  Workspace* workspace_ = nullptr;
+  Workspace::Slot slot_ = Workspace::kInput;
+  bool copies_ = false;
+  dnnl::memory own_;
+  dnnl::reorder to_chosen_, to_plain_;
+};
+
+// Convolution through oneDNN, in the blocked layouts its fastest kernels want (reordered from and to
+// Caffe's NCHW around each call). The data-only backward always: it applies the forward's fixed
+// masks, so another summation order changes only rounding. The forward only on request (not exact):
+// a forward computed in another order rounds differently, and at ReLU's kink and max pooling's
+// near-ties that rounding reroutes whole gradients.
 class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
  public:
-  using caffe::ConvolutionLayer<float>::ConvolutionLayer;
+  DnnlConvolutionLayer(const caffe::LayerParameter& param, bool forward, std::shared_ptr<Workspace> workspace)
+      : caffe::ConvolutionLayer<float>(param), dnnl_forward_(forward), workspace_(std::move(workspace)) {}
 
   static bool supports(const caffe::LayerParameter& param, const caffe::Blob<float>& bottom) {
     const auto& p = param.convolution_param();
@@ -175,40 +498,67 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
     caffe::ConvolutionLayer<float>::Reshape(bottom, top);
     if (bottom[0]->shape() == primed_shape_) return;
     primed_shape_ = bottom[0]->shape();
-    build_primitive(*bottom[0], *top[0]);
+    build_primitives(*bottom[0], *top[0]);
   }
 
  protected:
+  void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
+                   const std::vector<caffe::Blob<float>*>& top) override {
+    weights_current_ = false;  // the user may have changed the weights since the last pass
+    if (!usable_ || !dnnl_forward_) return caffe::ConvolutionLayer<float>::Forward_cpu(bottom, top);
+    dnnl::stream stream(cpu_engine());
+    const dnnl::memory weights = weights_in(stream, forward_weights_);
+    for (std::size_t i = 0; i < bottom.size(); ++i) {
+      std::unordered_map<int, dnnl::memory> args = {
+          {DNNL_ARG_SRC, forward_src_.in(stream, bottom[i]->cpu_data())},
+          {DNNL_ARG_WEIGHTS, weights},
+          {DNNL_ARG_DST, forward_dst_.out(top[i]->mutable_cpu_data())},
+          {DNNL_ARG_SCRATCHPAD, scratchpad(forward_pd_.scratchpad_desc())}};
+      if (this->bias_term_)
+        args[DNNL_ARG_BIAS] = dnnl::memory(forward_pd_.bias_desc(), cpu_engine(),
+                                           const_cast<float*>(this->blobs_[1]->cpu_data()));
+      forward_.execute(stream, args);
+      forward_dst_.back(stream, top[i]->mutable_cpu_data());
+    }
+    stream.wait();
+  }
+
   void Backward_cpu(const std::vector<caffe::Blob<float>*>& top, const std::vector<bool>& propagate_down,
                     const std::vector<caffe::Blob<float>*>& bottom) override {
     const bool weight_gradients =
         this->param_propagate_down_[0] || (this->bias_term_ && this->param_propagate_down_[1]);
     if (!usable_ || weight_gradients)
       return caffe::ConvolutionLayer<float>::Backward_cpu(top, propagate_down, bottom);
-    dnnl::stream stream(engine());
+    dnnl::stream stream(cpu_engine());
+    const dnnl::memory weights = weights_in(stream, backward_weights_);
     for (std::size_t i = 0; i < top.size(); ++i) {
       if (!propagate_down[i]) continue;
-      dnnl::memory diff_dst(backward_pd_.diff_dst_desc(), engine(), const_cast<float*>(top[i]->cpu_diff()));
-      dnnl::memory weights(backward_pd_.weights_desc(), engine(),
-                           const_cast<float*>(this->blobs_[0]->cpu_data()));
-      dnnl::memory diff_src(backward_pd_.diff_src_desc(), engine(), bottom[i]->mutable_cpu_diff());
-      backward_.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst},
+      backward_.execute(stream, {{DNNL_ARG_DIFF_DST, backward_diff_dst_.in(stream, top[i]->cpu_diff())},
                                  {DNNL_ARG_WEIGHTS, weights},
-                                 {DNNL_ARG_DIFF_SRC, diff_src},
-                                 {DNNL_ARG_SCRATCHPAD, scratchpad_}});
+                                 {DNNL_ARG_DIFF_SRC, backward_diff_src_.out(bottom[i]->mutable_cpu_diff())},
+                                 {DNNL_ARG_SCRATCHPAD, scratchpad(backward_pd_.scratchpad_desc())}});
+      backward_diff_src_.back(stream, bottom[i]->mutable_cpu_diff());
     }
     stream.wait();
   }
 
  private:
-  static dnnl::engine& engine() {
-    static dnnl::engine cpu(dnnl::engine::kind::cpu, 0);
-    return cpu;
+  // The weights as `layout` wants them. Blocked copies are refreshed once per forward pass (the user may
+  // change the weights between calls); the K backward passes that follow reuse them.
+  dnnl::memory weights_in(dnnl::stream& stream, const Layout& layout) {
+    const float* data = this->blobs_[0]->cpu_data();
+    if (!weights_current_) {
+      for (const Layout* copy : {&forward_weights_, &backward_weights_})
+        if (copy->kept()) copy->in(stream, data);
+      weights_current_ = true;
+    }
+    return layout.kept() ? layout.kept() : layout.in(stream, data);
   }
 
-  void build_primitive(const caffe::Blob<float>& bottom, const caffe::Blob<float>& top) {
+  void build_primitives(const caffe::Blob<float>& bottom, const caffe::Blob<float>& top) {
     using tag = dnnl::memory::format_tag;
     using dims = dnnl::memory::dims;
+    using desc = dnnl::memory::desc;
     const auto f32 = dnnl::memory::data_type::f32;
     const int* kernel = this->kernel_shape_.cpu_data();
     const int* stride = this->stride_.cpu_data();
@@ -221,37 +571,61 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
     for (int a = 0; a < 2; ++a)  // Caffe floors the output size; oneDNN wants the right padding that implies
       padding_r[a] =
           (dst_dims[2 + a] - 1) * stride[a] + (kernel[a] - 1) * dilation[a] + 1 - src_dims[2 + a] - pad[a];
-    usable_ = padding_r[0] >= 0 && padding_r[1] >= 0;  // else Caffe's own backward
+    usable_ = padding_r[0] >= 0 && padding_r[1] >= 0;  // else Caffe's own code
     if (!usable_) return;
-    const dnnl::memory::desc src(src_dims, f32, tag::nchw), dst(dst_dims, f32, tag::nchw);
-    const dnnl::memory::desc weights =
-        g == 1 ? dnnl::memory::desc({dst_dims[1], src_dims[1], kernel[0], kernel[1]}, f32, tag::oihw)
-               : dnnl::memory::desc({g, dst_dims[1] / g, src_dims[1] / g, kernel[0], kernel[1]}, f32,
-                                    tag::goihw);
+    const dims weight_dims = g == 1 ? dims{dst_dims[1], src_dims[1], kernel[0], kernel[1]}
+                                    : dims{g, dst_dims[1] / g, src_dims[1] / g, kernel[0], kernel[1]};
+    const desc src(src_dims, f32, tag::nchw), dst(dst_dims, f32, tag::nchw),
+        weights(weight_dims, f32, g == 1 ? tag::oihw : tag::goihw);
+    const desc src_any(src_dims, f32, tag::any), dst_any(dst_dims, f32, tag::any),
+        weights_any(weight_dims, f32, tag::any), bias(dims{dst_dims[1]}, f32, tag::x);
     const dims strides = {stride[0], stride[1]}, dilates = {dilation[0] - 1, dilation[1] - 1},
                padding_l = {pad[0], pad[1]};
-    // Direct, never Winograd. The scratchpad is the layer's own: oneDNN's shared one would tie the
-    // primitive to the thread that created it.
+    // Direct, never Winograd. The scratchpads are the layer's own: oneDNN's shared one would tie the
+    // primitives to the thread that created them.
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    const dnnl::convolution_forward::primitive_desc forward_hint(
-        dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training,
-                                        dnnl::algorithm::convolution_direct, src, weights, dst, strides,
-                                        dilates, padding_l, padding_r),
-        engine());
+    const auto forward_desc =
+        this->bias_term_
+            ? dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training,
+                                              dnnl::algorithm::convolution_direct, src_any, weights_any, bias,
+                                              dst_any, strides, dilates, padding_l, padding_r)
+            : dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training,
+                                              dnnl::algorithm::convolution_direct, src_any, weights_any,
+                                              dst_any, strides, dilates, padding_l, padding_r);
+    forward_pd_ = dnnl::convolution_forward::primitive_desc(forward_desc, attr, cpu_engine());
     backward_pd_ = dnnl::convolution_backward_data::primitive_desc(
-        dnnl::convolution_backward_data::desc(dnnl::algorithm::convolution_direct, src, weights, dst, strides,
-                                              dilates, padding_l, padding_r),
-        attr, engine(), forward_hint);
+        dnnl::convolution_backward_data::desc(dnnl::algorithm::convolution_direct, src_any, weights_any,
+                                              dst_any, strides, dilates, padding_l, padding_r),
+        attr, cpu_engine(), forward_pd_);
     backward_ = dnnl::convolution_backward_data(backward_pd_);
-    scratchpad_ = dnnl::memory(backward_pd_.scratchpad_desc(), engine());
+    backward_diff_dst_ = Layout(dst, backward_pd_.diff_dst_desc(), workspace_.get(), Workspace::kInput);
+    backward_diff_src_ = Layout(src, backward_pd_.diff_src_desc(), workspace_.get(), Workspace::kOutput);
+    backward_weights_ = Layout(weights, backward_pd_.weights_desc(), nullptr, Workspace::kInput);
+    if (dnnl_forward_) {
+      forward_ = dnnl::convolution_forward(forward_pd_);
+      forward_src_ = Layout(src, forward_pd_.src_desc(), workspace_.get(), Workspace::kInput);
+      forward_dst_ = Layout(dst, forward_pd_.dst_desc(), workspace_.get(), Workspace::kOutput);
+      forward_weights_ = Layout(weights, forward_pd_.weights_desc(), nullptr, Workspace::kInput);
+    }
+    weights_current_ = false;
   }
 
+  dnnl::memory scratchpad(const dnnl::memory::desc& desc) {
+    return dnnl::memory(desc, cpu_engine(), workspace_->get(Workspace::kScratchpad, desc.get_size()));
+  }
+
+  bool dnnl_forward_;
+  std::shared_ptr<Workspace> workspace_;
   std::vector<int> primed_shape_;
   bool usable_ = false;
+  bool weights_current_ = false;
+  dnnl::convolution_forward::primitive_desc forward_pd_;
+  dnnl::convolution_forward forward_;
+  Layout forward_src_, forward_dst_, forward_weights_;
   dnnl::convolution_backward_data::primitive_desc backward_pd_;
   dnnl::convolution_backward_data backward_;
-  dnnl::memory scratchpad_;
+  Layout backward_diff_dst_, backward_diff_src_, backward_weights_;
 };
 #endif  // FASTSAL_WITH_DNNL
 
@@ -261,6 +635,9 @@ SaliencyNet::SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swa
     : caffe::Net<float>(param) {
   // Each replacement gets the same parameter and the old layer's blobs (so nothing is re-initialised,
   // and weights shared later are shared with it), then is set up on the same bottoms and tops.
+#ifdef FASTSAL_WITH_DNNL
+  const auto workspace = std::make_shared<Workspace>();
+#endif
   for (std::size_t i = 0; i < layers_.size(); ++i) {
     const std::string type = layers_[i]->type();
     const caffe::LayerParameter& p = layers_[i]->layer_param();
@@ -272,10 +649,20 @@ SaliencyNet::SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swa
       layer.reset(new RuleReLULayer(p, swaps.relu_rule == ReLURule::kGuided));
     } else if (swaps.fast && type == "ReLU") {
       layer.reset(new ReLULayer(p));
+    } else if (swaps.fast && type == "BatchNorm") {
+      layer.reset(new BatchNormLayer(p));
+    } else if (swaps.fast && type == "Scale") {
+      layer.reset(new ScaleLayer(p));
+    } else if (swaps.fast && type == "Eltwise") {
+      layer.reset(new EltwiseLayer(p));
+    } else if (swaps.fast && type == "Split") {
+      layer.reset(new SplitLayer(p));
+    } else if (swaps.fast && type == "InnerProduct") {
+      layer.reset(new InnerProductLayer(p, swaps.fast_forward));
 #ifdef FASTSAL_WITH_DNNL
     } else if (swaps.fast && type == "Convolution" &&
                DnnlConvolutionLayer::supports(p, *bottom_vecs_[i][0])) {
-      layer.reset(new DnnlConvolutionLayer(p));
+      layer.reset(new DnnlConvolutionLayer(p, swaps.fast_forward, workspace));
 #endif
     } else {
       continue;

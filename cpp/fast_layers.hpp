@@ -12,7 +12,8 @@ namespace fastsal {
 enum class ReLURule { kGradient, kGuided, kDeconvnet };
 
 struct LayerSwaps {
-  bool fast = true;  // the faster CPU layers (same values)
+  bool fast = true;           // the faster CPU layers (same values)
+  bool fast_forward = false;  // with fast: the forward's convolutions through oneDNN too (not exact)
   ReLURule relu_rule = ReLURule::kGradient;
 };
 

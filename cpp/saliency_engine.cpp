@@ -11,6 +11,7 @@
 #include <string>
 
 #include "channel_reduce.hpp"
+#include "class_head.hpp"
 #ifdef FASTSAL_WITH_CUDA
 #include <cuda_runtime.h>
 
@@ -174,8 +175,8 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
     CaffeModeScope mode(device_);  // layers set up in the caller's mode could touch a GPU it never meant
     // At batch 1; every batch resizes the input. fastsal's speed swaps replace CPU code only: on a GPU,
     // Caffe's own layers (cuDNN's where built) run.
-    net_ = std::make_unique<SaliencyNet>(plan_.param,
-                                         LayerSwaps{options.fast_layers && device_ < 0, options.relu_rule});
+    net_ = std::make_unique<SaliencyNet>(
+        plan_.param, LayerSwaps{options.fast_layers && device_ < 0, !options.exact, options.relu_rule});
   }
   check_weights_fit(*net_, user_net);
   net_->ShareTrainedLayersWith(&user_net);
@@ -199,6 +200,11 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
     throw std::invalid_argument("blob '" + plan_.gradient_blob + "' has shape " + gradient_->shape_string() +
                                 " for one image; attributions need (N, C, ...) with N the batch axis");
   gradient_shape_.assign(gradient_->shape().begin() + 1, gradient_->shape().end());
+  if (options.fast_layers && device_ < 0) {
+    head_ = std::make_unique<ClassHead>(*net_, score_layer_, stop_layer_, options.relu_rule);
+    head_bytes_ = options.memory_budget / 4;
+    if (head_->empty()) head_.reset();
+  }
   bytes_per_image_ = fastsal::bytes_per_image(*net_);
   batch_size_ = choose_batch_size(options, bytes_per_image_);
 }
@@ -419,10 +425,25 @@ void SaliencyEngine::run_batch(const SaliencyRequest& request, std::int64_t firs
     device_maps = device_buffers_->maps;
   }
 #endif
+  // Per class, the head's backward (class_head.hpp) is one GEMM per layer for a chunk of classes; the
+  // backward below it then starts from the head's share of the diff.
+  const bool use_head = head_ && !gpu && !pairs && passes > 1 && request.objective == Objective::kClassScore;
+  const int head_chunk = use_head ? head_->passes_within(rows, head_bytes_) : 0;
+  const float* head_diffs = nullptr;
+  int chunk_first = 0, chunk = 0;
+  std::vector<double> head_seconds(times ? score_layer_ + 1 : 0, 0.);
+  const int from_layer = use_head ? head_->first_layer() - 1 : score_layer_;
   for (int pass = 0; pass < passes; ++pass) {
     // Backward overwrites bottom diffs, so one forward serves every pass (in-place layers may have
     // written the score's diff, so it is re-seeded each time).
-    if (gpu && request.objective == Objective::kClassScore) {
+    if (use_head) {
+      if (pass >= chunk_first + chunk) {
+        chunk_first = pass, chunk = std::min(head_chunk, passes - pass);
+        head_diffs = head_->backward(rows, seeds, passes, pass, chunk, times ? &head_seconds : nullptr);
+      }
+      const std::size_t floats = head_->bottom()->count();
+      std::copy_n(head_diffs + (pass - chunk_first) * floats, floats, head_->bottom()->mutable_cpu_diff());
+    } else if (gpu && request.objective == Objective::kClassScore) {
 #ifdef FASTSAL_WITH_CUDA
       seed_one_hot_gpu(score_->mutable_gpu_diff(), rows, num_classes_, seeds, passes, pass);
 #endif
@@ -434,13 +455,13 @@ void SaliencyEngine::run_batch(const SaliencyRequest& request, std::int64_t firs
       for (int r = 0; r < rows; ++r) seed[seed_index(r, seeds, num_classes_, passes, pass)] = 1.f;
     }
     if (times) {
-      for (int l = score_layer_; l >= stop_layer_; --l) {
+      for (int l = from_layer; l >= stop_layer_; --l) {
         const auto start = Clock::now();
         net_->BackwardFromTo(l, l);
         (*times)[l].backward_seconds += seconds_since(start);
       }
     } else {
-      net_->BackwardFromTo(score_layer_, stop_layer_);
+      net_->BackwardFromTo(from_layer, stop_layer_);
     }
 
     if (reduce_here) {
@@ -477,6 +498,7 @@ void SaliencyEngine::run_batch(const SaliencyRequest& request, std::int64_t firs
       }
     }
   }
+  for (std::size_t l = 0; l < head_seconds.size(); ++l) (*times)[l].backward_seconds += head_seconds[l];
 #ifdef FASTSAL_WITH_CUDA
   if (gpu && reduce_here) {  // only the maps cross to the host: one transfer per batch, through pinned memory
     const std::size_t floats = row_classes.size() * map_floats;

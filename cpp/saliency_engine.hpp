@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "class_head.hpp"
 #include "fast_layers.hpp"
 #include "net_surgery.hpp"
 
@@ -46,6 +47,8 @@ struct EngineOptions {
   std::vector<int> image_shape;  // empty: the input blob's (C, H, W); else this size (dream's octaves)
   int batch_size = 0;            // rows per forward pass; 0: as many as fit memory_budget, at most 16
   bool fast_layers = true;  // fastsal's faster CPU layers (fast_layers.hpp); false: Caffe's own code only
+  bool exact =
+      true;  // false (with fast_layers): the forward's convolutions through oneDNN too, not bit for bit
   ReLURule relu_rule = ReLURule::kGradient;  // guided backprop and deconvnet replace plain ReLUs' backward
   int device = -1;  // -1: CPU; else the CUDA device (a CUDA build of Caffe and fastsal)
   BatchLayout layout = BatchLayout::kAuto;
@@ -126,6 +129,9 @@ class SaliencyEngine {
   std::size_t bytes_per_image() const { return bytes_per_image_; }
   const std::vector<std::string>& score_rewrites() const { return plan_.score_rewrites; }
   int batch_size() const { return batch_size_; }
+  // The lowest layer of the class head (class_head.hpp) whose backward runs once for all classes; empty
+  // when there is none.
+  std::string head_layer() const { return head_ ? net_->layer_names()[head_->first_layer()] : std::string(); }
   int device() const { return device_; }
   std::size_t image_size() const;     // floats per input image
   std::size_t gradient_size() const;  // floats per image of the gradient blob
@@ -160,6 +166,8 @@ class SaliencyEngine {
   BatchLayout layout_;
   std::unique_ptr<DeviceBuffers> device_buffers_;
   std::unique_ptr<SaliencyNet> net_;
+  std::unique_ptr<ClassHead> head_;  // null: none, or on a GPU
+  std::size_t head_bytes_ = 0;       // for the head's diffs of a chunk of classes
   caffe::Blob<float>* input_;
   caffe::Blob<float>* score_;
   int score_layer_;

@@ -6,10 +6,30 @@ maps = fastsal.attribute(net, images, classes, method="smoothgrad")
 """
 
 import os
+import warnings
+
 
 # OpenMP threads (oneDNN's, fastsal's) that spin after their work would fight OpenBLAS's threads for the
-# cores; sleeping ones do not. Read once, when libgomp loads: set before fastsal._core.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# cores; sleeping ones do not. libgomp reads the policy once, when it loads: set before fastsal._core.
+# If another package (torch bundles a libgomp) loaded it first, the policy is fixed already.
+def _openmp_loaded() -> bool:
+    try:
+        with open("/proc/self/maps") as maps:
+            return "libgomp" in maps.read()
+    except OSError:
+        return False
+
+
+if "OMP_WAIT_POLICY" not in os.environ:
+    if _openmp_loaded():
+        warnings.warn(
+            "an OpenMP runtime was loaded before fastsal (import torch comes first?) and its threads spin "
+            "after each parallel region, contending with OpenBLAS's threads: fastsal's CPU path runs up to "
+            "1.5x slower. Import fastsal first, or set OMP_WAIT_POLICY=PASSIVE in the environment",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 # pycaffe first: fastsal._core finds caffe.Net through the Boost.Python types pycaffe registers.
 import caffe  # noqa: E402, F401

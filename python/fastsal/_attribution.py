@@ -157,7 +157,8 @@ class Attribution:
       (Captum ``GuidedGradCam``), then ``reduce``. ``layer``, ``upsample``.
 
     Classes take every form :meth:`Saliency.compute` takes; :meth:`compute_top_k` ranks each image's
-    classes once, on the clean image.
+    classes once, on the clean image. ``score``, ``input``, ``batch_size``, ``fast_layers``,
+    ``exact`` and ``device`` mean what they mean for :class:`Saliency`.
     """
 
     def __init__(
@@ -169,6 +170,7 @@ class Attribution:
         input: str | None = None,  # noqa: A002 - the user's word for it
         batch_size: int | None = None,
         fast_layers: bool = True,
+        exact: bool = True,
         device: int | None = None,
         **options,
     ):
@@ -177,7 +179,14 @@ class Attribution:
             raise ValueError(f"unknown method {method!r}; fastsal has: {', '.join(METHODS)}")
         self.method = method
         self.options = self._check_options(method, options)
-        engine = dict(score=score, input=input, batch_size=batch_size, fast_layers=fast_layers, device=device)
+        engine = dict(
+            score=score,
+            input=input,
+            batch_size=batch_size,
+            fast_layers=fast_layers,
+            exact=exact,
+            device=device,
+        )
         # The input gradient's engine, with the method's ReLU rule; Grad-CAM's at its layer.
         self._input = None
         if method not in CAM_METHODS:
@@ -520,18 +529,28 @@ def attribute(
     score: str | None = None,
     input: str | None = None,  # noqa: A002
     batch_size: int | None = None,
+    exact: bool = True,
     return_convergence_delta: bool = False,
     **options,
 ):
     """Attributions of ``images`` for ``classes`` under ``net`` by ``method``: see :class:`Attribution`.
     The engines are built on first use and cached per net."""
     _check_net(net)
-    key = (method, score, input, batch_size, tuple(sorted((name, _key(v)) for name, v in options.items())))
+    key = (
+        method,
+        score,
+        input,
+        batch_size,
+        exact,
+        tuple(sorted((name, _key(v)) for name, v in options.items())),
+    )
     with _cache_lock:
         cached = _cache.get(net)
         if cached is None or cached[0] != key:
             cached = _cache[net] = (
                 key,
-                Attribution(net, method, score=score, input=input, batch_size=batch_size, **options),
+                Attribution(
+                    net, method, score=score, input=input, batch_size=batch_size, exact=exact, **options
+                ),
             )
     return cached[1].compute(images, classes, return_convergence_delta=return_convergence_delta)
