@@ -148,6 +148,23 @@ def test_job_matches_the_engine_on_caffes_preprocessing(model, dataset, tmp_path
     )
 
 
+def test_inexact_job_records_its_mode_and_agrees_in_rank(model, dataset, tmp_path):
+    exact, inexact = tmp_path / "exact.zarr", tmp_path / "inexact.zarr"
+    common = ("--top-k", 1, "--images-dim", "40,40", "--mean-value", "104,117,123", "--quiet")
+    assert run(*run_args(model, dataset, exact, *common)) == 1  # the dataset's 4 broken files
+    assert run(*run_args(model, dataset, inexact, *common, "--inexact")) == 1
+    assert zarr.open_group(str(exact), mode="r").attrs["fastsal"]["plan"]["exact"] is True
+    assert zarr.open_group(str(inexact), mode="r").attrs["fastsal"]["plan"]["exact"] is False
+    a, b = arrays(exact), arrays(inexact)
+    ok = a["status"] == jobs.OK
+    np.testing.assert_array_equal(a["classes"][ok], b["classes"][ok])
+    for m, n in zip(a["maps"][ok], b["maps"][ok]):
+        ranks = [np.argsort(np.argsort(x.ravel())) for x in (m, n)]
+        assert np.corrcoef(*ranks)[0, 1] >= 0.99
+    # Resuming with the other mode would mix them in one store: refused.
+    assert run(*run_args(model, dataset, inexact, *common)) == 2
+
+
 def test_preprocessing_matches_caffe_transformer(dataset, tmp_path):
     """Grayscale, RGBA and 16-bit files; a .binaryproto and a .npy mean image; input_scale."""
     mean = np.random.default_rng(0).uniform(90, 130, (3, 32, 32)).astype(np.float32)

@@ -116,6 +116,11 @@ def parser() -> argparse.ArgumentParser:
         run.add_argument(flag, type=kind, help=text)
     add_preprocessing(run)
     run.add_argument("--batch-size", type=int, help="rows per forward pass (default: fit 1 GiB)")
+    run.add_argument(
+        "--inexact",
+        action="store_true",
+        help="exact=False: the forward's convolutions through oneDNN too, faster; maps agree in rank",
+    )
     run.add_argument("--gpu", type=int, help="CUDA device (a CUDA build)")
     run.add_argument("--chunk-size", type=int, default=64, help="images per chunk of work and of the store")
     run.add_argument("--overlays", help="also write PNG heat-map overlays into this folder")
@@ -182,7 +187,8 @@ def main(argv=None) -> int:
             top_k=args.top_k,
             classes_file=args.classes_file,
             method=args.method,
-            method_options={k: v for k, v in options.items() if v is not None},
+            method_options={k: v for k, v in options.items() if v is not None}
+            | ({"exact": False} if args.inexact else {}),
             images_dim=args.images_dim,
             mean_file=args.mean_file,
             mean_value=args.mean_value,

@@ -365,6 +365,7 @@ def _prepare(
         else {"sha256": hashlib.sha256(np.ascontiguousarray(per_image).tobytes()).hexdigest(), "k": k},
         "method": method,
         "options": {key: _jsonable(value) for key, value in sorted(attribution.options.items())},
+        "exact": bool(options.get("exact", True)),
         "score": attribution._main.score,
         "chunk_size": chunk_size,
     }
