@@ -182,6 +182,12 @@ def seed_recipe(net: caffe.Net, prototxt: str, images, classes, score: str, inpu
     return np.abs(grads).max(axis=2), grads
 
 
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation of two maps (float maps have no ties to speak of)."""
+    ranks = [np.argsort(np.argsort(x.ravel())).astype(np.float64) for x in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
 def assert_close_to_reference(actual, reference, rtol=RTOL):
     """Every element within rtol of the reference, relative to the reference's largest magnitude."""
     scale = float(np.abs(reference).max())
