@@ -111,7 +111,8 @@ fastsal::SaliencyRequest make_request(const fastsal::SaliencyEngine& engine, con
                                       const py::object& top_classes, const py::object& activations,
                                       const py::object& scores, std::int64_t first_index,
                                       const std::string& objective = "class_score",
-                                      const py::object& guide = py::none()) {
+                                      const py::object& guide = py::none(),
+                                      const py::object& accumulator = py::none(), bool finish = true) {
   if (samples < 1) throw py::value_error("samples must be at least 1");
   const py::ssize_t rows = images.ndim() > 0 ? images.shape(0) : 0;
   const py::ssize_t n = rows / samples;
@@ -138,6 +139,10 @@ fastsal::SaliencyRequest make_request(const fastsal::SaliencyEngine& engine, con
   request.activations = optional_buffer<float>(activations, "activations", with_front({n}, g));
   request.scores = optional_buffer<float>(scores, "scores", {n, engine.num_classes()});
   request.objective = objective_mode(objective);
+  request.accumulator = optional_buffer<float>(
+      accumulator, "accumulator",
+      with_front({request.accumulate == fastsal::Accumulate::kVariance ? 2 : 1, n, k}, g));
+  request.finish = finish;
   if (!guide.is_none()) {
     const py::array features = guide.cast<py::array>();
     if (features.ndim() != 2) throw py::value_error("guide should be a (C, M) array of features");
@@ -213,10 +218,11 @@ PYBIND11_MODULE(_core, m) {
              const py::array& out, int samples, const py::object& sample_weights,
              const std::string& accumulate, const py::object& multiplier, const std::string& reduce,
              const py::object& top_classes, const py::object& activations, const py::object& scores,
-             std::int64_t first_index, const std::string& objective, const py::object& guide) {
-            const fastsal::SaliencyRequest request =
-                make_request(engine, images, classes, out, samples, sample_weights, accumulate, multiplier,
-                             reduce, top_classes, activations, scores, first_index, objective, guide);
+             std::int64_t first_index, const std::string& objective, const py::object& guide,
+             const py::object& accumulator, bool finish) {
+            const fastsal::SaliencyRequest request = make_request(
+                engine, images, classes, out, samples, sample_weights, accumulate, multiplier, reduce,
+                top_classes, activations, scores, first_index, objective, guide, accumulator, finish);
             // Safe without the GIL: the engine owns its net and the caller keeps these arrays alive.
             py::gil_scoped_release release;
             engine.compute(request);
@@ -226,7 +232,7 @@ PYBIND11_MODULE(_core, m) {
           py::arg("multiplier") = py::none(), py::arg("reduce") = "absmax",
           py::arg("top_classes") = py::none(), py::arg("activations") = py::none(),
           py::arg("scores") = py::none(), py::arg("first_index") = 0, py::arg("objective") = "class_score",
-          py::arg("guide") = py::none())
+          py::arg("guide") = py::none(), py::arg("accumulator") = py::none(), py::arg("finish") = true)
       .def(
           "scores",
           [](fastsal::SaliencyEngine& engine, const py::array& images, const py::array& out,

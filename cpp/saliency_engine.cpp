@@ -286,18 +286,21 @@ void SaliencyEngine::run(const SaliencyRequest& request, std::vector<LayerTime>*
   // Several samples, weights or a multiplier: accumulate per (image, class), then finish. Otherwise each
   // backward's gradient is reduced straight into its slot of the output.
   const bool direct = request.samples == 1 && !request.sample_weights && !request.multiplier &&
-                      request.accumulate == Accumulate::kSum;
-  std::vector<float> accumulator;
-  if (!direct)
-    accumulator.assign(std::size_t(request.num_images) * request.classes_per_image * gradient_size() *
-                           (request.accumulate == Accumulate::kVariance ? 2 : 1),
-                       0.f);
+                      request.accumulate == Accumulate::kSum && !request.accumulator;
+  std::vector<float> own;
+  float* accumulator = request.accumulator;
+  if (!direct && !accumulator) {
+    own.assign(std::size_t(request.num_images) * request.classes_per_image * gradient_size() *
+                   (request.accumulate == Accumulate::kVariance ? 2 : 1),
+               0.f);
+    accumulator = own.data();
+  }
   const std::int64_t units =
       std::int64_t(request.num_images) * (batches.pairs ? request.classes_per_image : request.samples);
   for (std::int64_t first = 0; first < units; first += batches.rows_per_pass)
     run_batch(request, first, static_cast<int>(std::min<std::int64_t>(batches.rows_per_pass, units - first)),
-              batches.pairs, direct ? nullptr : accumulator.data(), times);
-  if (!direct) finish(request, accumulator.data());
+              batches.pairs, direct ? nullptr : accumulator, times);
+  if (!direct && request.finish) finish(request, accumulator);
 }
 
 void SaliencyEngine::scores(const float* images, int num_images, std::int64_t first_index, float* scores) {

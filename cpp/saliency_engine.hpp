@@ -84,6 +84,11 @@ struct SaliencyRequest {
   const int* classes = nullptr;  // (num_images, K); null: take each image's top-K scores (samples == 1)
   int* top_classes = nullptr;    // (num_images, K), written when classes is null
   float* out = nullptr;          // (num_images, K, H, W), or (num_images, K, *G) with Reduce::kNone
+  // Optional, the caller's zeroed (num_images, K, *G) sums (twice that for kVariance), kept across calls
+  // so that an image's samples can come in several calls of at most a batch each: each call adds its
+  // samples; the one with finish set also writes out.
+  float* accumulator = nullptr;
+  bool finish = true;
   float* activations = nullptr;  // optional (num_images, *G): the gradient blob's values (samples == 1)
   float* scores = nullptr;       // optional (num_images, num_classes): the score blob's values (samples == 1)
 };

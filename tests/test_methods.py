@@ -344,6 +344,34 @@ def test_memory_stays_bounded_by_the_batch(tmp_path, rng):
     assert attribution._input.batch_size == 4 and engine.batch_size == 4
 
 
+@pytest.mark.parametrize("method, option", [("integrated_gradients", "n_steps"), ("vargrad", "samples")])
+def test_an_images_samples_stream_in_batches(tmp_path, rng, method, option):
+    """More samples than a batch: an image's rows are made and sent a batch at a time, summed across
+    calls in one accumulator, so host memory does not grow with the number of samples or steps."""
+    import tracemalloc
+
+    text = (
+        _input((3, 64, 64))
+        + conv("conv1", "data", 4)
+        + layer("relu1", "ReLU", "conv1", "conv1")
+        + fc("fc", "conv1", 5)
+    )
+    net = make_net(tmp_path, text)
+    images = random_images(rng, net, 2)
+    seed = {"seed": 0} if method == "vargrad" else {}
+    peaks = []
+    for count in (40, 400):
+        attribution = fastsal.Attribution(net, method, **{option: count}, batch_size=4, **seed)
+        attribution.compute(images, [0, 3])  # warm: the engine's blobs
+        tracemalloc.start()
+        maps = attribution.compute(images, [0, 3])
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        whole = fastsal.Attribution(net, method, **{option: count}, batch_size=count, **seed)
+        np.testing.assert_allclose(maps, whole.compute(images, [0, 3]), rtol=1e-5, atol=1e-7)
+    assert peaks[1] < 1.5 * peaks[0], peaks  # 400 steps' inputs alone would be 19 MB
+
+
 # ---- bad input ----
 
 

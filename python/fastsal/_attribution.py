@@ -208,6 +208,9 @@ class Attribution:
                 )
         if method == "integrated_gradients":
             self._baselines = self._check_baselines(self.options["baselines"])
+            # Once: Gauss-Legendre's nodes come from an n_steps x n_steps eigenproblem.
+            alphas, weights = integration_points(self.options["n_steps"], self.options["quadrature"])
+            self._points = alphas.astype(np.float32), weights.astype(np.float32)
 
     @property
     def _main(self) -> Saliency:
@@ -393,7 +396,8 @@ class Attribution:
         classes, k, top, scores = self._targets(n, classes, k, want_scores)
         out = np.empty((n, k, c, h, w) if reduce == "none" else (n, k, h, w), np.float32)
         samples = options.get("samples", options.get("n_steps", 1))
-        chunk = max(1, saliency.batch_size // samples)  # images per engine call: rows stay near batch_size
+        batch = saliency.batch_size
+        chunk = max(1, batch // samples)  # images per engine call: rows stay near batch_size
         seed = options.get("seed")
         if method in NOISE_METHODS and seed is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0])
@@ -401,45 +405,66 @@ class Attribution:
             part = slice(start, start + chunk)
             x = np.ascontiguousarray(images[part], dtype=np.float32)
             call = dict(reduce=reduce, first_index=start)
+            rows = weights = None  # rows(first, count): those samples of every image in x
             if method == "input_x_gradient":
                 call.update(multiplier=x)
             elif method in NOISE_METHODS:
-                rows = np.repeat(x, samples, axis=0).reshape(len(x), samples, c, h, w)
+                sigmas, generators = [], []
                 for i, image in enumerate(x):
                     sigma = options["stdev"]
                     if sigma is None:
                         sigma = options["noise_level"] * float(image.max() - image.min())
-                    noise = np.random.default_rng([seed, start + i]).standard_normal(
-                        (samples, c, h, w), np.float32
+                    sigmas.append(np.float32(sigma))
+                    generators.append(np.random.default_rng([seed, start + i]))
+
+                def rows(first, count, x=x, sigmas=sigmas, generators=generators):
+                    # Each image's generator is drawn in order, so the noise does not depend on the split.
+                    return np.stack(
+                        [
+                            image + sigma * rng.standard_normal((count, c, h, w), np.float32)
+                            for image, sigma, rng in zip(x, sigmas, generators)
+                        ]
                     )
-                    rows[i] += np.float32(sigma) * noise
-                x = rows.reshape(-1, c, h, w)
-                call.update(
-                    samples=samples,
-                    sample_weights=np.full(samples, 1.0 / samples, np.float32),
-                    accumulate=NOISE_METHODS[method],
-                )
+
+                weights = np.full(samples, 1.0 / samples, np.float32)
+                call.update(accumulate=NOISE_METHODS[method])
             elif method == "integrated_gradients":
-                alphas, weights = integration_points(samples, options["quadrature"])
+                alphas, weights = self._points
                 baseline = self._baseline_for(start, len(x))
-                path = (
-                    baseline[:, None]
-                    + alphas.astype(np.float32)[None, :, None, None, None] * (x - baseline)[:, None]
-                )
-                call.update(
-                    samples=samples,
-                    sample_weights=weights.astype(np.float32),
-                    multiplier=np.ascontiguousarray(x - baseline),
-                )
-                x = np.ascontiguousarray(path.reshape(-1, c, h, w), dtype=np.float32)
-            saliency._engine.compute(
-                x,
-                None if classes is None else classes[part],
-                out[part],
+                call.update(multiplier=np.ascontiguousarray(x - baseline))
+
+                def rows(first, count, x=x, baseline=baseline, alphas=alphas):
+                    steps = alphas[first : first + count][None, :, None, None, None]
+                    return baseline[:, None] + steps * (x - baseline)[:, None]
+
+            targets = None if classes is None else classes[part]
+            outputs = dict(
                 top_classes=None if top is None else top[part],
                 scores=None if scores is None else scores[part],
-                **call,
             )
+            if rows is None:
+                saliency._engine.compute(x, targets, out[part], **outputs, **call)
+                continue
+            # An image's samples in calls of at most a batch of rows, summed in one accumulator:
+            # memory stays bounded however many samples or steps.
+            step = samples if samples <= batch else batch
+            accumulator = None
+            if step < samples:
+                copies = 2 if call.get("accumulate") == "variance" else 1
+                accumulator = np.zeros((copies, len(x), k, c, h, w), np.float32)
+            for first in range(0, samples, step):
+                count = min(step, samples - first)
+                saliency._engine.compute(
+                    np.ascontiguousarray(rows(first, count).reshape(-1, c, h, w), dtype=np.float32),
+                    targets,
+                    out[part],
+                    samples=count,
+                    sample_weights=np.ascontiguousarray(weights[first : first + count]),
+                    accumulator=accumulator,
+                    finish=first + count == samples,
+                    **outputs,
+                    **call,
+                )
         return out, (classes if top is None else top).astype(np.int64), scores
 
     def _baseline_for(self, start: int, count: int) -> np.ndarray:
