@@ -37,9 +37,10 @@ class Saliency:
             Default: the net's first input.
         batch_size: images per forward pass. Default: as many as fit ``memory_budget`` bytes of
             blobs, at most 16. Memory stays bounded by it however many images a call gets.
-        fast_layers: run fastsal's faster CPU code (convolution's backward through oneDNN, ReLU,
-            max pooling, and one backward for all classes through a head of fully connected layers);
-            False runs Caffe's own layer code throughout (slower; the maps agree to float rounding).
+        fast_layers: run fastsal's faster CPU code: Caffe's forward arithmetic spread over the
+            cores, the convolutions' backward through oneDNN, and one backward for all classes
+            through a head of fully connected layers. False runs Caffe's own layer code throughout
+            (slower; the maps agree to float rounding).
         exact: True (default): the forward pass is Caffe's own arithmetic, so the maps agree with
             the seed recipe's to float rounding. False (with ``fast_layers``, on the CPU): the
             convolutions' forward runs through oneDNN too, faster, most of all at one class per
