@@ -1,6 +1,6 @@
 // Reductions over colour channels, the last step of a map: abs-max (Simonyan's saliency) or a plain sum
-// (Captum's visualisation). The index math below is shared by the threaded CPU loop and the CUDA
-// kernel, so CPU tests cover both.
+// (Captum's visualisation), and the other per-element math of the backward (seeds, ReLU rules). All of
+// it is shared by the threaded CPU loops and the CUDA kernels, so CPU tests cover both.
 #pragma once
 
 #include <cmath>
@@ -55,6 +55,13 @@ FASTSAL_HOST_DEVICE inline std::ptrdiff_t seed_index(int row, const int* classes
                                                      int classes_stride, int class_offset) {
   return static_cast<std::ptrdiff_t>(row) * num_classes +
          classes[static_cast<std::ptrdiff_t>(row) * classes_stride + class_offset];
+}
+
+// An attribution rule's backward of one ReLU element, as Captum's hooks on nn.ReLU compute it: guided
+// backprop g * (x > 0) * (g > 0), deconvnet g * (g > 0). x may be the ReLU's output (in place): the
+// same sign test.
+FASTSAL_HOST_DEVICE inline float relu_rule_backward(float g, float x, bool guided) {
+  return (g > 0.f && (!guided || x > 0.f)) ? g : 0.f;
 }
 
 // On the host, threaded (OpenMP); gradient and out are host memory.

@@ -1,11 +1,11 @@
 #include "class_head.hpp"
 
 #include <algorithm>
-#include <caffe/util/math_functions.hpp>
 #include <chrono>
 #include <cstdint>
 #include <string>
 
+#include "channel_reduce.hpp"
 #include "inner_product.hpp"
 
 namespace fastsal {
@@ -66,13 +66,13 @@ const float* ClassHead::backward(int rows, const int* row_classes, int passes, i
   if (buffer_.size() < 2 * half) buffer_.resize(2 * half);
   float* in = buffer_.data();
   float* out = in + half;
-  // One-hot seeds at the score.
+  // One-hot seeds at the score, each pass's rows where the engine's per-class backward puts them.
   const int num_classes = net_.top_vecs()[layers_.front()][0]->count(1);
   std::fill_n(in, std::size_t(m) * num_classes, 0.f);
   for (int p = 0; p < count; ++p)
     for (int r = 0; r < rows; ++r)
-      in[(std::size_t(p) * rows + r) * num_classes + row_classes[std::size_t(r) * passes + first_pass + p]] =
-          1.f;
+      in[std::size_t(p) * rows * num_classes +
+         seed_index(r, row_classes, num_classes, passes, first_pass + p)] = 1.f;
 
   for (int l : layers_) {
     const auto start = std::chrono::steady_clock::now();
@@ -95,8 +95,7 @@ const float* ClassHead::backward(int rows, const int* row_classes, int passes, i
         const float* xi = x + (i % rows) * width;
         float* g = in + i * width;
         if (rule) {
-          for (std::int64_t j = 0; j < width; ++j)
-            g[j] = (g[j] > 0.f && (!guided || xi[j] > 0.f)) ? g[j] : 0.f;
+          for (std::int64_t j = 0; j < width; ++j) g[j] = relu_rule_backward(g[j], xi[j], guided);
         } else {  // Caffe's expression, so Inf and NaN propagate as in Caffe
           for (std::int64_t j = 0; j < width; ++j) g[j] *= (xi[j] > 0.f) + slope * (xi[j] <= 0.f);
         }

@@ -26,8 +26,7 @@ __global__ void relu_rule_backward_kernel(const float* bottom_data, const float*
                                           std::int64_t count, bool guided) {
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < count;
        i += static_cast<std::int64_t>(blockDim.x) * gridDim.x) {
-    const float g = top_diff[i];
-    bottom_diff[i] = (g > 0.f && (!guided || bottom_data[i] > 0.f)) ? g : 0.f;
+    bottom_diff[i] = relu_rule_backward(top_diff[i], bottom_data[i], guided);
   }
 }
 

@@ -21,6 +21,7 @@
 #ifdef FASTSAL_WITH_DNNL
 #include <oneapi/dnnl/dnnl.hpp>
 #endif
+#include "channel_reduce.hpp"
 #include "inner_product.hpp"
 #ifdef FASTSAL_WITH_CUDA
 #include "cuda_kernels.hpp"
@@ -92,7 +93,7 @@ class RuleReLULayer : public caffe::ReLULayer<float> {
     float* out = bottom[0]->mutable_cpu_diff();
     const std::int64_t count = bottom[0]->count();
 #pragma omp parallel for simd schedule(static) if (count >= (1 << 16))
-    for (std::int64_t i = 0; i < count; ++i) out[i] = (g[i] > 0.f && (!guided_ || x[i] > 0.f)) ? g[i] : 0.f;
+    for (std::int64_t i = 0; i < count; ++i) out[i] = relu_rule_backward(g[i], x[i], guided_);
   }
 
 #ifdef FASTSAL_WITH_CUDA

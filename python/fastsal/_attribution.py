@@ -431,11 +431,12 @@ class Attribution:
             elif method == "integrated_gradients":
                 alphas, weights = self._points
                 baseline = self._baseline_for(start, len(x))
-                call.update(multiplier=np.ascontiguousarray(x - baseline))
+                delta = np.ascontiguousarray(x - baseline)
+                call.update(multiplier=delta)
 
-                def rows(first, count, x=x, baseline=baseline, alphas=alphas):
+                def rows(first, count, baseline=baseline, delta=delta, alphas=alphas):
                     steps = alphas[first : first + count][None, :, None, None, None]
-                    return baseline[:, None] + steps * (x - baseline)[:, None]
+                    return baseline[:, None] + steps * delta[:, None]
 
             targets = None if classes is None else classes[part]
             outputs = dict(
@@ -447,7 +448,7 @@ class Attribution:
                 continue
             # An image's samples in calls of at most a batch of rows, summed in one accumulator:
             # memory stays bounded however many samples or steps.
-            step = samples if samples <= batch else batch
+            step = min(samples, batch)
             accumulator = None
             if step < samples:
                 copies = 2 if call.get("accumulate") == "variance" else 1
