@@ -22,6 +22,7 @@
 #include <oneapi/dnnl/dnnl.hpp>
 #endif
 #include "channel_reduce.hpp"
+#include "gemm.hpp"
 #include "inner_product.hpp"
 #ifdef FASTSAL_WITH_CUDA
 #include "cuda_kernels.hpp"
@@ -379,8 +380,17 @@ class InnerProductLayer : public caffe::InnerProductLayer<float> {
  protected:
   void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
                    const std::vector<caffe::Blob<float>*>& top) override {
-    if (!streamed_forward_ || this->transpose_)
-      return caffe::InnerProductLayer<float>::Forward_cpu(bottom, top);
+    if (this->transpose_) return caffe::InnerProductLayer<float>::Forward_cpu(bottom, top);
+    if (!streamed_forward_) {  // Caffe's products, on fastsal's threads
+      gemm(false, true, this->M_, this->N_, this->K_, 1.f, bottom[0]->cpu_data(), this->blobs_[0]->cpu_data(),
+           0.f, top[0]->mutable_cpu_data());
+      if (this->bias_term_) {
+        if (int(ones_.size()) != this->M_) ones_.assign(this->M_, 1.f);  // Caffe's bias_multiplier_
+        gemm(false, false, this->M_, this->N_, 1, 1.f, ones_.data(), this->blobs_[1]->cpu_data(), 1.f,
+             top[0]->mutable_cpu_data());
+      }
+      return;
+    }
     inner_product_forward(this->M_, this->K_, this->N_, bottom[0]->cpu_data(), this->blobs_[0]->cpu_data(),
                           this->bias_term_ ? this->blobs_[1]->cpu_data() : nullptr,
                           top[0]->mutable_cpu_data());
@@ -399,6 +409,7 @@ class InnerProductLayer : public caffe::InnerProductLayer<float> {
 
  private:
   bool streamed_forward_;
+  std::vector<float> ones_;
 };
 
 #ifdef FASTSAL_WITH_DNNL
@@ -612,12 +623,11 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
     weights_current_ = false;
   }
 
-  // Caffe's forward, GEMM for GEMM, with its single-threaded im2col (VGG-16 writes 330 MB of columns per
-  // image) spread over the cores. The columns go where Caffe's GEMMs read a 1x1 convolution's input
-  // (its col_buffer_ is private), so every GEMM call is Caffe's own and the output is bit for bit.
+  // Caffe's forward, GEMM for GEMM (gemm.hpp: on fastsal's threads, bit for bit Caffe's), with its
+  // single-threaded im2col (VGG-16 writes 330 MB of columns per image) spread over the cores.
   void exact_forward(const std::vector<caffe::Blob<float>*>& bottom,
                      const std::vector<caffe::Blob<float>*>& top) {
-    if (this->is_1x1_ || this->num_spatial_axes_ != 2 || this->force_nd_im2col_)
+    if (this->num_spatial_axes_ != 2 || this->force_nd_im2col_)
       return caffe::ConvolutionLayer<float>::Forward_cpu(bottom, top);
     const int channels = this->channels_, height = this->conv_input_shape_.cpu_data()[1],
               width = this->conv_input_shape_.cpu_data()[2];
@@ -627,32 +637,45 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
     const int* dilation = this->dilation_.cpu_data();
     const int out_h = this->output_shape_[0], out_w = this->output_shape_[1];
     const std::int64_t per_channel = std::int64_t(kernel[0]) * kernel[1] * out_h * out_w;
-    float* columns = static_cast<float*>(
-        workspace_->get(Workspace::kColumns, std::size_t(channels) * per_channel * sizeof(float)));
+    // BaseConvolutionLayer's private sizes, as it derives them.
+    const int group = this->group_, spatial = this->out_spatial_dim_, rows = this->num_output_ / group,
+              depth = int(channels / group * kernel[0] * kernel[1]);
+    const std::int64_t column_group = std::int64_t(depth) * spatial,
+                       output_group = std::int64_t(rows) * spatial;
+    if (int(ones_.size()) != spatial) ones_.assign(spatial, 1.f);  // Caffe's bias_multiplier_
+    float* columns = this->is_1x1_
+                         ? nullptr
+                         : static_cast<float*>(workspace_->get(
+                               Workspace::kColumns, std::size_t(channels) * per_channel * sizeof(float)));
     const float* weight = this->blobs_[0]->cpu_data();
     for (std::size_t i = 0; i < bottom.size(); ++i) {
       for (int n = 0; n < this->num_; ++n) {
         const float* image = bottom[i]->cpu_data() + std::int64_t(n) * this->bottom_dim_;
+        if (!this->is_1x1_) {
 #pragma omp parallel for schedule(static) if (channels * per_channel >= (1 << 16))
-        for (int c = 0; c < channels; ++c) {  // caffe::im2col_cpu's values, a channel per task
-          const float* plane = image + std::int64_t(c) * height * width;
-          float* out = columns + c * per_channel;
-          for (int kr = 0; kr < kernel[0]; ++kr)
-            for (int kc = 0; kc < kernel[1]; ++kc)
-              for (int oh = 0; oh < out_h; ++oh) {
-                const int row = -pad[0] + kr * dilation[0] + oh * stride[0];
-                for (int ow = 0; ow < out_w; ++ow) {
-                  const int col = -pad[1] + kc * dilation[1] + ow * stride[1];
-                  *out++ =
-                      (row >= 0 && row < height && col >= 0 && col < width) ? plane[row * width + col] : 0.f;
+          for (int c = 0; c < channels; ++c) {  // caffe::im2col_cpu's values, a channel per task
+            const float* plane = image + std::int64_t(c) * height * width;
+            float* out = columns + c * per_channel;
+            for (int kr = 0; kr < kernel[0]; ++kr)
+              for (int kc = 0; kc < kernel[1]; ++kc)
+                for (int oh = 0; oh < out_h; ++oh) {
+                  const int row = -pad[0] + kr * dilation[0] + oh * stride[0];
+                  for (int ow = 0; ow < out_w; ++ow) {
+                    const int col = -pad[1] + kc * dilation[1] + ow * stride[1];
+                    *out++ = (row >= 0 && row < height && col >= 0 && col < width) ? plane[row * width + col]
+                                                                                   : 0.f;
+                  }
                 }
-              }
+          }
         }
+        const float* input = this->is_1x1_ ? image : columns;
         float* output = top[i]->mutable_cpu_data() + std::int64_t(n) * this->top_dim_;
-        this->is_1x1_ = true;  // "the input is the columns": Caffe's GEMMs then read ours
-        this->forward_cpu_gemm(columns, weight, output);
-        this->is_1x1_ = false;
-        if (this->bias_term_) this->forward_cpu_bias(output, this->blobs_[1]->cpu_data());
+        for (int g = 0; g < group; ++g)  // BaseConvolutionLayer::forward_cpu_gemm's products
+          gemm(false, false, rows, spatial, depth, 1.f, weight + std::int64_t(this->weight_offset_) * g,
+               input + column_group * g, 0.f, output + output_group * g);
+        if (this->bias_term_)  // and forward_cpu_bias's
+          gemm(false, false, this->num_output_, spatial, 1, 1.f, this->blobs_[1]->cpu_data(), ones_.data(),
+               1.f, output);
       }
     }
   }
@@ -663,6 +686,7 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
 
   bool dnnl_forward_;
   std::shared_ptr<Workspace> workspace_;
+  std::vector<float> ones_;
   std::vector<int> primed_shape_;
   bool usable_ = false;
   bool weights_current_ = false;

@@ -6,6 +6,8 @@
 #include <caffe/util/math_functions.hpp>
 #include <cstdint>
 
+#include "gemm.hpp"
+
 namespace fastsal {
 
 // Built for the baseline x86-64 ISA, the loops would not use AVX: one copy per ISA, picked at load time.
@@ -37,8 +39,7 @@ FASTSAL_VECTOR_CLONES
 void inner_product_backward(int m, int inputs, int outputs, const float* top_diff, const float* weights,
                             float* bottom_diff) {
   if (m > kStreamRows) {
-    caffe::caffe_cpu_gemm<float>(CblasNoTrans, CblasNoTrans, m, inputs, outputs, 1.f, top_diff, weights, 0.f,
-                                 bottom_diff);
+    gemm(false, false, m, inputs, outputs, 1.f, top_diff, weights, 0.f, bottom_diff);
     return;
   }
   // Each thread owns a contiguous range of columns and sweeps W's rows in order, 8 at a time: every
@@ -77,8 +78,7 @@ FASTSAL_VECTOR_CLONES
 void inner_product_forward(int m, int inputs, int outputs, const float* bottom, const float* weights,
                            const float* bias, float* top) {
   if (m > kStreamRowsForward) {
-    caffe::caffe_cpu_gemm<float>(CblasNoTrans, CblasTrans, m, outputs, inputs, 1.f, bottom, weights, 0.f,
-                                 top);
+    gemm(false, true, m, outputs, inputs, 1.f, bottom, weights, 0.f, top);
     if (bias)
       for (int r = 0; r < m; ++r)
         caffe::caffe_axpy<float>(outputs, 1.f, bias, top + std::int64_t(r) * outputs);
