@@ -218,19 +218,28 @@ class BatchNormLayer : public caffe::BatchNormLayer<float> {
  public:
   using caffe::BatchNormLayer<float>::BatchNormLayer;
 
+  bool global_statistics() const { return this->use_global_stats_; }
+  // Per channel, the stored mean and sqrt(var + eps), as Caffe scales and rounds them.
+  void statistics(std::vector<float>* mean, std::vector<float>* deviation) const {
+    const float stored = this->blobs_[2]->cpu_data()[0];
+    const float factor = stored == 0 ? 0 : 1 / stored;
+    mean->resize(this->channels_), deviation->resize(this->channels_);
+    for (int c = 0; c < this->channels_; ++c) {
+      (*mean)[c] = factor * this->blobs_[0]->cpu_data()[c];
+      float variance = factor * this->blobs_[1]->cpu_data()[c];
+      variance += this->eps_;
+      (*deviation)[c] = std::sqrt(variance);
+    }
+  }
+  // Folded into the convolution below it (SaliencyNet::fold_batch_norm): this layer then does nothing.
+  void fold(bool forward, bool backward) { folded_forward_ = forward, folded_backward_ = backward; }
+
  protected:
   void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
                    const std::vector<caffe::Blob<float>*>& top) override {
     if (!this->use_global_stats_) return caffe::BatchNormLayer<float>::Forward_cpu(bottom, top);
-    const float stored = this->blobs_[2]->cpu_data()[0];
-    const float factor = stored == 0 ? 0 : 1 / stored;
-    mean_of_.resize(this->channels_), deviation_.resize(this->channels_);
-    for (int c = 0; c < this->channels_; ++c) {
-      mean_of_[c] = factor * this->blobs_[0]->cpu_data()[c];
-      float variance = factor * this->blobs_[1]->cpu_data()[c];
-      variance += this->eps_;
-      deviation_[c] = std::sqrt(variance);
-    }
+    if (folded_forward_) return;  // the convolution below computed this layer's output
+    statistics(&mean_of_, &deviation_);
     const float* x = bottom[0]->cpu_data();
     float* y = top[0]->mutable_cpu_data();
     const int channels = this->channels_;
@@ -248,6 +257,8 @@ class BatchNormLayer : public caffe::BatchNormLayer<float> {
                     const std::vector<caffe::Blob<float>*>& bottom) override {
     if (!this->use_global_stats_)
       return caffe::BatchNormLayer<float>::Backward_cpu(top, propagate_down, bottom);
+    if (folded_backward_) return;  // in place: the convolution below applies this layer's factor
+    if (folded_forward_) statistics(&mean_of_, &deviation_);  // the forward skipped them
     const float* g = top[0]->cpu_diff();
     float* out = bottom[0]->mutable_cpu_diff();
     const int channels = this->channels_;
@@ -260,6 +271,7 @@ class BatchNormLayer : public caffe::BatchNormLayer<float> {
 
  private:
   std::vector<float> mean_of_, deviation_;  // per channel, from the forward every backward follows
+  bool folded_forward_ = false, folded_backward_ = false;
 };
 
 // Scale by a learned per-channel factor, then Caffe's bias, and the data backward diff * factor; without
@@ -268,10 +280,24 @@ class ScaleLayer : public caffe::ScaleLayer<float> {
  public:
   using caffe::ScaleLayer<float>::ScaleLayer;
 
+  // One learned factor per channel of a 4-axis blob, without parameter gradients: foldable.
+  bool per_channel(int channels) const {
+    return this->blobs_.size() >= 1 && this->scale_dim_ == channels && this->outer_dim_ >= 1 &&
+           this->inner_dim_ >= 1 && this->blobs_[0]->count() == channels &&
+           std::none_of(this->param_propagate_down_.begin(), this->param_propagate_down_.end(),
+                        [](bool b) { return b; });
+  }
+  const float* factors() const { return this->blobs_[0]->cpu_data(); }
+  const float* bias() const {
+    return this->bias_layer_ ? this->blobs_[this->bias_param_id_]->cpu_data() : nullptr;
+  }
+  void fold(bool forward, bool backward) { folded_forward_ = forward, folded_backward_ = backward; }
+
  protected:
   void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
                    const std::vector<caffe::Blob<float>*>& top) override {
     if (bottom.size() > 1) return caffe::ScaleLayer<float>::Forward_cpu(bottom, top);
+    if (folded_forward_) return;
     const float* scale = this->blobs_[0]->cpu_data();
     const float* bias = this->bias_layer_ ? this->blobs_[this->bias_param_id_]->cpu_data() : nullptr;
     const float* x = bottom[0]->cpu_data();
@@ -293,7 +319,7 @@ class ScaleLayer : public caffe::ScaleLayer<float> {
                                                  this->param_propagate_down_.end(), [](bool b) { return b; });
     if (bottom.size() > 1 || parameter_gradients)
       return caffe::ScaleLayer<float>::Backward_cpu(top, propagate_down, bottom);
-    if (!propagate_down[0]) return;
+    if (!propagate_down[0] || folded_backward_) return;
     const float* scale = this->blobs_[0]->cpu_data();
     const float* g = top[0]->cpu_diff();
     float* out = bottom[0]->mutable_cpu_diff();
@@ -304,6 +330,9 @@ class ScaleLayer : public caffe::ScaleLayer<float> {
       for (std::int64_t i = p * inner; i < (p + 1) * inner; ++i) out[i] = g[i] * s;
     });
   }
+
+ private:
+  bool folded_forward_ = false, folded_backward_ = false;
 };
 
 // Element-wise sum with unit coefficients (ResNet's shortcut): ((0 + a) + b) + ..., and the diff
@@ -505,6 +534,20 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
     return bottom.num_axes() == 4 && p.axis() == 1 && !p.force_nd_im2col();
   }
 
+  // A test-time BatchNorm and a Scale in place on this layer's output are per-channel affine maps: folded
+  // into the weights (W * gamma / deviation per output channel), they cost nothing. In the backward the
+  // folded weights change only rounding; in the forward they do not round as Caffe does (inexact only).
+  bool can_fold() const {
+    return usable_ && !this->param_propagate_down_[0] &&
+           !(this->bias_term_ && this->param_propagate_down_[1]);
+  }
+  bool dnnl_forward() const { return dnnl_forward_; }
+  void fold(const BatchNormLayer* norm, const ScaleLayer* scale, bool forward, bool backward) {
+    if (forward != fold_forward_) primed_shape_.clear();  // the forward primitive then needs a bias
+    norm_ = norm, scale_ = scale, fold_forward_ = forward, fold_backward_ = backward;
+    weights_current_ = false;
+  }
+
   void Reshape(const std::vector<caffe::Blob<float>*>& bottom,
                const std::vector<caffe::Blob<float>*>& top) override {
     caffe::ConvolutionLayer<float>::Reshape(bottom, top);
@@ -519,14 +562,16 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
     weights_current_ = false;  // the user may have changed the weights since the last pass
     if (!usable_ || !dnnl_forward_) return exact_forward(bottom, top);
     dnnl::stream stream(cpu_engine());
-    const dnnl::memory weights = weights_in(stream, forward_weights_);
+    const dnnl::memory weights = weights_in(stream, forward_weights_, fold_forward_);
     for (std::size_t i = 0; i < bottom.size(); ++i) {
       std::unordered_map<int, dnnl::memory> args = {
           {DNNL_ARG_SRC, forward_src_.in(stream, bottom[i]->cpu_data())},
           {DNNL_ARG_WEIGHTS, weights},
           {DNNL_ARG_DST, forward_dst_.out(top[i]->mutable_cpu_data())},
           {DNNL_ARG_SCRATCHPAD, scratchpad(forward_pd_.scratchpad_desc())}};
-      if (this->bias_term_)
+      if (fold_forward_)
+        args[DNNL_ARG_BIAS] = dnnl::memory(forward_pd_.bias_desc(), cpu_engine(), folded_bias_.data());
+      else if (this->bias_term_)
         args[DNNL_ARG_BIAS] = dnnl::memory(forward_pd_.bias_desc(), cpu_engine(),
                                            const_cast<float*>(this->blobs_[1]->cpu_data()));
       forward_.execute(stream, args);
@@ -542,7 +587,7 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
     if (!usable_ || weight_gradients)
       return caffe::ConvolutionLayer<float>::Backward_cpu(top, propagate_down, bottom);
     dnnl::stream stream(cpu_engine());
-    const dnnl::memory weights = weights_in(stream, backward_weights_);
+    const dnnl::memory weights = weights_in(stream, backward_weights_, fold_backward_);
     for (std::size_t i = 0; i < top.size(); ++i) {
       if (!propagate_down[i]) continue;
       backward_.execute(stream, {{DNNL_ARG_DIFF_DST, backward_diff_dst_.in(stream, top[i]->cpu_diff())},
@@ -555,16 +600,38 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
   }
 
  private:
-  // The weights as `layout` wants them. Blocked copies are refreshed once per forward pass (the user may
-  // change the weights between calls); the K backward passes that follow reuse them.
-  dnnl::memory weights_in(dnnl::stream& stream, const Layout& layout) {
-    const float* data = this->blobs_[0]->cpu_data();
+  // The weights as `layout` wants them, folded or not. Blocked copies are refreshed once per forward
+  // pass (the user may change the weights between calls); the K backward passes that follow reuse them.
+  dnnl::memory weights_in(dnnl::stream& stream, const Layout& layout, bool folded) {
     if (!weights_current_) {
-      for (const Layout* copy : {&forward_weights_, &backward_weights_})
-        if (copy->kept()) copy->in(stream, data);
+      if (fold_forward_ || fold_backward_) fold_weights();
+      if (forward_weights_.kept()) forward_weights_.in(stream, weights(fold_forward_));
+      if (backward_weights_.kept()) backward_weights_.in(stream, weights(fold_backward_));
       weights_current_ = true;
     }
-    return layout.kept() ? layout.kept() : layout.in(stream, data);
+    return layout.kept() ? layout.kept() : layout.in(stream, weights(folded));
+  }
+  const float* weights(bool folded) const {
+    return folded ? folded_weights_.data() : this->blobs_[0]->cpu_data();
+  }
+
+  // W * f and (b - mean) * f + beta per output channel, f = gamma / deviation.
+  void fold_weights() {
+    std::vector<float> mean, deviation;
+    norm_->statistics(&mean, &deviation);
+    const float* gamma = scale_->factors();
+    const float* beta = scale_->bias();
+    const float* w = this->blobs_[0]->cpu_data();
+    const float* b = this->bias_term_ ? this->blobs_[1]->cpu_data() : nullptr;
+    const int outputs = this->num_output_;
+    const std::int64_t per_output = this->blobs_[0]->count() / outputs;
+    folded_weights_.resize(this->blobs_[0]->count());
+    folded_bias_.resize(outputs);
+    parallel_for(outputs, [&](std::int64_t o) {
+      const float f = gamma[o] / deviation[o];
+      for (std::int64_t j = o * per_output; j < (o + 1) * per_output; ++j) folded_weights_[j] = w[j] * f;
+      folded_bias_[o] = ((b ? b[o] : 0.f) - mean[o]) * f + (beta ? beta[o] : 0.f);
+    });
   }
 
   void build_primitives(const caffe::Blob<float>& bottom, const caffe::Blob<float>& top) {
@@ -598,7 +665,7 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
     const auto forward_desc =
-        this->bias_term_
+        this->bias_term_ || fold_forward_
             ? dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training,
                                               dnnl::algorithm::convolution_direct, src_any, weights_any, bias,
                                               dst_any, strides, dilates, padding_l, padding_r)
@@ -690,6 +757,10 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
   std::vector<int> primed_shape_;
   bool usable_ = false;
   bool weights_current_ = false;
+  const BatchNormLayer* norm_ = nullptr;
+  const ScaleLayer* scale_ = nullptr;
+  bool fold_forward_ = false, fold_backward_ = false;
+  std::vector<float> folded_weights_, folded_bias_;
   dnnl::convolution_forward::primitive_desc forward_pd_;
   dnnl::convolution_forward forward_;
   Layout forward_src_, forward_dst_, forward_weights_;
@@ -741,6 +812,32 @@ SaliencyNet::SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swa
     layer->SetUp(bottom_vecs_[i], top_vecs_[i]);
     layers_[i] = layer;
   }
+}
+
+void SaliencyNet::fold_batch_norm(int first, int last) {
+#ifdef FASTSAL_WITH_DNNL
+  for (std::size_t i = 0; i + 2 < layers_.size(); ++i) {
+    auto* conv = dynamic_cast<DnnlConvolutionLayer*>(layers_[i].get());
+    auto* norm = dynamic_cast<BatchNormLayer*>(layers_[i + 1].get());
+    auto* scale = dynamic_cast<ScaleLayer*>(layers_[i + 2].get());
+    if (!conv || !norm || !scale || top_vecs_[i].size() != 1) continue;
+    caffe::Blob<float>* blob = top_vecs_[i][0];
+    bool in_place = true;  // one blob through all three: nothing else sees the values in between
+    for (std::size_t l = i + 1; l <= i + 2; ++l)
+      in_place = in_place && bottom_vecs_[l].size() == 1 && top_vecs_[l].size() == 1 &&
+                 bottom_vecs_[l][0] == blob && top_vecs_[l][0] == blob;
+    if (!in_place || !norm->global_statistics() || !scale->per_channel(blob->shape(1)) || !conv->can_fold())
+      continue;
+    const int at = static_cast<int>(i);
+    const bool forward = conv->dnnl_forward() && at + 2 <= last;
+    const bool backward = first <= at && at + 2 <= last;
+    conv->fold(norm, scale, forward, backward);
+    norm->fold(forward, backward);
+    scale->fold(forward, backward);
+  }
+#else
+  (void)first, (void)last;
+#endif
 }
 
 int SaliencyNet::first_overflowed_row(int last, std::string* layer) const {

@@ -22,6 +22,12 @@ class SaliencyNet : public caffe::Net<float> {
   // Builds the net as Caffe would, then swaps in fastsal's layers.
   SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swaps);
 
+  // Folds each test-time BatchNorm + Scale pair in place on a convolution's output into that
+  // convolution's weights where all three run: in the backward passes of layers [first, last] (the same
+  // gradients, rounded otherwise), and in forwards up to `last` when the forward is not exact. Call once
+  // the weights' gradients are off.
+  void fold_batch_norm(int first, int last);
+
   // After a CPU forward of layers [0, last]: the first batch row in which a max pooling window held no
   // number (all NaN or -Inf: the activations overflowed), and that layer's name; -1 when none did.
   int first_overflowed_row(int last, std::string* layer) const;

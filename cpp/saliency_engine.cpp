@@ -201,6 +201,7 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
                                 " for one image; attributions need (N, C, ...) with N the batch axis");
   gradient_shape_.assign(gradient_->shape().begin() + 1, gradient_->shape().end());
   if (options.fast_layers && device_ < 0) {
+    net_->fold_batch_norm(stop_layer_, score_layer_);
     head_ = std::make_unique<ClassHead>(*net_, score_layer_, stop_layer_, options.relu_rule);
     head_bytes_ = options.memory_budget / 4;
     if (head_->empty()) head_.reset();

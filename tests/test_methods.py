@@ -236,6 +236,21 @@ def test_gradcam_matches_its_formula(tmp_path, rng, method, blob):
     assert_close_to_reference(big, expected)
 
 
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "inexact"])
+@pytest.mark.parametrize("blob", ["conv1", "branch_a", "sum"])
+def test_gradcam_through_folded_batch_norm(tmp_path, rng, blob, exact):
+    """A BatchNorm + Scale in place on a convolution fold into its weights (fast_layers.cpp) only where
+    all three run: Grad-CAM at a chain's blob still gets the values and gradient after the whole chain,
+    also when the inexact forward folds them."""
+    text, score = NETS["resnet_block_bn_scale_eltwise"]
+    net = make_net(tmp_path, text, seed=5)
+    images = random_images(rng, net, 3)
+    classes = rng.integers(0, 5, size=(3, 2))
+    reference = cam_reference(net, str(tmp_path / "net.prototxt"), images, classes, score, blob)
+    cam = fastsal.Attribution(net, "gradcam", layer=blob, upsample=False, exact=exact)
+    assert_close_to_reference(cam.compute(images, classes), reference)
+
+
 def test_gradcam_default_layer_is_the_last_spatial_blob(tmp_path):
     net = make_net(tmp_path, CAM_NET)
     assert fastsal.Attribution(net, "gradcam").layer == "conv2"  # not gap: 1x1
