@@ -21,7 +21,7 @@ import caffe
 import numpy as np
 
 import fastsal
-from bench_saliency import HERE, load_model, machine
+from bench_saliency import HERE, SETTLE_S, load_model, machine
 
 LAYERS = {"open_nsfw": "eltwise_stage2_block1", "vgg16": "conv4_3"}
 
@@ -75,6 +75,7 @@ class NotebookLoop:
 
 
 def timed(times: list, fn, *args, **kwargs):
+    time.sleep(SETTLE_S)  # bench_saliency.SETTLE_S: the last method's threads settle
     start = time.perf_counter()
     result = fn(*args, **kwargs)
     times.append(time.perf_counter() - start)

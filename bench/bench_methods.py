@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import fastsal
-from bench_saliency import HERE, load_model, machine
+from bench_saliency import HERE, SETTLE_S, load_model, machine
 
 CONFIGS = {"open_nsfw": [1, 2], "vgg16": [1, 2, 10]}  # K per model, N = 1
 METHODS = {"integrated_gradients": {"n_steps": 50}, "smoothgrad": {"samples": 25}}
@@ -76,6 +76,7 @@ def run(models, repeats: int, workdir: Path) -> list[dict]:
                         ("inexact", inexact.compute),
                         ("captum", theirs),
                     ):
+                        time.sleep(SETTLE_S)  # bench_saliency.SETTLE_S: the last method's threads settle
                         start = time.perf_counter()
                         result = fn(images, classes)
                         times[label].append(time.perf_counter() - start)

@@ -156,8 +156,14 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(*ranks)[0, 1])
 
 
+# Idle OpenMP threads spin for milliseconds after each parallel region (libgomp's default policy) and
+# would slow whichever method runs next; between a user's calls they have gone to sleep.
+SETTLE_S = 0.05
+
+
 def timed(seconds: list, method, *args) -> np.ndarray:
-    """method(*args), appending its wall time to seconds."""
+    """method(*args), appending its wall time to seconds (after letting the previous method's threads settle)."""
+    time.sleep(SETTLE_S)
     start = time.perf_counter()
     result = method(*args)
     seconds.append(time.perf_counter() - start)
