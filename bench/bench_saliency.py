@@ -158,7 +158,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 # Idle OpenMP threads spin for milliseconds after each parallel region (libgomp's default policy) and
 # would slow whichever method runs next; between a user's calls they have gone to sleep.
-SETTLE_S = 0.05
+SETTLE_S = 0.01
 
 
 def timed(seconds: list, method, *args) -> np.ndarray:

@@ -6,8 +6,10 @@
 #include <caffe/util/math_functions.hpp>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <random>
+#include <tuple>
 #include <vector>
 
 // OpenBLAS's thread-count controls; absent (null) when Caffe was linked against another BLAS.
@@ -62,7 +64,7 @@ std::vector<int> k_blocks(int k, int q) {
   return blocks;
 }
 
-// c (m x [begin, end) of n) by one single-threaded call per k block.
+// c (m x [begin, end) of n) by one single-threaded call per k block (q >= k: one call, OpenBLAS blocks k).
 void blocked_part(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, int k, float alpha, const float* a,
                   const float* b, float beta, float* c, std::int64_t begin, std::int64_t end, int q) {
   const int lda = ta == CblasTrans ? m : k, ldb = tb == CblasTrans ? k : n;
@@ -111,27 +113,55 @@ void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const fl
   const CBLAS_TRANSPOSE ta = trans_a ? CblasTrans : CblasNoTrans, tb = trans_b ? CblasTrans : CblasNoTrans;
   std::lock_guard<std::mutex> one_at_a_time(products());
   static const int q = probe_block_size();
+  // Below the threading threshold Caffe's call runs on this thread anyway; without a known Q (another
+  // BLAS) or with OpenBLAS at one thread there is nothing to stand in for.
+  if (q == 0 || omp_in_parallel() || openblas_get_num_threads() < 2 || double(m) * n * k <= kThreadedWork) {
+    caffe::caffe_cpu_gemm<float>(ta, tb, m, n, k, alpha, a, b, beta, c);
+    return;
+  }
   const int threads = omp_get_max_threads();
   // Column ranges, one per thread; the narrowest part's smallest k block must stay a blocked product.
   const std::int64_t unit = n >= threads * 16 * kAlign ? kAlign : 1, units = (n + unit - 1) / unit;
   const auto bound = [&](int t) { return std::min<std::int64_t>(n, units * t / threads * unit); };
   std::int64_t narrowest = n;
   for (int t = 0; t < threads; ++t) narrowest = std::min(narrowest, bound(t + 1) - bound(t));
-  const auto blocks = q ? k_blocks(k, q) : std::vector<int>{};
-  const int thinnest = blocks.empty() ? 0 : *std::min_element(blocks.begin(), blocks.end());
-  if (q == 0 || threads < 2 || omp_in_parallel() || openblas_get_num_threads() < 2 ||
-      double(m) * n * k <= kThreadedWork || double(m) * narrowest * thinnest <= kSmallWork) {
-    caffe::caffe_cpu_gemm<float>(ta, tb, m, n, k, alpha, a, b, beta, c);  // as Caffe would, threads and all
+  const auto blocks = k_blocks(k, q);
+  const double thinnest = *std::min_element(blocks.begin(), blocks.end());
+  if (threads >= 2 && double(m) * narrowest * thinnest > kSmallWork) {
+    SingleThreadedBlas single;
+#pragma omp parallel num_threads(threads)
+    {
+      // A smaller team than asked for (thread limits) still computes every part.
+      for (int part = omp_get_thread_num(); part < threads; part += omp_get_num_threads())
+        if (bound(part + 1) > bound(part))
+          blocked_part(ta, tb, m, n, k, alpha, a, b, beta, c, bound(part), bound(part + 1), q);
+    }
     return;
   }
-  SingleThreadedBlas single;
-#pragma omp parallel num_threads(threads)
-  {
-    // A smaller team than asked for (thread limits) still computes every part.
-    for (int part = omp_get_thread_num(); part < threads; part += omp_get_num_threads())
-      if (bound(part + 1) > bound(part))
-        blocked_part(ta, tb, m, n, k, alpha, a, b, beta, c, bound(part), bound(part + 1), q);
+  if (double(m) * n * thinnest > kSmallWork) {  // too thin to split: the same blocks on this thread
+    SingleThreadedBlas single;
+    blocked_part(ta, tb, m, n, k, alpha, a, b, beta, c, 0, n, q);
+    return;
   }
+  // Blocks this thin would go to OpenBLAS's small-matrix kernels. One single-threaded call instead, where
+  // it gives Caffe's bits: found once per shape, on the first call's own data, against Caffe's call.
+  static std::map<std::tuple<bool, bool, int, int, int>, bool> serial_is_caffes;
+  const auto shape = std::make_tuple(trans_a, trans_b, m, n, k);
+  const auto known = serial_is_caffes.find(shape);
+  if (known != serial_is_caffes.end() && known->second) {
+    SingleThreadedBlas single;
+    blocked_part(ta, tb, m, n, k, alpha, a, b, beta, c, 0, n, k);
+    return;
+  }
+  std::vector<float> serial;
+  if (known == serial_is_caffes.end()) {
+    serial.assign(c, c + std::int64_t(m) * n);
+    SingleThreadedBlas single;
+    blocked_part(ta, tb, m, n, k, alpha, a, b, beta, serial.data(), 0, n, k);
+  }
+  caffe::caffe_cpu_gemm<float>(ta, tb, m, n, k, alpha, a, b, beta, c);  // OpenBLAS's pool, as in Caffe
+  if (known == serial_is_caffes.end())
+    serial_is_caffes[shape] = std::memcmp(serial.data(), c, serial.size() * sizeof(float)) == 0;
 }
 
 }  // namespace fastsal
