@@ -38,16 +38,17 @@ class Saliency:
         batch_size: images per forward pass. Default: as many as fit ``memory_budget`` bytes of
             blobs, at most 16. Memory stays bounded by it however many images a call gets.
         fast_layers: run fastsal's faster CPU code: Caffe's forward arithmetic spread over the
-            cores, the convolutions' backward through oneDNN, and one backward for all classes
-            through a head of fully connected layers. False runs Caffe's own layer code throughout
-            (slower; the maps agree to float rounding).
+            cores (its GEMMs included, bit for bit), the convolutions' backward through oneDNN with
+            BatchNorm and Scale folded into their weights, and one backward for all classes through
+            a head of fully connected layers. False runs Caffe's own layer code throughout (slower;
+            the maps agree to float rounding).
         exact: True (default): the forward pass is Caffe's own arithmetic, so the maps agree with
             the seed recipe's to float rounding. False (with ``fast_layers``, on the CPU): the
-            convolutions' forward runs through oneDNN too, faster, most of all at one class per
-            image. Its activations round differently, and where an activation sits within rounding
-            of a ReLU's kink or a max-pooling tie the gradient takes another path: the maps agree
-            with exact ones in rank (Spearman >= 0.99 on open_nsfw and VGG-16, tested), not to
-            rounding. No effect on a GPU.
+            convolutions' forward runs through oneDNN too, BatchNorm and Scale folded in, faster,
+            most of all at one class per image. Its activations round differently, and where an
+            activation sits within rounding of a ReLU's kink or a max-pooling tie the gradient takes
+            another path: the maps agree with exact ones in rank (Spearman >= 0.99 on open_nsfw and
+            VGG-16, tested), not to rounding. No effect on a GPU.
         device: None for the CPU, or the CUDA device to run on (needs a CUDA build: see
             :func:`fastsal.has_cuda`). Only the maps are copied back from the device.
         batch_layout: ``"auto"`` (default), ``"per_class"`` (one forward per batch of images, one
