@@ -149,6 +149,7 @@ def main(argv=None) -> None:
             row["classes_speedup"] = ms["notebook_classes"] / ms["fastsal_classes"]
             rows.append(row)
             print(json.dumps(row), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "dream.json").write_text(json.dumps({"machine": machine(), "runs": rows}, indent=1) + "\n")
     lines = [
         "| model | dream layer | notebook dream ms/it | fastsal dream ms/it | speedup | K | notebook classes ms/it/image "

@@ -136,6 +136,7 @@ def main(argv=None) -> None:
                 "runs": run(args.models, args.repeats, Path(tmp)),
                 "memory": memory(),
             }
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "methods.json").write_text(json.dumps(results, indent=1) + "\n")
     lines = [
         "| model | method | K | fastsal maps/s | captum maps/s | fastsal / captum | inexact maps/s "
