@@ -24,8 +24,8 @@ namespace {
 // What a split must keep. Per element, OpenBLAS's blocked kernels sum k in blocks of its GEMM_Q and add
 // each block's dot product to c; threaded, it cuts a last stretch between Q and 2Q in halves (rounded
 // up). Each part here is a single-threaded call per such block, so every element of c sees the same
-// sums in the same order. Calls smaller than Caffe's threading threshold, or parts small enough for
-// OpenBLAS's small-matrix kernels (about 1e6 multiply-adds on AVX-512), stay Caffe's own call.
+// sums in the same order. No block may be small enough for OpenBLAS's small-matrix kernels (about 1e6
+// multiply-adds on AVX-512, another order); calls below Caffe's threading threshold stay Caffe's own.
 constexpr double kThreadedWork = 65536.0 * 4;  // OpenBLAS threads a product above this
 constexpr double kSmallWork = 1.2e6;
 constexpr std::int64_t kAlign = 16;  // column ranges start on 64-byte multiples of a row, when wide
