@@ -109,6 +109,7 @@ def main(argv=None) -> None:
             "throughput": throughput(workdir / "images", args.repeats, workdir),
             "memory": memory(workdir),
         }
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "jobs.json").write_text(json.dumps(results, indent=1) + "\n")
     t = results["throughput"]
     lines = [
