@@ -283,9 +283,7 @@ class ScaleLayer : public caffe::ScaleLayer<float> {
   // One learned factor per channel of a 4-axis blob, without parameter gradients: foldable.
   bool per_channel(int channels) const {
     return this->blobs_.size() >= 1 && this->scale_dim_ == channels && this->outer_dim_ >= 1 &&
-           this->inner_dim_ >= 1 && this->blobs_[0]->count() == channels &&
-           std::none_of(this->param_propagate_down_.begin(), this->param_propagate_down_.end(),
-                        [](bool b) { return b; });
+           this->inner_dim_ >= 1 && this->blobs_[0]->count() == channels && !parameter_gradients();
   }
   const float* factors() const { return this->blobs_[0]->cpu_data(); }
   const float* bias() const {
@@ -298,8 +296,8 @@ class ScaleLayer : public caffe::ScaleLayer<float> {
                    const std::vector<caffe::Blob<float>*>& top) override {
     if (bottom.size() > 1) return caffe::ScaleLayer<float>::Forward_cpu(bottom, top);
     if (folded_forward_) return;
-    const float* scale = this->blobs_[0]->cpu_data();
-    const float* bias = this->bias_layer_ ? this->blobs_[this->bias_param_id_]->cpu_data() : nullptr;
+    const float* scale = factors();
+    const float* bias = this->bias();
     const float* x = bottom[0]->cpu_data();
     float* y = top[0]->mutable_cpu_data();
     const int dim = this->scale_dim_;
@@ -315,12 +313,10 @@ class ScaleLayer : public caffe::ScaleLayer<float> {
 
   void Backward_cpu(const std::vector<caffe::Blob<float>*>& top, const std::vector<bool>& propagate_down,
                     const std::vector<caffe::Blob<float>*>& bottom) override {
-    const bool parameter_gradients = std::any_of(this->param_propagate_down_.begin(),
-                                                 this->param_propagate_down_.end(), [](bool b) { return b; });
-    if (bottom.size() > 1 || parameter_gradients)
+    if (bottom.size() > 1 || parameter_gradients())
       return caffe::ScaleLayer<float>::Backward_cpu(top, propagate_down, bottom);
     if (!propagate_down[0] || folded_backward_) return;
-    const float* scale = this->blobs_[0]->cpu_data();
+    const float* scale = factors();
     const float* g = top[0]->cpu_diff();
     float* out = bottom[0]->mutable_cpu_diff();
     const int dim = this->scale_dim_;
@@ -332,6 +328,11 @@ class ScaleLayer : public caffe::ScaleLayer<float> {
   }
 
  private:
+  bool parameter_gradients() const {
+    return std::any_of(this->param_propagate_down_.begin(), this->param_propagate_down_.end(),
+                       [](bool b) { return b; });
+  }
+
   bool folded_forward_ = false, folded_backward_ = false;
 };
 
