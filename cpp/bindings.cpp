@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "fast_layers.hpp"
+#include "gemm.hpp"
 #include "saliency_engine.hpp"
 #ifdef FASTSAL_WITH_CUDA
 #include "cuda_kernels.hpp"
@@ -173,7 +175,7 @@ PYBIND11_MODULE(_core, m) {
   py::class_<fastsal::SaliencyEngine>(m, "Engine")
       .def(py::init([](py::handle net, const std::string& input_blob, const std::string& score_blob,
                        const std::string& gradient_blob, int batch_size, bool fast_layers, bool exact,
-                       const std::string& rule, int device, const std::string& layout,
+                       bool bf16_backward, const std::string& rule, int device, const std::string& layout,
                        std::size_t memory_budget, const std::vector<int>& image_shape) {
              fastsal::EngineOptions options;
              options.input_blob = input_blob;
@@ -182,6 +184,7 @@ PYBIND11_MODULE(_core, m) {
              options.batch_size = batch_size;
              options.fast_layers = fast_layers;
              options.exact = exact;
+             options.bf16_backward = bf16_backward;
              options.relu_rule = relu_rule(rule);
              options.device = device;
              options.layout = batch_layout(layout);
@@ -192,8 +195,9 @@ PYBIND11_MODULE(_core, m) {
            }),
            py::arg("net"), py::kw_only(), py::arg("input_blob"), py::arg("score_blob"),
            py::arg("gradient_blob") = "", py::arg("batch_size"), py::arg("fast_layers"),
-           py::arg("exact") = true, py::arg("relu_rule") = "gradient", py::arg("device"), py::arg("layout"),
-           py::arg("memory_budget"), py::arg("image_shape") = std::vector<int>{})
+           py::arg("exact") = true, py::arg("bf16_backward") = true, py::arg("relu_rule") = "gradient",
+           py::arg("device"), py::arg("layout"), py::arg("memory_budget"),
+           py::arg("image_shape") = std::vector<int>{})
       .def_property_readonly("input_blob", &fastsal::SaliencyEngine::input_blob)
       .def_property_readonly("score_blob", &fastsal::SaliencyEngine::score_blob)
       .def_property_readonly("gradient_blob", &fastsal::SaliencyEngine::gradient_blob)
@@ -322,6 +326,11 @@ PYBIND11_MODULE(_core, m) {
     info["cudnn"] = false;
 #endif
     info["libcaffe"] = libcaffe_path();
+    // What this CPU gets (not fixed at build time): the numbers in bench/README.md name these.
+    const char* core = fastsal::blas_core();
+    info["openblas_core"] = core ? py::object(py::str(core)) : py::object(py::none());
+    info["onednn_isa"] = fastsal::onednn_isa();
+    info["inexact_backward"] = fastsal::inexact_backward_in_bf16() ? "bf16" : "fp32";
     return info;
   });
 }

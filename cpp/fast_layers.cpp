@@ -16,6 +16,7 @@
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #ifdef FASTSAL_WITH_DNNL
@@ -124,20 +125,15 @@ class PoolingLayer : public caffe::PoolingLayer<float> {
  protected:
   void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
                    const std::vector<caffe::Blob<float>*>& top) override {
-    if (is_max() && top.size() == 1) {
-      max_forward(*bottom[0], *top[0]);
-    } else {
-      caffe::PoolingLayer<float>::Forward_cpu(bottom, top);
-    }
     overflowed_row_ = -1;
+    if (is_max() && top.size() == 1) return max_forward(*bottom[0], *top[0]);
+    caffe::PoolingLayer<float>::Forward_cpu(bottom, top);
     if (!is_max()) return;
     const std::int64_t per_row = top[0]->count(1);
+    const float* mask = top[1]->cpu_data();
     for (int n = 0; n < top[0]->shape(0) && overflowed_row_ < 0; ++n)
-      for (std::int64_t i = 0; i < per_row; ++i)
-        if (mask_at(top, n * per_row + i) < 0) {
-          overflowed_row_ = n;
-          break;
-        }
+      if (std::any_of(mask + n * per_row, mask + (n + 1) * per_row, [](float i) { return i < 0; }))
+        overflowed_row_ = n;
   }
 
   void Backward_cpu(const std::vector<caffe::Blob<float>*>& top, const std::vector<bool>& propagate_down,
@@ -146,6 +142,8 @@ class PoolingLayer : public caffe::PoolingLayer<float> {
     if (!propagate_down[0]) return;
     const float* top_diff = top[0]->cpu_diff();
     float* bottom_diff = bottom[0]->mutable_cpu_diff();
+    const int* mask = top.size() > 1 ? nullptr : this->max_idx_.cpu_data();
+    const float* top_mask = top.size() > 1 ? top[1]->cpu_data() : nullptr;
     const std::int64_t planes = std::int64_t(top[0]->shape(0)) * this->channels_;
     const std::int64_t top_plane = std::int64_t(this->pooled_height_) * this->pooled_width_;
     const std::int64_t bottom_plane = std::int64_t(this->height_) * this->width_;
@@ -154,7 +152,7 @@ class PoolingLayer : public caffe::PoolingLayer<float> {
       float* diff = bottom_diff + p * bottom_plane;
       std::fill_n(diff, bottom_plane, 0.f);
       for (std::int64_t i = p * top_plane; i < (p + 1) * top_plane; ++i) {
-        const int index = mask_at(top, i);
+        const int index = mask ? mask[i] : static_cast<int>(top_mask[i]);
         if (index >= 0) diff[index] += top_diff[i];
       }
     }
@@ -164,43 +162,55 @@ class PoolingLayer : public caffe::PoolingLayer<float> {
   bool is_max() const {
     return this->layer_param_.pooling_param().pool() == caffe::PoolingParameter_PoolMethod_MAX;
   }
-  // The argmax within its plane, from Caffe's int mask or, when the layer has a second top, from there.
-  int mask_at(const std::vector<caffe::Blob<float>*>& top, std::int64_t i) const {
-    return top.size() > 1 ? static_cast<int>(top[1]->cpu_data()[i]) : this->max_idx_.cpu_data()[i];
-  }
   // Caffe's max pooling forward, comparison for comparison (the first maximum in the window wins, and
-  // a window of nothing above -FLT_MAX keeps index -1), spread over (image, channel) planes.
+  // a window of nothing above -FLT_MAX keeps index -1), spread over (image, channel) planes; each plane
+  // notes whether it had such a window while it is hot.
   void max_forward(const caffe::Blob<float>& bottom, caffe::Blob<float>& top) {
     const float* bottom_data = bottom.cpu_data();
     float* top_data = top.mutable_cpu_data();
     int* mask = this->max_idx_.mutable_cpu_data();
     const std::int64_t planes = std::int64_t(top.shape(0)) * this->channels_;
-    const std::int64_t top_plane = std::int64_t(this->pooled_height_) * this->pooled_width_;
-    const std::int64_t bottom_plane = std::int64_t(this->height_) * this->width_;
+    const int height = this->height_, width = this->width_, pooled_h = this->pooled_height_,
+              pooled_w = this->pooled_width_, kernel_h = this->kernel_h_, kernel_w = this->kernel_w_,
+              stride_h = this->stride_h_, stride_w = this->stride_w_, pad_h = this->pad_h_,
+              pad_w = this->pad_w_;
+    const std::int64_t top_plane = std::int64_t(pooled_h) * pooled_w,
+                       bottom_plane = std::int64_t(height) * width;
+    empty_window_.assign(planes, 0);
 #pragma omp parallel for schedule(static) if (planes * bottom_plane >= (1 << 16))
     for (std::int64_t p = 0; p < planes; ++p) {
       const float* in = bottom_data + p * bottom_plane;
       float* out = top_data + p * top_plane;
       int* index_out = mask + p * top_plane;
-      for (int ph = 0; ph < this->pooled_height_; ++ph) {
-        for (int pw = 0; pw < this->pooled_width_; ++pw) {
-          const int hstart = std::max(ph * this->stride_h_ - this->pad_h_, 0);
-          const int wstart = std::max(pw * this->stride_w_ - this->pad_w_, 0);
-          const int hend = std::min(ph * this->stride_h_ - this->pad_h_ + this->kernel_h_, this->height_);
-          const int wend = std::min(pw * this->stride_w_ - this->pad_w_ + this->kernel_w_, this->width_);
+      bool empty = false;
+      for (int ph = 0; ph < pooled_h; ++ph) {
+        const int hstart = std::max(ph * stride_h - pad_h, 0);
+        const int hend = std::min(ph * stride_h - pad_h + kernel_h, height);
+        for (int pw = 0; pw < pooled_w; ++pw) {
+          const int wstart = std::max(pw * stride_w - pad_w, 0);
+          const int wend = std::min(pw * stride_w - pad_w + kernel_w, width);
           float best = -FLT_MAX;
           int best_index = -1;
           for (int h = hstart; h < hend; ++h)
-            for (int w = wstart; w < wend; ++w)
-              if (in[h * this->width_ + w] > best)
-                best = in[h * this->width_ + w], best_index = h * this->width_ + w;
-          out[ph * this->pooled_width_ + pw] = best;
-          index_out[ph * this->pooled_width_ + pw] = best_index;
+            for (int w = wstart; w < wend; ++w) {
+              const float x = in[h * width + w];
+              const bool above = x > best;  // branch-free: which element wins is data, not control flow
+              best = above ? x : best;
+              best_index = above ? h * width + w : best_index;
+            }
+          out[ph * pooled_w + pw] = best;
+          index_out[ph * pooled_w + pw] = best_index;
+          empty |= best_index < 0;
         }
       }
+      empty_window_[p] = empty;
     }
+    const auto first = std::find(empty_window_.begin(), empty_window_.end(), 1);
+    if (first != empty_window_.end())
+      overflowed_row_ = int((first - empty_window_.begin()) / this->channels_);
   }
 
+  std::vector<std::uint8_t> empty_window_;  // per (image, channel) plane of the last forward
   int overflowed_row_ = -1;
 };
 
@@ -520,6 +530,38 @@ class Layout {
   dnnl::reorder to_chosen_, to_plain_;
 };
 
+// How a convolution's data backward computes. It applies the forward's fixed masks, so its arithmetic
+// changes only rounding, never which path a gradient takes. Measured per layer on 2 cores (bench/README):
+// fp32 Winograd F(4x4, 3x3) is 1.3-1.8x faster than the direct kernel from 28x28 output pixels up (at 14x14
+// and one image 2x slower) and keeps maps within 4e-6 of the seed recipe on VGG-16. The choice goes by the
+// layer's shape alone, never the batch's, so an image's map does not depend on which images share its batch;
+// bf16 on AMX is 2-4x faster again, but within 1e-2 of the maximum only, so the inexact mode alone uses it.
+// bf16 without AMX (avx512_core_bf16) is slower than fp32, and oneDNN has Winograd on avx512_core only:
+// elsewhere pd creation fails and the direct kernel runs.
+struct BackwardArithmetic {
+  dnnl::algorithm algorithm = dnnl::algorithm::convolution_direct;
+  dnnl::memory::data_type type = dnnl::memory::data_type::f32;
+};
+
+bool cpu_has_amx() {
+  const auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
+  const auto amx = static_cast<unsigned>(dnnl::cpu_isa::avx512_core_amx);
+  return (isa & amx) == amx;
+}
+
+BackwardArithmetic backward_arithmetic(bool bf16, const int* kernel, const int* stride, const int* dilation,
+                                       int group, std::int64_t output_pixels) {
+  BackwardArithmetic choice;
+  static const bool amx = cpu_has_amx();
+  if (bf16 && amx) {
+    choice.type = dnnl::memory::data_type::bf16;
+  } else if (kernel[0] == 3 && kernel[1] == 3 && stride[0] == 1 && stride[1] == 1 && dilation[0] == 1 &&
+             dilation[1] == 1 && group == 1 && output_pixels >= 28 * 28) {
+    choice.algorithm = dnnl::algorithm::convolution_winograd;
+  }
+  return choice;
+}
+
 // Convolution through oneDNN, in the blocked layouts its fastest kernels want (reordered from and to
 // Caffe's NCHW around each call). The data-only backward always: it applies the forward's fixed
 // masks, so another summation order changes only rounding. The forward only on request (not exact):
@@ -527,8 +569,12 @@ class Layout {
 // near-ties that rounding reroutes whole gradients.
 class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
  public:
-  DnnlConvolutionLayer(const caffe::LayerParameter& param, bool forward, std::shared_ptr<Workspace> workspace)
-      : caffe::ConvolutionLayer<float>(param), dnnl_forward_(forward), workspace_(std::move(workspace)) {}
+  DnnlConvolutionLayer(const caffe::LayerParameter& param, bool forward, bool bf16_backward,
+                       std::shared_ptr<Workspace> workspace)
+      : caffe::ConvolutionLayer<float>(param),
+        dnnl_forward_(forward),
+        bf16_backward_(bf16_backward),
+        workspace_(std::move(workspace)) {}
 
   static bool supports(const caffe::LayerParameter& param, const caffe::Blob<float>& bottom) {
     const auto& p = param.convolution_param();
@@ -661,8 +707,9 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
         weights_any(weight_dims, f32, tag::any), bias(dims{dst_dims[1]}, f32, tag::x);
     const dims strides = {stride[0], stride[1]}, dilates = {dilation[0] - 1, dilation[1] - 1},
                padding_l = {pad[0], pad[1]};
-    // Direct, never Winograd. The scratchpads are the layer's own: oneDNN's shared one would tie the
-    // primitives to the thread that created them.
+    // The forward direct and fp32, never Winograd or bf16: their rounding reroutes gradients at ReLU's kink
+    // (Spearman 0.91 and 0.57 with the exact maps on VGG-16). The scratchpads are the layer's own: oneDNN's
+    // shared one would tie the primitives to the thread that created them.
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
     const auto forward_desc =
@@ -674,10 +721,10 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
                                               dnnl::algorithm::convolution_direct, src_any, weights_any,
                                               dst_any, strides, dilates, padding_l, padding_r);
     forward_pd_ = dnnl::convolution_forward::primitive_desc(forward_desc, attr, cpu_engine());
-    backward_pd_ = dnnl::convolution_backward_data::primitive_desc(
-        dnnl::convolution_backward_data::desc(dnnl::algorithm::convolution_direct, src_any, weights_any,
-                                              dst_any, strides, dilates, padding_l, padding_r),
-        attr, cpu_engine(), forward_pd_);
+    backward_pd_ =
+        backward_primitive(backward_arithmetic(bf16_backward_, kernel, stride, dilation, this->group_,
+                                               dst_dims[2] * dst_dims[3]),
+                           src_dims, weight_dims, dst_dims, strides, dilates, padding_l, padding_r, attr);
     backward_ = dnnl::convolution_backward_data(backward_pd_);
     backward_diff_dst_ = Layout(dst, backward_pd_.diff_dst_desc(), workspace_.get(), Workspace::kInput);
     backward_diff_src_ = Layout(src, backward_pd_.diff_src_desc(), workspace_.get(), Workspace::kOutput);
@@ -689,6 +736,39 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
       forward_weights_ = Layout(weights, forward_pd_.weights_desc(), nullptr, Workspace::kInput);
     }
     weights_current_ = false;
+  }
+
+  // The data backward as `arithmetic` says, or the direct fp32 kernel where oneDNN has no such primitive.
+  // The diff it writes is fp32 either way; a bf16 primitive reads bf16 copies of the diff and weights.
+  dnnl::convolution_backward_data::primitive_desc backward_primitive(
+      const BackwardArithmetic& arithmetic, const dnnl::memory::dims& src_dims,
+      const dnnl::memory::dims& weight_dims, const dnnl::memory::dims& dst_dims,
+      const dnnl::memory::dims& strides, const dnnl::memory::dims& dilates,
+      const dnnl::memory::dims& padding_l, const dnnl::memory::dims& padding_r,
+      const dnnl::primitive_attr& attr) const {
+    using desc = dnnl::memory::desc;
+    const auto any = dnnl::memory::format_tag::any;
+    const auto f32 = dnnl::memory::data_type::f32, type = arithmetic.type;
+    const desc diff_src(src_dims, f32, any), weights(weight_dims, type, any), diff_dst(dst_dims, type, any);
+    try {
+      // The forward primitive only hints the layouts; the bf16 one is never run.
+      const auto hint =
+          type == f32
+              ? forward_pd_
+              : dnnl::convolution_forward::primitive_desc(
+                    dnnl::convolution_forward::desc(
+                        dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+                        desc(src_dims, type, any), weights, diff_dst, strides, dilates, padding_l, padding_r),
+                    attr, cpu_engine());
+      return dnnl::convolution_backward_data::primitive_desc(
+          dnnl::convolution_backward_data::desc(arithmetic.algorithm, diff_src, weights, diff_dst, strides,
+                                                dilates, padding_l, padding_r),
+          attr, cpu_engine(), hint);
+    } catch (const dnnl::error&) {
+      if (arithmetic.algorithm == dnnl::algorithm::convolution_direct && type == f32) throw;
+      return backward_primitive(BackwardArithmetic(), src_dims, weight_dims, dst_dims, strides, dilates,
+                                padding_l, padding_r, attr);
+    }
   }
 
   // Caffe's forward, GEMM for GEMM (gemm.hpp: on fastsal's threads, bit for bit Caffe's), with its
@@ -752,7 +832,7 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
     return dnnl::memory(desc, cpu_engine(), workspace_->get(Workspace::kScratchpad, desc.get_size()));
   }
 
-  bool dnnl_forward_;
+  bool dnnl_forward_, bf16_backward_;
   std::shared_ptr<Workspace> workspace_;
   std::vector<float> ones_;
   std::vector<int> primed_shape_;
@@ -772,6 +852,34 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
 #endif  // FASTSAL_WITH_DNNL
 
 }  // namespace
+
+std::string onednn_isa() {
+#ifdef FASTSAL_WITH_DNNL
+  using isa = dnnl::cpu_isa;
+  const std::pair<isa, const char*> names[] = {{isa::avx512_core_amx, "avx512_core_amx"},
+                                               {isa::avx512_core_bf16, "avx512_core_bf16"},
+                                               {isa::avx512_core_vnni, "avx512_core_vnni"},
+                                               {isa::avx512_core, "avx512_core"},
+                                               {isa::avx2_vnni, "avx2_vnni"},
+                                               {isa::avx2, "avx2"},
+                                               {isa::avx, "avx"},
+                                               {isa::sse41, "sse41"}};
+  const auto effective = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
+  for (const auto& [value, name] : names)  // each ISA's mask includes those below it
+    if ((effective & static_cast<unsigned>(value)) == static_cast<unsigned>(value)) return name;
+  return "unknown";
+#else
+  return "";
+#endif
+}
+
+bool inexact_backward_in_bf16() {
+#ifdef FASTSAL_WITH_DNNL
+  return cpu_has_amx();
+#else
+  return false;
+#endif
+}
 
 SaliencyNet::SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swaps)
     : caffe::Net<float>(param) {
@@ -804,7 +912,7 @@ SaliencyNet::SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swa
 #ifdef FASTSAL_WITH_DNNL
     } else if (swaps.fast && type == "Convolution" &&
                DnnlConvolutionLayer::supports(p, *bottom_vecs_[i][0])) {
-      layer.reset(new DnnlConvolutionLayer(p, swaps.fast_forward, workspace));
+      layer.reset(new DnnlConvolutionLayer(p, swaps.fast_forward, swaps.bf16_backward, workspace));
 #endif
     } else {
       continue;

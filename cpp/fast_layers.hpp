@@ -15,7 +15,13 @@ struct LayerSwaps {
   bool fast = true;           // the faster CPU layers (same values)
   bool fast_forward = false;  // with fast: the forward's convolutions through oneDNN too (not exact)
   ReLURule relu_rule = ReLURule::kGradient;
+  bool bf16_backward = false;  // with fast: the convolutions' data backward in bf16 where the CPU has AMX
 };
+
+// The instruction set oneDNN dispatches to on this CPU (DNNL_MAX_CPU_ISA caps it), e.g. "avx512_core_amx";
+// empty without oneDNN. And whether the inexact mode's convolution backward runs in bf16 (AMX) there.
+std::string onednn_isa();
+bool inexact_backward_in_bf16();
 
 class SaliencyNet : public caffe::Net<float> {
  public:

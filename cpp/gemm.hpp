@@ -11,4 +11,8 @@ namespace fastsal {
 void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, const float* b,
           float beta, float* c);
 
+// The kernels OpenBLAS chose for this CPU ("SkylakeX", "Haswell", or a generic "Prescott" on a model its
+// version does not know); null when Caffe uses another BLAS.
+const char* blas_core();
+
 }  // namespace fastsal

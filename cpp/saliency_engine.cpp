@@ -176,7 +176,8 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
     // At batch 1; every batch resizes the input. fastsal's speed swaps replace CPU code only: on a GPU,
     // Caffe's own layers (cuDNN's where built) run.
     net_ = std::make_unique<SaliencyNet>(
-        plan_.param, LayerSwaps{options.fast_layers && device_ < 0, !options.exact, options.relu_rule});
+        plan_.param, LayerSwaps{options.fast_layers && device_ < 0, !options.exact, options.relu_rule,
+                                !options.exact && options.bf16_backward});
   }
   check_weights_fit(*net_, user_net);
   net_->ShareTrainedLayersWith(&user_net);

@@ -50,7 +50,8 @@ struct EngineOptions {
   bool exact =
       true;  // false (with fast_layers): the forward's convolutions through oneDNN too, not bit for bit
   ReLURule relu_rule = ReLURule::kGradient;  // guided backprop and deconvnet replace plain ReLUs' backward
-  int device = -1;  // -1: CPU; else the CUDA device (a CUDA build of Caffe and fastsal)
+  bool bf16_backward = true;  // inexact only, on CPUs with AMX: the convolutions' data backward in bf16
+  int device = -1;            // -1: CPU; else the CUDA device (a CUDA build of Caffe and fastsal)
   BatchLayout layout = BatchLayout::kAuto;
   std::size_t memory_budget = std::size_t(1) << 30;  // bytes of blobs and layer state per batch
 };

@@ -9,7 +9,7 @@ maps = fastsal.attribute(net, images, classes, method="smoothgrad")
 import caffe  # noqa: F401
 
 from ._attribution import METHODS, Attribution, attribute
-from ._build import build_info, cuda_device_count, has_cuda, set_caffe_log_level
+from ._build import SlowBlasWarning, build_info, cuda_device_count, has_cuda, set_caffe_log_level
 from ._dream import dream, visualize_classes
 from ._load import load
 from ._preprocess import Preprocessing
@@ -20,6 +20,7 @@ __all__ = [
     "Attribution",
     "Preprocessing",
     "Saliency",
+    "SlowBlasWarning",
     "attribute",
     "build_info",
     "compute",

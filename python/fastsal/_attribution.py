@@ -172,6 +172,7 @@ class Attribution:
         fast_layers: bool = True,
         exact: bool = True,
         device: int | None = None,
+        _bf16_backward: bool = True,
         **options,
     ):
         _check_net(net)
@@ -186,6 +187,7 @@ class Attribution:
             fast_layers=fast_layers,
             exact=exact,
             device=device,
+            _bf16_backward=_bf16_backward,
         )
         # The input gradient's engine, with the method's ReLU rule; Grad-CAM's at its layer.
         self._input = None

@@ -1,15 +1,71 @@
-"""What fastsal was built against, and a guard against two different libcaffe copies in one process."""
+"""What fastsal was built against and the kernels this CPU gets, and a guard against two different
+libcaffe copies in one process."""
 
 from __future__ import annotations
 
 import os
+import warnings
 
 from . import _core
 
 
 def build_info() -> dict:
-    """The Caffe fastsal was built against: version, BLAS, CUDA/cuDNN, and the libcaffe file loaded."""
+    """The Caffe fastsal was built against (version, BLAS, CUDA/cuDNN, the libcaffe file loaded) and the
+    kernels this CPU gets: ``openblas_core`` (OpenBLAS's choice, None with another BLAS), ``onednn_isa``
+    (oneDNN's) and ``inexact_backward`` (``"bf16"`` where the CPU has AMX, else ``"fp32"``)."""
     return dict(_core.build_info())
+
+
+class SlowBlasWarning(UserWarning):
+    """Caffe's OpenBLAS runs its generic kernels on this CPU: Caffe's forward, and so fastsal's exact
+    mode, runs several times slower than the CPU allows."""
+
+
+# OpenBLAS's pre-AVX cores: what its DYNAMIC_ARCH build falls back to on a model its version does not know.
+_GENERIC_CORES = {"Prescott", "Core2", "Penryn", "Dunnington", "Nehalem", "Atom", "Katmai", "Northwood"}
+
+
+def slow_blas_advice(core: str | None, cpu_flags: set[str]) -> str | None:
+    """What to do when OpenBLAS picked generic kernels for a CPU that has AVX2 or AVX-512; None when not."""
+    if core not in _GENERIC_CORES:
+        return None
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= cpu_flags:
+        isa, better = "AVX-512", "SkylakeX"
+    elif {"avx2", "fma"} <= cpu_flags:
+        isa, better = "AVX2", "Haswell"
+    else:
+        return None
+    return (
+        f"Caffe's OpenBLAS runs its generic {core} kernels on this CPU, which has {isa} (that OpenBLAS "
+        "version does not know the CPU model): Caffe's forward, and so fastsal's exact mode and pycaffe "
+        f"itself, run 2-3x slower than they could. Start Python with OPENBLAS_CORETYPE={better} in the "
+        "environment (OpenBLAS reads it when it loads), or use exact=False, whose oneDNN kernels are unaffected."
+    )
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+_blas_checked = False
+
+
+def warn_if_blas_is_slow(stacklevel: int) -> None:
+    """Once per process, a SlowBlasWarning when Caffe's forward runs on OpenBLAS's generic kernels."""
+    global _blas_checked
+    if _blas_checked:
+        return
+    _blas_checked = True
+    advice = slow_blas_advice(build_info()["openblas_core"], _cpu_flags())
+    if advice:
+        warnings.warn(advice, SlowBlasWarning, stacklevel=stacklevel + 1)
 
 
 def has_cuda() -> bool:

@@ -1,0 +1,113 @@
+"""What fastsal does with the CPU it runs on: the warning when Caffe's OpenBLAS runs its generic kernels,
+and the arithmetic of the convolutions' data backward (fp32 Winograd from 28x28 output pixels up, bf16
+in the inexact mode where the CPU has AMX), read from oneDNN's own log."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+import fastsal
+from conftest import NETS, _input, conv, fc, layer, make_net, write
+from fastsal import _build
+
+AVX512 = {"sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"}
+
+
+@pytest.mark.parametrize(
+    "core, flags, fix",
+    [
+        ("Prescott", AVX512, "OPENBLAS_CORETYPE=SkylakeX"),
+        ("Prescott", {"avx", "avx2", "fma"}, "OPENBLAS_CORETYPE=Haswell"),
+        ("Nehalem", {"avx", "avx2", "fma"}, "OPENBLAS_CORETYPE=Haswell"),
+        ("Prescott", {"sse3", "ssse3"}, None),  # a CPU that old: the generic kernels are its own
+        ("SkylakeX", AVX512, None),
+        ("Haswell", AVX512, None),  # a real choice for this CPU, if not the widest: left alone
+        (None, AVX512, None),  # another BLAS than OpenBLAS
+    ],
+    ids=["avx512", "avx2", "nehalem-core", "old-cpu", "known-core", "haswell-core", "other-blas"],
+)
+def test_slow_blas_advice_names_the_core_and_the_fix(core, flags, fix):
+    advice = _build.slow_blas_advice(core, flags)
+    if fix is None:
+        assert advice is None
+    else:
+        assert fix in advice and core in advice
+
+
+def test_exact_cpu_engines_warn_once_when_openblas_runs_generic_kernels(tmp_path, monkeypatch):
+    """On this host the warning comes exactly when the advice applies: once per process, from the first
+    exact engine (the inexact mode's convolutions are oneDNN's and do not care)."""
+    expected = _build.slow_blas_advice(fastsal.build_info()["openblas_core"], _build._cpu_flags())
+    net = make_net(tmp_path, NETS["conv_maxpool_fc_softmax"][0])
+    monkeypatch.setattr(_build, "_blas_checked", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fastsal.Saliency(net, exact=False)
+        inexact_only = [w for w in caught if issubclass(w.category, fastsal.SlowBlasWarning)]
+        fastsal.Saliency(net)
+        fastsal.Saliency(net)
+    slow = [str(w.message) for w in caught if issubclass(w.category, fastsal.SlowBlasWarning)]
+    assert inexact_only == []
+    assert slow == ([expected] if expected else [])
+
+
+# conv_big's 32x32 output is Winograd's size, conv_small's 16x16 is not.
+TWO_SIZES = (
+    _input((16, 32, 32), batch=1)
+    + conv("conv_big", "data", 16)
+    + layer("relu", "ReLU", "conv_big", "conv_big")
+    + layer("pool", "Pooling", "conv_big", params="pooling_param { pool: MAX kernel_size: 2 stride: 2 }")
+    + conv("conv_small", "pool", 16)
+    + fc("score", "conv_small", 4)
+)
+
+BACKWARD_LOG = """
+import sys
+import numpy as np
+import caffe
+import fastsal
+fastsal.set_caffe_log_level(2)
+net = caffe.Net(sys.argv[1], caffe.TEST)
+images = np.random.default_rng(0).standard_normal((1, 16, 32, 32)).astype(np.float32)
+print("START", flush=True)
+fastsal.compute(net, images, [0, 1], exact=sys.argv[2] == "exact")
+"""
+
+
+def _backward_kernels(prototxt: str, mode: str) -> dict[str, str]:
+    """{"big": implementation, "small": implementation} of the data backward, from oneDNN's log."""
+    env = dict(os.environ, DNNL_VERBOSE="1", ONEDNN_VERBOSE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", BACKWARD_LOG, prototxt, mode], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    kernels = {}
+    for line in result.stdout.split("START", 1)[1].splitlines():
+        fields = line.split(",")
+        if (
+            len(fields) > 5
+            and fields[1] == "exec"
+            and fields[3] == "convolution"
+            and fields[5] == "backward_data"
+        ):
+            kernels["big" if "ih32" in line else "small"] = fields[4]
+    return kernels
+
+
+@pytest.mark.skipif(
+    not fastsal.build_info()["onednn_isa"].startswith("avx512"),
+    reason="oneDNN has Winograd (and AMX) kernels only on AVX-512 CPUs; elsewhere the direct kernel runs",
+)
+@pytest.mark.parametrize("mode", ["exact", "inexact"])
+def test_data_backward_arithmetic_follows_the_layer_and_the_cpu(tmp_path, mode):
+    kernels = _backward_kernels(write(tmp_path, TWO_SIZES), mode)
+    assert set(kernels) == {"big", "small"}, kernels
+    if mode == "inexact" and fastsal.build_info()["inexact_backward"] == "bf16":
+        assert all("amx_bf16" in impl for impl in kernels.values()), kernels
+    else:
+        assert "wino" in kernels["big"] and "wino" not in kernels["small"], kernels
