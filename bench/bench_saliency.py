@@ -350,13 +350,17 @@ def machine() -> dict:
     info = {
         "cpu": cpu,
         "isa": " ".join(
-            f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "amx_tile") if f in flags
+            f
+            for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+            if f in flags
         ),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "fastsal": fastsal.__version__,
         **{f"caffe_{k}": v for k, v in fastsal.build_info().items()},
+        # OpenBLAS reads it when it loads: the fix fastsal's SlowBlasWarning names, if it was applied
+        "env_OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "onednn_implementations": dnnl_implementations(),
     }
     if captum_available():

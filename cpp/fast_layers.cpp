@@ -535,7 +535,8 @@ class Layout {
 // fp32 Winograd F(4x4, 3x3) is 1.3-1.8x faster than the direct kernel from 28x28 output pixels up (at 14x14
 // and one image 2x slower) and keeps maps within 4e-6 of the seed recipe on VGG-16. The choice goes by the
 // layer's shape alone, never the batch's, so an image's map does not depend on which images share its batch;
-// bf16 on AMX is 2-4x faster again, but within 1e-2 of the maximum only, so the inexact mode alone uses it.
+// bf16 on AMX is 2-4x faster again, but within 1e-2 of the maximum only, so the inexact mode alone uses it,
+// and not for 1x1 layers, where the reorders to and from its NHWC layout cost what the kernel saves.
 // bf16 without AMX (avx512_core_bf16) is slower than fp32, and oneDNN has Winograd on avx512_core only:
 // elsewhere pd creation fails and the direct kernel runs.
 struct BackwardArithmetic {
@@ -553,7 +554,7 @@ BackwardArithmetic backward_arithmetic(bool bf16, const int* kernel, const int* 
                                        int group, std::int64_t output_pixels) {
   BackwardArithmetic choice;
   static const bool amx = cpu_has_amx();
-  if (bf16 && amx) {
+  if (bf16 && amx && kernel[0] * kernel[1] > 1) {
     choice.type = dnnl::memory::data_type::bf16;
   } else if (kernel[0] == 3 && kernel[1] == 3 && stride[0] == 1 && stride[1] == 1 && dilation[0] == 1 &&
              dilation[1] == 1 && group == 1 && output_pixels >= 28 * 28) {

@@ -56,14 +56,15 @@ def test_exact_cpu_engines_warn_once_when_openblas_runs_generic_kernels(tmp_path
     assert slow == ([expected] if expected else [])
 
 
-# conv_big's 32x32 output is Winograd's size, conv_small's 16x16 is not.
-TWO_SIZES = (
+# conv_big's 32x32 output is Winograd's size, conv_small's 16x16 is not; conv_1x1 is pointwise.
+THREE_LAYERS = (
     _input((16, 32, 32), batch=1)
     + conv("conv_big", "data", 16)
     + layer("relu", "ReLU", "conv_big", "conv_big")
     + layer("pool", "Pooling", "conv_big", params="pooling_param { pool: MAX kernel_size: 2 stride: 2 }")
     + conv("conv_small", "pool", 16)
-    + fc("score", "conv_small", 4)
+    + conv("conv_1x1", "conv_small", 16, k=1, pad=0)
+    + fc("score", "conv_1x1", 4)
 )
 
 BACKWARD_LOG = """
@@ -80,7 +81,7 @@ fastsal.compute(net, images, [0, 1], exact=sys.argv[2] == "exact")
 
 
 def _backward_kernels(prototxt: str, mode: str) -> dict[str, str]:
-    """{"big": implementation, "small": implementation} of the data backward, from oneDNN's log."""
+    """{"big" | "small" | "1x1": implementation} of each layer's data backward, from oneDNN's log."""
     env = dict(os.environ, DNNL_VERBOSE="1", ONEDNN_VERBOSE="1")
     result = subprocess.run(
         [sys.executable, "-c", BACKWARD_LOG, prototxt, mode], env=env, capture_output=True, text=True
@@ -95,7 +96,7 @@ def _backward_kernels(prototxt: str, mode: str) -> dict[str, str]:
             and fields[3] == "convolution"
             and fields[5] == "backward_data"
         ):
-            kernels["big" if "ih32" in line else "small"] = fields[4]
+            kernels["1x1" if "kh1s" in line else "big" if "ih32" in line else "small"] = fields[4]
     return kernels
 
 
@@ -105,9 +106,10 @@ def _backward_kernels(prototxt: str, mode: str) -> dict[str, str]:
 )
 @pytest.mark.parametrize("mode", ["exact", "inexact"])
 def test_data_backward_arithmetic_follows_the_layer_and_the_cpu(tmp_path, mode):
-    kernels = _backward_kernels(write(tmp_path, TWO_SIZES), mode)
-    assert set(kernels) == {"big", "small"}, kernels
+    kernels = _backward_kernels(write(tmp_path, THREE_LAYERS), mode)
+    assert set(kernels) == {"big", "small", "1x1"}, kernels
+    assert "bf16" not in kernels["1x1"] and "wino" not in kernels["1x1"], kernels
     if mode == "inexact" and fastsal.build_info()["inexact_backward"] == "bf16":
-        assert all("amx_bf16" in impl for impl in kernels.values()), kernels
+        assert "amx_bf16" in kernels["big"] and "amx_bf16" in kernels["small"], kernels
     else:
         assert "wino" in kernels["big"] and "wino" not in kernels["small"], kernels
