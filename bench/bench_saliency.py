@@ -347,8 +347,12 @@ def machine() -> dict:
     flags = next(
         (line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), []
     )
+    model = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model\t")), "?"
+    )
     info = {
         "cpu": cpu,
+        "cpu_model_number": model,  # a VM's "model name" often hides the generation: 143 Sapphire, 207 Emerald Rapids
         "isa": " ".join(
             f
             for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")

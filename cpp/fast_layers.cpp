@@ -531,14 +531,14 @@ class Layout {
 };
 
 // How a convolution's data backward computes. It applies the forward's fixed masks, so its arithmetic
-// changes only rounding, never which path a gradient takes. Measured per layer on 2 cores (bench/README):
-// fp32 Winograd F(4x4, 3x3) is 1.3-1.8x faster than the direct kernel from 28x28 output pixels up (at 14x14
-// and one image 2x slower) and keeps maps within 4e-6 of the seed recipe on VGG-16. The choice goes by the
-// layer's shape alone, never the batch's, so an image's map does not depend on which images share its batch;
-// bf16 on AMX is 2-4x faster again, but within 1e-2 of the maximum only, so the inexact mode alone uses it,
-// and not for 1x1 layers, where the reorders to and from its NHWC layout cost what the kernel saves.
+// changes only rounding, never which path a gradient takes. Measured per layer (docs/design.md):
+// - fp32 Winograd F(4x4, 3x3): 1.3-1.8x faster than the direct kernel from 28x28 output pixels up (2x
+//   slower at 14x14 with one image); maps within 4e-6 of the seed recipe on VGG-16. Chosen by the layer's
+//   shape alone, never the batch's: an image's map does not depend on the images that share its batch.
+// - bf16 on AMX: 2-4x faster again, but within 1e-2 of the maximum only, so the inexact mode alone uses
+//   it, and not for 1x1 layers, where the reorders to and from its NHWC layout cost what it saves.
 // bf16 without AMX (avx512_core_bf16) is slower than fp32, and oneDNN has Winograd on avx512_core only:
-// elsewhere pd creation fails and the direct kernel runs.
+// elsewhere creating the primitive fails and the direct kernel runs.
 struct BackwardArithmetic {
   dnnl::algorithm algorithm = dnnl::algorithm::convolution_direct;
   dnnl::memory::data_type type = dnnl::memory::data_type::f32;
