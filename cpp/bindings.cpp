@@ -280,6 +280,10 @@ PYBIND11_MODULE(_core, m) {
       "(layout, batch rows per forward pass) the engine picks: its batch-layout rule, exposed for the tests.",
       py::arg("layout"), py::arg("on_gpu"), py::arg("num_images"), py::arg("classes_per_image"),
       py::arg("batch_size"));
+  m.def("balanced_rows", &fastsal::balanced_rows,
+        "Rows per pass for `units` rows at most `cap` a pass: as few passes as that allows, each as short "
+        "as it can be. The engine's rule, which the package's own batching follows.",
+        py::arg("units"), py::arg("cap"));
 
   m.def("cuda_current_device", [] {
 #ifdef FASTSAL_WITH_CUDA

@@ -517,6 +517,10 @@ class Layout {
   }
   // The layout's own copy (null when the layouts agree or the workspace holds it), kept between calls.
   const dnnl::memory& kept() const { return own_; }
+  // What it needs of the workspace's `slot`.
+  std::size_t bytes_in(Workspace::Slot slot) const {
+    return copies_ && workspace_ && slot_ == slot ? chosen_.get_size() : 0;
+  }
 
  private:
   dnnl::memory buffer() const {
@@ -590,6 +594,12 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
            !(this->bias_term_ && this->param_propagate_down_[1]);
   }
   bool dnnl_forward() const { return dnnl_forward_; }
+  // What its blocked copies, as built for the current batch, need of the shared workspace's `slot`.
+  std::size_t workspace_bytes(Workspace::Slot slot) const {
+    if (!usable_) return 0;
+    return std::max({forward_src_.bytes_in(slot), forward_dst_.bytes_in(slot),
+                     backward_diff_dst_.bytes_in(slot), backward_diff_src_.bytes_in(slot)});
+  }
   void fold(const BatchNormLayer* norm, const ScaleLayer* scale, bool forward, bool backward) {
     if (forward != fold_forward_) primed_shape_.clear();  // the forward primitive then needs a bias
     norm_ = norm, scale_ = scale, fold_forward_ = forward, fold_backward_ = backward;
@@ -961,6 +971,21 @@ int SaliencyNet::first_overflowed_row(int last, std::string* layer) const {
     }
   }
   return first;
+}
+
+std::size_t SaliencyNet::workspace_bytes_per_image() const {
+  std::size_t bytes = 0;
+#ifdef FASTSAL_WITH_DNNL
+  // Not the scratchpads: measured on a Winograd layer, ~80% of its scratchpad does not grow with the batch.
+  for (const auto slot : {Workspace::kInput, Workspace::kOutput}) {
+    std::size_t largest = 0;  // the slot is shared: it grows to the largest layer's need
+    for (const auto& layer : layers_)
+      if (const auto* conv = dynamic_cast<const DnnlConvolutionLayer*>(layer.get()))
+        largest = std::max(largest, conv->workspace_bytes(slot));
+    bytes += largest;
+  }
+#endif
+  return bytes;
 }
 
 }  // namespace fastsal

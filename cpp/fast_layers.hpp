@@ -37,6 +37,10 @@ class SaliencyNet : public caffe::Net<float> {
   // After a CPU forward of layers [0, last]: the first batch row in which a max pooling window held no
   // number (all NaN or -Inf: the activations overflowed), and that layer's name; -1 when none did.
   int first_overflowed_row(int last, std::string* layer) const;
+
+  // Bytes per batch row of the buffers fastsal's layers share (the oneDNN convolutions' blocked copies
+  // of their inputs and outputs), beyond what net_surgery's bytes_per_image counts. At batch 1.
+  std::size_t workspace_bytes_per_image() const;
 };
 
 }  // namespace fastsal

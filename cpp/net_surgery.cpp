@@ -104,19 +104,28 @@ void check_batch_axis_free(const caffe::Net<float>& net, int layer) {
 }
 
 // Floats per image a layer keeps besides its tops (docs/caffe_internals.md section 5), so that the
-// default batch size stays within the memory budget: measured on open_nsfw, they are ~40% of the total.
-std::size_t hidden_floats_per_image(const caffe::Net<float>& net, int layer) {
-  const std::string type = net.layers()[layer]->type();
+// default batch size stays within the memory budget. `fast`: fastsal's CPU layers (fast_layers.cpp),
+// whose test-time BatchNorm and single-input Scale keep nothing and whose ReLU keeps a byte mask.
+std::size_t hidden_floats_per_image(const caffe::Net<float>& net, int layer, bool fast) {
+  const caffe::LayerParameter& p = net.layers()[layer]->layer_param();
+  const std::string& type = p.type();
   const auto& bottoms = net.bottom_vecs()[layer];
   const auto& tops = net.top_vecs()[layer];
   const auto per_image = [](const caffe::Blob<float>* b) {
     return static_cast<std::size_t>(b->count()) / std::max(1, b->shape(0));
   };
-  if (type == "BatchNorm") return 2 * per_image(bottoms[0]);  // temp_, x_norm_
+  const bool test = net.phase() == caffe::TEST;
+  if (type == "BatchNorm") {
+    const auto& bn = p.batch_norm_param();
+    const bool global = bn.has_use_global_stats() ? bn.use_global_stats() : test;  // Caffe's default
+    return fast && global ? 0 : 2 * per_image(bottoms[0]);                         // temp_, x_norm_
+  }
+  if (type == "Scale" && fast && bottoms.size() == 1) return 0;
   if (type == "Scale" || type == "PReLU")
-    return bottoms[0] == tops[0] ? per_image(bottoms[0]) : 0;                              // in-place copies
-  if (type == "Pooling" || type == "LRN" || type == "Dropout") return per_image(tops[0]);  // masks, scales
-  if (type == "ReLU") return per_image(tops[0]) / 4;  // fastsal's byte mask
+    return bottoms[0] == tops[0] ? per_image(bottoms[0]) : 0;         // in-place copies
+  if (type == "Dropout") return test ? 0 : per_image(tops[0]);        // rand_vec_, touched in training only
+  if (type == "Pooling" || type == "LRN") return per_image(tops[0]);  // masks, scales
+  if (type == "ReLU") return fast ? per_image(tops[0]) / 4 : 0;       // fastsal's byte mask
   return 0;
 }
 
@@ -389,11 +398,17 @@ void check_weights_fit(const caffe::Net<float>& internal, const caffe::Net<float
   }
 }
 
-std::size_t bytes_per_image(const caffe::Net<float>& net) {
+std::size_t bytes_per_image(const caffe::Net<float>& net, bool fast_layers) {
+  const auto per_image = [](const caffe::Blob<float>* b) {
+    return static_cast<std::size_t>(b->count()) / std::max(1, b->shape(0));
+  };
   std::size_t floats = 0;
-  for (const auto& blob : net.blobs())
-    floats += 2 * static_cast<std::size_t>(blob->count()) / std::max(1, blob->shape(0));  // data, diff
-  for (int l = 0; l < static_cast<int>(net.layers().size()); ++l) floats += hidden_floats_per_image(net, l);
+  for (const auto& blob : net.blobs()) floats += 2 * per_image(blob.get());  // data, diff
+  for (int l = 0; l < static_cast<int>(net.layers().size()); ++l) {
+    floats += hidden_floats_per_image(net, l, fast_layers);
+    if (net.layers()[l]->type() == "Split")  // its tops share the bottom's data (SplitLayer::Reshape)
+      for (const caffe::Blob<float>* top : net.top_vecs()[l]) floats -= per_image(top);
+  }
   return floats * sizeof(float);
 }
 

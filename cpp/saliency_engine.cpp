@@ -28,6 +28,12 @@ BatchPlan plan_batches(BatchLayout layout, bool on_gpu, int num_images, int clas
   return {pairs, batch_size};
 }
 
+int balanced_rows(std::int64_t units, int cap) {
+  if (units <= 0 || cap <= 0) return std::max(cap, 1);
+  const std::int64_t passes = (units + cap - 1) / cap;
+  return static_cast<int>((units + passes - 1) / passes);
+}
+
 #ifdef FASTSAL_WITH_CUDA
 // Grown on demand, freed with the engine. The maps of a batch are reduced on the device, copied to
 // pinned memory in one transfer, then into the caller's array. A capacity is recorded only once its
@@ -207,7 +213,8 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
     head_bytes_ = options.memory_budget / 4;
     if (head_->empty()) head_.reset();
   }
-  bytes_per_image_ = fastsal::bytes_per_image(*net_);
+  bytes_per_image_ =
+      fastsal::bytes_per_image(*net_, options.fast_layers && device_ < 0) + net_->workspace_bytes_per_image();
   batch_size_ = choose_batch_size(options, bytes_per_image_);
 }
 
@@ -299,9 +306,10 @@ void SaliencyEngine::run(const SaliencyRequest& request, std::vector<LayerTime>*
   }
   const std::int64_t units =
       std::int64_t(request.num_images) * (batches.pairs ? request.classes_per_image : request.samples);
-  for (std::int64_t first = 0; first < units; first += batches.rows_per_pass)
-    run_batch(request, first, static_cast<int>(std::min<std::int64_t>(batches.rows_per_pass, units - first)),
-              batches.pairs, direct ? nullptr : accumulator, times);
+  const int rows = balanced_rows(units, batches.rows_per_pass);
+  for (std::int64_t first = 0; first < units; first += rows)
+    run_batch(request, first, static_cast<int>(std::min<std::int64_t>(rows, units - first)), batches.pairs,
+              direct ? nullptr : accumulator, times);
   if (!direct && request.finish) finish(request, accumulator);
 }
 

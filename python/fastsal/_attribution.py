@@ -13,7 +13,7 @@ import caffe
 import numpy as np
 
 from . import _core
-from ._saliency import Saliency, _check_net, _check_positive_int
+from ._saliency import Saliency, _check_net, _check_positive_int, batch_slices
 
 METHODS = (
     "saliency",
@@ -338,10 +338,8 @@ class Attribution:
         """The score blob's values, (N, num_classes) float32: forward passes only."""
         batch, single = self._main._images(images)
         out = np.empty((len(batch), self.num_classes), np.float32)
-        step = self._main.batch_size
-        for start in range(0, len(batch), step):
-            part = slice(start, start + step)
-            self._main._engine.scores(np.ascontiguousarray(batch[part], np.float32), out[part], start)
+        for part in batch_slices(len(batch), self._main.batch_size):
+            self._main._engine.scores(np.ascontiguousarray(batch[part], np.float32), out[part], part.start)
         return out[0] if single else out
 
     def _run(self, images: np.ndarray, classes, k, delta: bool, want_scores: bool = False):
@@ -403,8 +401,8 @@ class Attribution:
         seed = options.get("seed")
         if method in NOISE_METHODS and seed is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0])
-        for start in range(0, n, chunk):
-            part = slice(start, start + chunk)
+        for part in batch_slices(n, chunk):
+            start = part.start
             x = np.ascontiguousarray(images[part], dtype=np.float32)
             call = dict(reduce=reduce, first_index=start)
             rows = weights = None  # rows(first, count): those samples of every image in x
@@ -450,13 +448,13 @@ class Attribution:
                 continue
             # An image's samples in calls of at most a batch of rows, summed in one accumulator:
             # memory stays bounded however many samples or steps.
-            step = min(samples, batch)
+            passes = batch_slices(samples, batch)
             accumulator = None
-            if step < samples:
+            if len(passes) > 1:
                 copies = 2 if call.get("accumulate") == "variance" else 1
                 accumulator = np.zeros((copies, len(x), k, c, h, w), np.float32)
-            for first in range(0, samples, step):
-                count = min(step, samples - first)
+            for samples_part in passes:
+                first, count = samples_part.start, min(samples_part.stop, samples) - samples_part.start
                 saliency._engine.compute(
                     np.ascontiguousarray(rows(first, count).reshape(-1, c, h, w), dtype=np.float32),
                     targets,
@@ -493,9 +491,8 @@ class Attribution:
         classes, k, top, scores = self._targets(n, classes, k, want_scores)
         size = self.image_shape[1:] if mode else (h, w)
         out = np.empty((n, k, *size), np.float32)
-        step = cam_engine.batch_size
-        for start in range(0, n, step):
-            part = slice(start, start + step)
+        for part in batch_slices(n, cam_engine.batch_size):
+            start = part.start
             x = np.ascontiguousarray(images[part], dtype=np.float32)
             grads = np.empty((len(x), k, c, h, w), np.float32)
             acts = np.empty((len(x), c, h, w), np.float32)

@@ -10,7 +10,7 @@ import caffe
 import numpy as np
 
 from ._preprocess import Preprocessing
-from ._saliency import Saliency, _check_net, _check_positive_int
+from ._saliency import Saliency, _check_net, _check_positive_int, batch_slices
 
 PRESETS = {
     # Simonyan et al.: the L2-regularised class score, plain gradient ascent (their lambda is
@@ -112,8 +112,7 @@ def visualize_classes(
     for iteration in range(iterations):
         shifts = [tuple(rng.integers(-jitter, jitter + 1, 2)) if jitter else (0, 0) for rng in rngs]
         rolled = np.stack([np.roll(row, s, axis=(1, 2)) for row, s in zip(x, shifts)])
-        for first in range(0, k, engine.batch_size):  # batch_size rows at a time, normally all K
-            part = slice(first, first + engine.batch_size)
+        for part in batch_slices(k, engine.batch_size):  # normally all K rows in one pass
             engine._engine.compute(rolled[part], per_row[part], out[part], reduce="none", scores=scores[part])
         history.append(scores[np.arange(k), ids].copy())
         gradient = np.stack([np.roll(g, (-s[0], -s[1]), axis=(1, 2)) for g, s in zip(out[:, 0], shifts)])
@@ -133,11 +132,8 @@ def visualize_classes(
     if return_scores:
         final = engine._engine
         last = np.empty((k, engine.num_classes), np.float32)
-        for first in range(0, k, engine.batch_size):
-            final.scores(
-                np.ascontiguousarray(x[first : first + engine.batch_size]),
-                last[first : first + engine.batch_size],
-            )
+        for part in batch_slices(k, engine.batch_size):
+            final.scores(np.ascontiguousarray(x[part]), last[part])
         history.append(last[np.arange(k), ids])
         return x, np.array(history)
     return x

@@ -17,6 +17,13 @@ from ._build import warn_if_blas_is_slow
 DEFAULT_MEMORY_BUDGET = 1 << 30
 
 
+def batch_slices(n: int, cap: int) -> list[slice]:
+    """range(n) in passes of at most cap, as the engine cuts its own (``_core.balanced_rows``): as few
+    passes as cap allows, none needlessly short (8 at cap 7: 4 + 4, not 7 + 1)."""
+    step = _core.balanced_rows(n, cap)
+    return [slice(start, start + step) for start in range(0, n, step)]
+
+
 class Saliency:
     """Saliency maps (Simonyan et al. 2013) of one ``caffe.Net``, reusable across calls.
 
@@ -216,9 +223,8 @@ class Saliency:
         shape = self.image_shape if gradients else self.image_shape[1:]
         out = np.empty((n, k, *shape), np.float32)
         top = np.empty((n, k), np.int32) if classes is None else None
-        step = self.batch_size
-        for start in range(0, n, step):
-            part = slice(start, start + step)
+        for part in batch_slices(n, self.batch_size):
+            start = part.start
             # Converted one batch at a time, so a float64 or strided input is never copied whole.
             self._engine.compute(
                 np.ascontiguousarray(images[part], dtype=np.float32),
@@ -263,8 +269,8 @@ class Saliency:
             )
         if np.issubdtype(images.dtype, np.floating):
             # What Caffe will see: a finite float64 beyond float32's range becomes Inf.
-            for start in range(0, len(images), self.batch_size):
-                part = images[start : start + self.batch_size].astype(np.float32, copy=False)
+            for rows in batch_slices(len(images), self.batch_size):
+                start, part = rows.start, images[rows].astype(np.float32, copy=False)
                 finite = np.isfinite(part).reshape(len(part), -1).all(axis=1)
                 if not finite.all():
                     bad = start + int(np.argmin(finite))
