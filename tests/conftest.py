@@ -37,6 +37,29 @@ def fc(name, bottom, n):
     return layer(name, "InnerProduct", bottom, params=f"inner_product_param {{ num_output: {n} }}")
 
 
+def resnet_block(shape, channels: int, pooling: str, batch: int = 2) -> str:
+    """A ResNet block: convolution, BatchNorm and Scale in place, ReLU; a two-convolution branch summed
+    with that shortcut (Caffe inserts a Split), ReLU; pooling, a fully connected score, Softmax."""
+    scale = "scale_param { bias_term: true }"
+    return (
+        _input(shape, batch)
+        + conv("conv1", "data", channels)
+        + layer("bn1", "BatchNorm", "conv1", "conv1")
+        + layer("scale1", "Scale", "conv1", "conv1", scale)
+        + layer("relu1", "ReLU", "conv1", "conv1")
+        + conv("branch_a", "conv1", channels)
+        + layer("bn_a", "BatchNorm", "branch_a", "branch_a")
+        + layer("scale_a", "Scale", "branch_a", "branch_a", scale)
+        + layer("relu_a", "ReLU", "branch_a", "branch_a")
+        + conv("branch_b", "branch_a", channels)
+        + layer("sum", "Eltwise", ["conv1", "branch_b"])
+        + layer("relu_sum", "ReLU", "sum", "sum")
+        + layer("pool", "Pooling", "sum", params=pooling)
+        + fc("fc", "pool", 5)
+        + layer("prob", "Softmax", "fc")
+    )
+
+
 # Small nets covering the layer types of real image nets. Each maps name -> (prototxt, score blob).
 NETS = {
     "conv_maxpool_fc_softmax": (
@@ -52,21 +75,7 @@ NETS = {
         "fc",
     ),
     "resnet_block_bn_scale_eltwise": (
-        _input((3, 10, 10))
-        + conv("conv1", "data", 8)
-        + layer("bn1", "BatchNorm", "conv1", "conv1")
-        + layer("scale1", "Scale", "conv1", "conv1", "scale_param { bias_term: true }")
-        + layer("relu1", "ReLU", "conv1", "conv1")
-        + conv("branch_a", "conv1", 8)
-        + layer("bn_a", "BatchNorm", "branch_a", "branch_a")
-        + layer("scale_a", "Scale", "branch_a", "branch_a", "scale_param { bias_term: true }")
-        + layer("relu_a", "ReLU", "branch_a", "branch_a")
-        + conv("branch_b", "branch_a", 8)
-        + layer("sum", "Eltwise", ["conv1", "branch_b"])
-        + layer("relu_sum", "ReLU", "sum", "sum")
-        + layer("gap", "Pooling", "sum", params="pooling_param { pool: AVE global_pooling: true }")
-        + fc("fc", "gap", 5)
-        + layer("prob", "Softmax", "fc"),
+        resnet_block((3, 10, 10), 8, "pooling_param { pool: AVE global_pooling: true }"),
         "fc",
     ),
     "inception_concat_lrn_no_softmax": (

@@ -26,6 +26,7 @@ from conftest import (
     make_net,
     random_images,
     randomize_weights,
+    resnet_block,
     seed_recipe,
     write,
 )
@@ -291,25 +292,9 @@ def test_default_batch_size_follows_the_memory_budget(tmp_path):
     assert fastsal.Saliency(net, memory_budget=3 * per_image + 1).batch_size == 3
 
 
-# A ResNet stage at a size where every per-row buffer is megabytes: BatchNorm and Scale in place, a
+# A ResNet block at a size where every per-row buffer is megabytes: BatchNorm and Scale in place, a
 # Split (the shortcut), Eltwise, ReLU masks, max pooling's indices, oneDNN's blocked copies.
-RESNET_STAGE = (
-    _input((3, 96, 96), batch=1)
-    + conv("conv1", "data", 32)
-    + layer("bn1", "BatchNorm", "conv1", "conv1")
-    + layer("scale1", "Scale", "conv1", "conv1", "scale_param { bias_term: true }")
-    + layer("relu1", "ReLU", "conv1", "conv1")
-    + conv("branch_a", "conv1", 32)
-    + layer("bn_a", "BatchNorm", "branch_a", "branch_a")
-    + layer("scale_a", "Scale", "branch_a", "branch_a", "scale_param { bias_term: true }")
-    + layer("relu_a", "ReLU", "branch_a", "branch_a")
-    + conv("branch_b", "branch_a", 32)
-    + layer("sum", "Eltwise", ["conv1", "branch_b"])
-    + layer("relu_sum", "ReLU", "sum", "sum")
-    + layer("pool", "Pooling", "sum", params="pooling_param { pool: MAX kernel_size: 2 stride: 2 }")
-    + fc("fc", "pool", 5)
-    + layer("prob", "Softmax", "fc")
-)
+RESNET_STAGE = resnet_block((3, 96, 96), 32, "pooling_param { pool: MAX kernel_size: 2 stride: 2 }", batch=1)
 
 
 @pytest.mark.parametrize(
