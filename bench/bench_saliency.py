@@ -161,6 +161,14 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 SETTLE_S = 0.01
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) CPU ticks since boot from /proc/stat: on a shared VM, the time the hypervisor gave
+    the cores to another guest shows up as steal."""
+    with open("/proc/stat") as stat:
+        ticks = [int(t) for t in stat.readline().split()[1:]]
+    return ticks[7] if len(ticks) > 7 else 0, sum(ticks[:8])
+
+
 def timed(seconds: list, method, *args) -> np.ndarray:
     """method(*args), appending its wall time to seconds (after letting the previous method's threads settle)."""
     time.sleep(SETTLE_S)
@@ -202,6 +210,7 @@ def run_model(
         if captum:
             captum(images, classes)
         times: dict[str, list] = {"seed": [], "fastsal": [], "inexact": [], "captum": []}
+        steal_before, total_before = cpu_ticks()
         for _ in range(repeats):  # alternate, so drifts in the machine hit every method alike
             reference = timed(times["seed"], seed, images, classes)
             maps = timed(times["fastsal"], fast.compute, images, classes)
@@ -209,6 +218,8 @@ def run_model(
                 inexact_maps = timed(times["inexact"], inexact.compute, images, classes)
             if captum:
                 captum_maps = timed(times["captum"], captum, images, classes)
+        steal_after, total_after = cpu_ticks()
+        steal = (steal_after - steal_before) / max(total_after - total_before, 1)
         # The floor: Caffe's own layer code for one forward and K data-only backwards, layer by layer.
         floor = sum(t[2] + t[3] for t in stock.profile_layers(images, classes)) if stock else float("nan")
         fast_layer_seconds = (
@@ -231,6 +242,7 @@ def run_model(
             "seconds": best,
             "all_seconds": {method: ts for method, ts in times.items() if ts},
             "paired_speedup": paired,
+            "steal_fraction": steal,
             "speedup_vs_seed": best["seed"] / best["fastsal"],
             "max_relative_difference": largest_relative_difference(maps, reference),
             "floor_seconds": floor,
@@ -259,6 +271,7 @@ def format_row(row: dict) -> str:
         f"{row['model']:9s} N={row['N']:<3d} K={row['K']:<3d} seed {m['seed']:7.2f}  fastsal {m['fastsal']:7.2f} "
         f"maps/s  x{row['speedup_vs_seed']:.2f}  floor x{row['fastsal_over_floor']:.2f} "
         f"own layers x{row['fastsal_over_own_layer_time']:.2f}  diff {row['max_relative_difference']:.1e}"
+        f"  steal {row['steal_fraction']:.0%}"
     )
     if "inexact" in m:
         text += f"  inexact {m['inexact']:.2f} (x{row['inexact_speedup_vs_seed']:.2f} seed)"
@@ -412,17 +425,19 @@ def write_markdown(results: dict, path: Path) -> None:
         )
     lines += [
         "",
-        "Paired: the median over the repeats of each repeat's ratio (its methods ran back to back).",
+        "Paired: the median over the repeats of each repeat's ratio (its methods ran back to back). CPU "
+        "stolen: the share of the row's timed CPU time the hypervisor gave to another guest (/proc/stat).",
         "",
-        "| model | N | K | fastsal / seed | fastsal / captum | inexact / seed | inexact / captum |",
-        "|---|---|---|---|---|---|---|",
+        "| model | N | K | fastsal / seed | fastsal / captum | inexact / seed | inexact / captum | CPU stolen |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
         paired = r.get("paired_speedup", {})
         cells = " | ".join(
             f"{paired[f'{a}_vs_{b}']:.2f}x" if f"{a}_vs_{b}" in paired else "-" for a, b in PAIRS
         )
-        lines.append(f"| {r['model']} | {r['N']} | {r['K']} | {cells} |")
+        steal = f"{r['steal_fraction']:.0%}" if "steal_fraction" in r else "-"
+        lines.append(f"| {r['model']} | {r['N']} | {r['K']} | {cells} | {steal} |")
     if results.get("memory"):
         lines += [
             "",
