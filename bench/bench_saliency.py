@@ -366,19 +366,17 @@ def dnnl_implementations() -> dict:
 
 
 def machine() -> dict:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-        "?",
-    )
-    flags = next(
-        (line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), []
-    )
-    model = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model\t")), "?"
-    )
+    fields: dict[str, str] = {}
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:  # the first CPU's fields
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    flags = fastsal._build._cpu_flags()  # the set the SlowBlasWarning reads
     info = {
-        "cpu": cpu,
-        "cpu_model_number": model,  # a VM's "model name" often hides the generation: 143 Sapphire, 207 Emerald Rapids
+        "cpu": fields.get("model name", "?"),
+        "cpu_model_number": fields.get(
+            "model", "?"
+        ),  # a VM's "model name" often hides the generation: 143 Sapphire, 207 Emerald Rapids
         "isa": " ".join(
             f
             for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")

@@ -103,6 +103,11 @@ void check_batch_axis_free(const caffe::Net<float>& net, int layer) {
     throw error(describe(net, layer) + " reduces over axis 0, the batch axis, by default");
 }
 
+// A blob's floats per batch row.
+std::size_t per_image(const caffe::Blob<float>* blob) {
+  return static_cast<std::size_t>(blob->count()) / std::max(1, blob->shape(0));
+}
+
 // Floats per image a layer keeps besides its tops (docs/caffe_internals.md section 5), so that the
 // default batch size stays within the memory budget. `fast`: fastsal's CPU layers (fast_layers.cpp),
 // whose test-time BatchNorm and single-input Scale keep nothing and whose ReLU keeps a byte mask.
@@ -111,9 +116,6 @@ std::size_t hidden_floats_per_image(const caffe::Net<float>& net, int layer, boo
   const std::string& type = p.type();
   const auto& bottoms = net.bottom_vecs()[layer];
   const auto& tops = net.top_vecs()[layer];
-  const auto per_image = [](const caffe::Blob<float>* b) {
-    return static_cast<std::size_t>(b->count()) / std::max(1, b->shape(0));
-  };
   const bool test = net.phase() == caffe::TEST;
   if (type == "BatchNorm") {
     const auto& bn = p.batch_norm_param();
@@ -399,9 +401,6 @@ void check_weights_fit(const caffe::Net<float>& internal, const caffe::Net<float
 }
 
 std::size_t bytes_per_image(const caffe::Net<float>& net, bool fast_layers) {
-  const auto per_image = [](const caffe::Blob<float>* b) {
-    return static_cast<std::size_t>(b->count()) / std::max(1, b->shape(0));
-  };
   std::size_t floats = 0;
   for (const auto& blob : net.blobs()) floats += 2 * per_image(blob.get());  // data, diff
   for (int l = 0; l < static_cast<int>(net.layers().size()); ++l) {

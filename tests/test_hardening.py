@@ -340,8 +340,8 @@ def test_passes_are_as_even_as_the_cap_allows(units, cap, rows):
 
 
 def test_uneven_batches_give_the_same_maps(tmp_path, rng):
-    """8 images at batch_size 7 run as 4 + 4 (and 8 pairs of a GPU-style layout as 4 + 4): the maps are
-    those of one pass per image."""
+    """8 images at batch_size 7 run as 4 + 4 (and their 16 (image, class) pairs in the GPU-style layout
+    as 6 + 6 + 4): the maps are those of one pass per image."""
     net = make_net(tmp_path, NETS["resnet_block_bn_scale_eltwise"][0])
     images = random_images(rng, net, 8)
     one_by_one = np.concatenate(

@@ -454,7 +454,7 @@ class Attribution:
                 copies = 2 if call.get("accumulate") == "variance" else 1
                 accumulator = np.zeros((copies, len(x), k, c, h, w), np.float32)
             for samples_part in passes:
-                first, count = samples_part.start, min(samples_part.stop, samples) - samples_part.start
+                first, count = samples_part.start, samples_part.stop - samples_part.start
                 saliency._engine.compute(
                     np.ascontiguousarray(rows(first, count).reshape(-1, c, h, w), dtype=np.float32),
                     targets,

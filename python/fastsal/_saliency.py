@@ -21,7 +21,7 @@ def batch_slices(n: int, cap: int) -> list[slice]:
     """range(n) in passes of at most cap, as the engine cuts its own (``_core.balanced_rows``): as few
     passes as cap allows, none needlessly short (8 at cap 7: 4 + 4, not 7 + 1)."""
     step = _core.balanced_rows(n, cap)
-    return [slice(start, start + step) for start in range(0, n, step)]
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
 class Saliency:
