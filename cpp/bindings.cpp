@@ -175,8 +175,9 @@ PYBIND11_MODULE(_core, m) {
   py::class_<fastsal::SaliencyEngine>(m, "Engine")
       .def(py::init([](py::handle net, const std::string& input_blob, const std::string& score_blob,
                        const std::string& gradient_blob, int batch_size, bool fast_layers, bool exact,
-                       bool bf16_backward, const std::string& rule, int device, const std::string& layout,
-                       std::size_t memory_budget, const std::vector<int>& image_shape) {
+                       bool bf16_backward, bool blocked_layouts, const std::string& rule, int device,
+                       const std::string& layout, std::size_t memory_budget,
+                       const std::vector<int>& image_shape) {
              fastsal::EngineOptions options;
              options.input_blob = input_blob;
              options.score_blob = score_blob;
@@ -185,6 +186,7 @@ PYBIND11_MODULE(_core, m) {
              options.fast_layers = fast_layers;
              options.exact = exact;
              options.bf16_backward = bf16_backward;
+             options.blocked_layouts = blocked_layouts;
              options.relu_rule = relu_rule(rule);
              options.device = device;
              options.layout = batch_layout(layout);
@@ -195,8 +197,8 @@ PYBIND11_MODULE(_core, m) {
            }),
            py::arg("net"), py::kw_only(), py::arg("input_blob"), py::arg("score_blob"),
            py::arg("gradient_blob") = "", py::arg("batch_size"), py::arg("fast_layers"),
-           py::arg("exact") = true, py::arg("bf16_backward") = true, py::arg("relu_rule") = "gradient",
-           py::arg("device"), py::arg("layout"), py::arg("memory_budget"),
+           py::arg("exact") = true, py::arg("bf16_backward") = true, py::arg("blocked_layouts") = true,
+           py::arg("relu_rule") = "gradient", py::arg("device"), py::arg("layout"), py::arg("memory_budget"),
            py::arg("image_shape") = std::vector<int>{})
       .def_property_readonly("input_blob", &fastsal::SaliencyEngine::input_blob)
       .def_property_readonly("score_blob", &fastsal::SaliencyEngine::score_blob)
@@ -215,6 +217,7 @@ PYBIND11_MODULE(_core, m) {
           "Whether the engine still describes net: same image shape, same weight memory.", py::arg("net"))
       .def_property_readonly("batch_size", &fastsal::SaliencyEngine::batch_size)
       .def_property_readonly("head_layer", &fastsal::SaliencyEngine::head_layer)
+      .def_property_readonly("blocked_blobs", &fastsal::SaliencyEngine::blocked_blobs)
       .def_property_readonly("device", &fastsal::SaliencyEngine::device)
       .def(
           "compute",

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <numeric>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -243,6 +244,7 @@ class BatchNormLayer : public caffe::BatchNormLayer<float> {
   }
   // Folded into the convolution below it (SaliencyNet::fold_batch_norm): this layer then does nothing.
   void fold(bool forward, bool backward) { folded_forward_ = forward, folded_backward_ = backward; }
+  bool folded() const { return folded_forward_ && folded_backward_; }  // in every pass that runs
 
  protected:
   void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
@@ -300,6 +302,7 @@ class ScaleLayer : public caffe::ScaleLayer<float> {
     return this->bias_layer_ ? this->blobs_[this->bias_param_id_]->cpu_data() : nullptr;
   }
   void fold(bool forward, bool backward) { folded_forward_ = forward, folded_backward_ = backward; }
+  bool folded() const { return folded_forward_ && folded_backward_; }
 
  protected:
   void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
@@ -346,6 +349,22 @@ class ScaleLayer : public caffe::ScaleLayer<float> {
   bool folded_forward_ = false, folded_backward_ = false;
 };
 
+// An element-wise pass over several arrays, a cache-sized chunk at a time over the cores: each chunk
+// stays in L1 from one array to the next instead of coming from memory once per array.
+template <typename F>
+void in_chunks(std::int64_t count, F body) {
+  constexpr std::int64_t kChunk = 4096;
+  const std::int64_t chunks = (count + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (count >= (1 << 16))
+  for (std::int64_t c = 0; c < chunks; ++c) body(c * kChunk, std::min(count, (c + 1) * kChunk));
+}
+
+std::vector<const float*> data_of(const std::vector<caffe::Blob<float>*>& blobs) {
+  std::vector<const float*> data;
+  for (const caffe::Blob<float>* blob : blobs) data.push_back(blob->cpu_data());
+  return data;
+}
+
 // Element-wise sum with unit coefficients (ResNet's shortcut): ((0 + a) + b) + ..., and the diff
 // copied to every input, as Caffe's axpy and copy give them.
 class EltwiseLayer : public caffe::EltwiseLayer<float> {
@@ -356,27 +375,28 @@ class EltwiseLayer : public caffe::EltwiseLayer<float> {
   void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
                    const std::vector<caffe::Blob<float>*>& top) override {
     if (!plain_sum()) return caffe::EltwiseLayer<float>::Forward_cpu(bottom, top);
+    const std::vector<const float*> inputs = data_of(bottom);
     float* y = top[0]->mutable_cpu_data();
-    const std::int64_t count = top[0]->count();
-    for (std::size_t b = 0; b < bottom.size(); ++b) {
-      const float* x = bottom[b]->cpu_data();
-      const bool first = b == 0;
-#pragma omp parallel for simd schedule(static) if (count >= (1 << 16))
-      for (std::int64_t i = 0; i < count; ++i) y[i] = (first ? 0.f : y[i]) + x[i];
-    }
+    in_chunks(top[0]->count(), [&](std::int64_t begin, std::int64_t end) {
+      for (std::size_t b = 0; b < inputs.size(); ++b) {
+        const float* x = inputs[b];
+        const bool first = b == 0;
+#pragma omp simd
+        for (std::int64_t i = begin; i < end; ++i) y[i] = (first ? 0.f : y[i]) + x[i];
+      }
+    });
   }
 
   void Backward_cpu(const std::vector<caffe::Blob<float>*>& top, const std::vector<bool>& propagate_down,
                     const std::vector<caffe::Blob<float>*>& bottom) override {
     if (!plain_sum()) return caffe::EltwiseLayer<float>::Backward_cpu(top, propagate_down, bottom);
     const float* g = top[0]->cpu_diff();
-    const std::int64_t count = top[0]->count();
-    for (std::size_t b = 0; b < bottom.size(); ++b) {
-      if (!propagate_down[b]) continue;
-      float* out = bottom[b]->mutable_cpu_diff();
-#pragma omp parallel for simd schedule(static) if (count >= (1 << 16))
-      for (std::int64_t i = 0; i < count; ++i) out[i] = g[i];
-    }
+    std::vector<float*> outputs;
+    for (std::size_t b = 0; b < bottom.size(); ++b)
+      if (propagate_down[b]) outputs.push_back(bottom[b]->mutable_cpu_diff());
+    in_chunks(top[0]->count(), [&](std::int64_t begin, std::int64_t end) {
+      for (float* out : outputs) std::copy(g + begin, g + end, out + begin);
+    });
   }
 
  private:
@@ -396,17 +416,19 @@ class SplitLayer : public caffe::SplitLayer<float> {
                     const std::vector<caffe::Blob<float>*>& bottom) override {
     if (!propagate_down[0] || top.size() < 2)
       return caffe::SplitLayer<float>::Backward_cpu(top, propagate_down, bottom);
+    std::vector<const float*> diffs;
+    for (const caffe::Blob<float>* blob : top) diffs.push_back(blob->cpu_diff());
     float* out = bottom[0]->mutable_cpu_diff();
-    const std::int64_t count = bottom[0]->count();
-    const float* a = top[0]->cpu_diff();
-    const float* b = top[1]->cpu_diff();
-#pragma omp parallel for simd schedule(static) if (count >= (1 << 16))
-    for (std::int64_t i = 0; i < count; ++i) out[i] = a[i] + b[i];
-    for (std::size_t t = 2; t < top.size(); ++t) {
-      const float* c = top[t]->cpu_diff();
-#pragma omp parallel for simd schedule(static) if (count >= (1 << 16))
-      for (std::int64_t i = 0; i < count; ++i) out[i] += c[i];
-    }
+    in_chunks(bottom[0]->count(), [&](std::int64_t begin, std::int64_t end) {
+      const float *a = diffs[0], *b = diffs[1];
+#pragma omp simd
+      for (std::int64_t i = begin; i < end; ++i) out[i] = a[i] + b[i];
+      for (std::size_t t = 2; t < diffs.size(); ++t) {
+        const float* c = diffs[t];
+#pragma omp simd
+        for (std::int64_t i = begin; i < end; ++i) out[i] += c[i];
+      }
+    });
   }
 };
 
@@ -589,11 +611,25 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
   // A test-time BatchNorm and a Scale in place on this layer's output are per-channel affine maps: folded
   // into the weights (W * gamma / deviation per output channel), they cost nothing. In the backward the
   // folded weights change only rounding; in the forward they do not round as Caffe does (inexact only).
-  bool can_fold() const {
-    return usable_ && !this->param_propagate_down_[0] &&
-           !(this->bias_term_ && this->param_propagate_down_[1]);
-  }
+  bool can_fold() const { return usable_ && !weight_gradients(); }
   bool dnnl_forward() const { return dnnl_forward_; }
+  // The layout the oneDNN forward, as built, reads its input (bottom) or writes its output in, where it
+  // is one of oneDNN's channel-blocked ones or NHWC (tag::undef otherwise): a blob that holds it spares
+  // the reorder.
+  dnnl::memory::format_tag chosen_layout(bool bottom) const {
+    using tag = dnnl::memory::format_tag;
+    if (!usable_ || !dnnl_forward_ || weight_gradients()) return tag::undef;
+    const dnnl::memory::desc chosen = bottom ? forward_pd_.src_desc() : forward_pd_.dst_desc();
+    for (const tag layout : {tag::aBcd16b, tag::aBcd8b, tag::aBcd4b, tag::acdb})
+      if (chosen == dnnl::memory::desc(chosen.dims(), dnnl::memory::data_type::f32, layout)) return layout;
+    return tag::undef;
+  }
+  // The layouts the bottom's and the top's blobs hold, data and diff; undef: Caffe's NCHW.
+  void hold_layouts(dnnl::memory::format_tag bottom, dnnl::memory::format_tag top) {
+    if (bottom == bottom_layout_ && top == top_layout_) return;
+    bottom_layout_ = bottom, top_layout_ = top;
+    primed_shape_.clear();  // the next Reshape rebuilds the reorders for these layouts
+  }
   // What its blocked copies, as built for the current batch, need of the shared workspace's `slot`.
   std::size_t workspace_bytes(Workspace::Slot slot) const {
     if (!usable_) return 0;
@@ -640,9 +676,7 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
 
   void Backward_cpu(const std::vector<caffe::Blob<float>*>& top, const std::vector<bool>& propagate_down,
                     const std::vector<caffe::Blob<float>*>& bottom) override {
-    const bool weight_gradients =
-        this->param_propagate_down_[0] || (this->bias_term_ && this->param_propagate_down_[1]);
-    if (!usable_ || weight_gradients)
+    if (!usable_ || weight_gradients())
       return caffe::ConvolutionLayer<float>::Backward_cpu(top, propagate_down, bottom);
     dnnl::stream stream(cpu_engine());
     const dnnl::memory weights = weights_in(stream, backward_weights_, fold_backward_);
@@ -658,6 +692,10 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
   }
 
  private:
+  bool weight_gradients() const {
+    return this->param_propagate_down_[0] || (this->bias_term_ && this->param_propagate_down_[1]);
+  }
+
   // The weights as `layout` wants them, folded or not. Blocked copies are refreshed once per forward
   // pass (the user may change the weights between calls); the K backward passes that follow reuse them.
   dnnl::memory weights_in(dnnl::stream& stream, const Layout& layout, bool folded) {
@@ -704,15 +742,24 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
     const dnnl::memory::dim g = this->group_;
     const dims src_dims = {bottom.shape(0), bottom.shape(1), bottom.shape(2), bottom.shape(3)};
     const dims dst_dims = {top.shape(0), top.shape(1), top.shape(2), top.shape(3)};
+    // Caffe floors the output size; oneDNN wants the right padding that implies. Where Caffe's last window
+    // ends short of the input's edge (a 1x1 stride-2 layer on an even size: ResNet's downsampling), that is
+    // none: oneDNN floors too. Whatever oneDNN could not size as Caffe does runs Caffe's own code.
     dims padding_r(2);
-    for (int a = 0; a < 2; ++a)  // Caffe floors the output size; oneDNN wants the right padding that implies
-      padding_r[a] =
-          (dst_dims[2 + a] - 1) * stride[a] + (kernel[a] - 1) * dilation[a] + 1 - src_dims[2 + a] - pad[a];
-    usable_ = padding_r[0] >= 0 && padding_r[1] >= 0;  // else Caffe's own code
+    usable_ = true;
+    for (int a = 0; a < 2; ++a) {
+      const dnnl::memory::dim extent = (kernel[a] - 1) * dilation[a] + 1;
+      padding_r[a] = std::max<dnnl::memory::dim>(
+          0, (dst_dims[2 + a] - 1) * stride[a] + extent - src_dims[2 + a] - pad[a]);
+      usable_ =
+          usable_ && (src_dims[2 + a] + pad[a] + padding_r[a] - extent) / stride[a] + 1 == dst_dims[2 + a];
+    }
     if (!usable_) return;
     const dims weight_dims = g == 1 ? dims{dst_dims[1], src_dims[1], kernel[0], kernel[1]}
                                     : dims{g, dst_dims[1] / g, src_dims[1] / g, kernel[0], kernel[1]};
-    const desc src(src_dims, f32, tag::nchw), dst(dst_dims, f32, tag::nchw),
+    // The blobs' own layouts: Caffe's NCHW, or oneDNN's where keep_blocked_layouts chose it.
+    const desc src(src_dims, f32, bottom_layout_ == tag::undef ? tag::nchw : bottom_layout_),
+        dst(dst_dims, f32, top_layout_ == tag::undef ? tag::nchw : top_layout_),
         weights(weight_dims, f32, g == 1 ? tag::oihw : tag::goihw);
     const desc src_any(src_dims, f32, tag::any), dst_any(dst_dims, f32, tag::any),
         weights_any(weight_dims, f32, tag::any), bias(dims{dst_dims[1]}, f32, tag::x);
@@ -852,6 +899,8 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
   const BatchNormLayer* norm_ = nullptr;
   const ScaleLayer* scale_ = nullptr;
   bool fold_forward_ = false, fold_backward_ = false;
+  dnnl::memory::format_tag bottom_layout_ = dnnl::memory::format_tag::undef,
+                           top_layout_ = dnnl::memory::format_tag::undef;
   std::vector<float> folded_weights_, folded_bias_;
   dnnl::convolution_forward::primitive_desc forward_pd_;
   dnnl::convolution_forward forward_;
@@ -952,11 +1001,91 @@ void SaliencyNet::fold_batch_norm(int first, int last) {
     const bool forward = conv->dnnl_forward() && at + 2 <= last;
     const bool backward = first <= at && at + 2 <= last;
     conv->fold(norm, scale, forward, backward);
-    norm->fold(forward, backward);
-    scale->fold(forward, backward);
+    const bool idle = backward || at + 2 < first;  // below `first` no backward runs: nothing left to do
+    norm->fold(forward, idle);
+    scale->fold(forward, idle);
   }
 #else
   (void)first, (void)last;
+#endif
+}
+
+#ifdef FASTSAL_WITH_DNNL
+namespace {
+
+// Layers that treat every element alike (the folded BatchNorm and Scale do nothing): any layout their
+// blobs share gives the same values.
+bool element_wise(const caffe::Layer<float>& layer) {
+  if (const auto* norm = dynamic_cast<const BatchNormLayer*>(&layer)) return norm->folded();
+  if (const auto* scale = dynamic_cast<const ScaleLayer*>(&layer)) return scale->folded();
+  return dynamic_cast<const ReLULayer*>(&layer) || dynamic_cast<const RuleReLULayer*>(&layer) ||
+         dynamic_cast<const EltwiseLayer*>(&layer) || dynamic_cast<const SplitLayer*>(&layer);
+}
+
+}  // namespace
+#endif
+
+void SaliencyNet::keep_blocked_layouts(const std::vector<const caffe::Blob<float>*>& plain) {
+#ifdef FASTSAL_WITH_DNNL
+  using tag = dnnl::memory::format_tag;
+  // Blobs joined by an element-wise layer share one layout (and one shape): groups, by union-find.
+  std::vector<int> parent(blobs_.size());
+  std::iota(parent.begin(), parent.end(), 0);
+  const auto root = [&parent](int b) {
+    while (parent[b] != b) b = parent[b] = parent[parent[b]];
+    return b;
+  };
+  // Per blob, the layout its convolutions want; tag::any: none asked yet; tag::undef: Caffe's NCHW.
+  std::vector<tag> wanted(blobs_.size(), tag::any);
+  const auto want = [&wanted](int b, tag layout) {
+    wanted[b] = wanted[b] == tag::any || wanted[b] == layout ? layout : tag::undef;
+  };
+  for (std::size_t b = 0; b < blobs_.size(); ++b)
+    if (blobs_[b]->num_axes() != 4 || std::find(plain.begin(), plain.end(), blobs_[b].get()) != plain.end())
+      wanted[b] = tag::undef;
+  for (const int b : net_input_blob_indices_) wanted[b] = tag::undef;
+  for (std::size_t l = 0; l < layers_.size(); ++l) {
+    const std::vector<int>& bottoms = bottom_id_vecs_[l];
+    const std::vector<int>& tops = top_id_vecs_[l];
+    if (const auto* conv = dynamic_cast<const DnnlConvolutionLayer*>(layers_[l].get())) {
+      const bool single = bottoms.size() == 1 && tops.size() == 1;  // one reorder serves every pair
+      for (const int b : bottoms) want(b, single ? conv->chosen_layout(true) : tag::undef);
+      for (const int t : tops) want(t, single ? conv->chosen_layout(false) : tag::undef);
+    } else if (element_wise(*layers_[l])) {
+      const int first = bottoms.empty() ? tops.front() : bottoms.front();
+      for (const auto* ids : {&bottoms, &tops})
+        for (const int b : *ids) parent[root(b)] = root(first);
+    } else {  // Caffe's own code, pooling, products, the input...: they index NCHW
+      for (const auto* ids : {&bottoms, &tops})
+        for (const int b : *ids) wanted[b] = tag::undef;
+    }
+  }
+  std::vector<tag> layout(blobs_.size(), tag::any);  // per group root: what all its members want
+  for (std::size_t b = 0; b < blobs_.size(); ++b) {
+    tag& group = layout[root(int(b))];
+    if (wanted[b] != tag::any) group = group == tag::any || group == wanted[b] ? wanted[b] : tag::undef;
+  }
+  // A layout that pads (nChw16c on 24 channels) does not fit in the blob.
+  for (std::size_t b = 0; b < blobs_.size(); ++b) {
+    tag& group = layout[root(int(b))];
+    const caffe::Blob<float>& blob = *blobs_[b];
+    if (group != tag::any && group != tag::undef &&
+        dnnl::memory::desc({blob.shape(0), blob.shape(1), blob.shape(2), blob.shape(3)},
+                           dnnl::memory::data_type::f32, group)
+                .get_size() != blob.count() * sizeof(float))
+      group = tag::undef;
+  }
+  const auto layout_of = [&](int b) { return layout[root(b)] == tag::any ? tag::undef : layout[root(b)]; };
+  for (std::size_t l = 0; l < layers_.size(); ++l)
+    if (auto* conv = dynamic_cast<DnnlConvolutionLayer*>(layers_[l].get()))
+      if (bottom_id_vecs_[l].size() == 1 && top_id_vecs_[l].size() == 1)
+        conv->hold_layouts(layout_of(bottom_id_vecs_[l][0]), layout_of(top_id_vecs_[l][0]));
+  blocked_blobs_.clear();
+  for (std::size_t b = 0; b < blobs_.size(); ++b)
+    if (layout_of(int(b)) != tag::undef) blocked_blobs_.push_back(blob_names_[b]);
+  Reshape();  // the convolutions rebuild their reorders now, so the workspace's size is known
+#else
+  (void)plain;
 #endif
 }
 

@@ -55,8 +55,9 @@ struct EngineOptions {
   bool exact =
       true;  // false (with fast_layers): the forward's convolutions through oneDNN too, not bit for bit
   ReLURule relu_rule = ReLURule::kGradient;  // guided backprop and deconvnet replace plain ReLUs' backward
-  bool bf16_backward = true;  // inexact only, on CPUs with AMX: the convolutions' data backward in bf16
-  int device = -1;            // -1: CPU; else the CUDA device (a CUDA build of Caffe and fastsal)
+  bool bf16_backward = true;    // inexact only, on CPUs with AMX: the convolutions' data backward in bf16
+  bool blocked_layouts = true;  // inexact only: oneDNN's layout kept between its convolutions (same values)
+  int device = -1;              // -1: CPU; else the CUDA device (a CUDA build of Caffe and fastsal)
   BatchLayout layout = BatchLayout::kAuto;
   std::size_t memory_budget = std::size_t(1) << 30;  // bytes of blobs and layer state per batch
 };
@@ -140,6 +141,8 @@ class SaliencyEngine {
   std::size_t bytes_per_image() const { return bytes_per_image_; }
   const std::vector<std::string>& score_rewrites() const { return plan_.score_rewrites; }
   int batch_size() const { return batch_size_; }
+  // The internal net's blobs held in oneDNN's blocked layout (SaliencyNet::keep_blocked_layouts).
+  const std::vector<std::string>& blocked_blobs() const { return net_->blocked_blobs(); }
   // The lowest layer of the class head (class_head.hpp) whose backward runs once for all classes; empty
   // when there is none.
   std::string head_layer() const { return head_ ? net_->layer_names()[head_->first_layer()] : std::string(); }

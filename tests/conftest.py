@@ -91,7 +91,8 @@ NETS = {
         "score",
     ),
     # The convolution shapes fastsal's oneDNN backward must map exactly: stride with Caffe's floored output
-    # (asymmetric padding), groups, dilation, a stride-2 1x1 whose padding falls back to Caffe; leaky ReLU.
+    # (asymmetric padding), groups, dilation, a stride-2 1x1 whose last window ends short of the edge (no
+    # right padding); leaky ReLU.
     "conv_strides_groups_dilation_leaky": (
         _input((4, 11, 11))
         + conv("strided", "data", 6, k=3, pad=1, stride=2)

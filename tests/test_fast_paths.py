@@ -216,6 +216,81 @@ def test_inexact_needs_fast_layers(tmp_path):
         fastsal.Saliency(net, exact=False, fast_layers=False)
 
 
+def _bottleneck(i: str, bottom: str, width: int, out: int) -> str:
+    """open_nsfw's downsampling block: a stride-2 1x1 projection and branch (on an even size), a 3x3, a
+    1x1, BatchNorm and Scale in place after each, summed, ReLU."""
+    scale = "scale_param { bias_term: true }"
+
+    def folded(name):
+        return layer(f"bn_{name}", "BatchNorm", name, name) + layer(
+            f"scale_{name}", "Scale", name, name, scale
+        )
+
+    return (
+        conv(f"proj{i}", bottom, out, k=1, pad=0, stride=2)
+        + folded(f"proj{i}")
+        + conv(f"a{i}", bottom, width, k=1, pad=0, stride=2)
+        + folded(f"a{i}")
+        + layer(f"relu_a{i}", "ReLU", f"a{i}", f"a{i}")
+        + conv(f"b{i}", f"a{i}", width)
+        + folded(f"b{i}")
+        + layer(f"relu_b{i}", "ReLU", f"b{i}", f"b{i}")
+        + conv(f"c{i}", f"b{i}", out, k=1, pad=0)
+        + folded(f"c{i}")
+        + layer(f"sum{i}", "Eltwise", [f"proj{i}", f"c{i}"])
+        + layer(f"relu_sum{i}", "ReLU", f"sum{i}", f"sum{i}")
+    )
+
+
+# Two ResNet stages. Between oneDNN convolutions the blobs can stay in oneDNN's layout: conv1's output
+# (read by stage 1's convolutions alone, through a Split), stage 1 inside and its sum (read by stage 2's
+# convolutions), stage 2's branch. Not the input, nor stage 2's sum, which average pooling reads.
+RESNET_STAGES = (
+    _input((3, 16, 16))
+    + conv("conv1", "data", 16)
+    + layer("bn_conv1", "BatchNorm", "conv1", "conv1")
+    + layer("scale_conv1", "Scale", "conv1", "conv1", "scale_param { bias_term: true }")
+    + layer("relu_conv1", "ReLU", "conv1", "conv1")
+    + _bottleneck("1", "conv1", 16, 32)
+    + _bottleneck("2", "sum1", 32, 64)
+    + layer("pool", "Pooling", "sum2", params="pooling_param { pool: AVE global_pooling: true }")
+    + fc("fc", "pool", 5)
+    + layer("prob", "Softmax", "fc")
+)
+
+
+@pytest.mark.skipif(not fastsal.build_info()["onednn_isa"], reason="built without oneDNN")
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("saliency", {}),
+        ("guided_backprop", {}),
+        ("gradcam", {"layer": "sum1"}),
+        ("smoothgrad", {"samples": 3, "seed": 0}),
+    ],
+)
+def test_blocked_layouts_change_no_value(tmp_path, rng, method, options):
+    """The inexact mode keeps the blobs that only oneDNN convolutions and element-wise layers touch in
+    oneDNN's layout: the same maps bit for bit as with Caffe's layout and a reorder around every
+    convolution, for every method; Grad-CAM's blob, which the engine reads, stays NCHW. A stride-2 1x1 layer
+    whose last window ends short of the edge is a oneDNN convolution too (it once fell back to Caffe)."""
+    net = make_net(tmp_path, RESNET_STAGES, seed=11)
+    images = random_images(rng, net, 3)
+    classes = [[0, 4], [2, 1], [3, 3]]
+    engine = fastsal.Saliency(net, exact=False)._engine
+    kept = {"conv1", "proj1", "a1", "b1", "c1", "sum1", "a2", "b2"}  # and the Splits' tops of conv1, sum1
+    assert set(engine.blocked_blobs) == {b for b in net.blobs if b.split("_")[0] in kept}
+    assert fastsal.Saliency(net, exact=False, _blocked_layouts=False)._engine.blocked_blobs == []
+    assert fastsal.Saliency(net)._engine.blocked_blobs == []  # the exact forward is Caffe's, on NCHW
+    blocked, plain = (
+        fastsal.Attribution(net, method, exact=False, batch_size=2, _blocked_layouts=b, **options)
+        for b in (True, False)
+    )
+    maps = blocked.compute(images, classes)
+    assert np.abs(maps).max() > 0
+    np.testing.assert_array_equal(maps, plain.compute(images, classes))
+
+
 def _agreement(inexact: np.ndarray, exact: np.ndarray) -> tuple[list[float], list[float]]:
     """Per (image, class) map: the Spearman rank correlation, and the fraction of pixels within 1e-2 of
     the exact map's max."""

@@ -173,6 +173,7 @@ class Attribution:
         exact: bool = True,
         device: int | None = None,
         _bf16_backward: bool = True,
+        _blocked_layouts: bool = True,
         **options,
     ):
         _check_net(net)
@@ -188,6 +189,7 @@ class Attribution:
             exact=exact,
             device=device,
             _bf16_backward=_bf16_backward,
+            _blocked_layouts=_blocked_layouts,
         )
         # The input gradient's engine, with the method's ReLU rule; Grad-CAM's at its layer.
         self._input = None

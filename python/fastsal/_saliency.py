@@ -85,6 +85,7 @@ class Saliency:
         _image_shape: tuple[int, ...] = (),
         _warn: bool = True,
         _bf16_backward: bool = True,
+        _blocked_layouts: bool = True,
     ):
         _check_net(net)
         for name, value in (("score", score), ("input", input)):
@@ -111,6 +112,7 @@ class Saliency:
             fast_layers=bool(fast_layers),
             exact=bool(exact),
             bf16_backward=bool(_bf16_backward),
+            blocked_layouts=bool(_blocked_layouts),
             device=-1 if device is None else int(device),
             layout=batch_layout,
             memory_budget=memory_budget,
