@@ -139,6 +139,29 @@ def test_exact_forward_is_caffes_bit_for_bit_at_full_size(tmp_path, rng, model):
 
 
 @pytest.mark.parametrize(
+    "size, kernel, stride, pad",
+    [
+        ((7, 7), 3, 2, 0),
+        ((8, 6), 3, 2, 1),
+        ((5, 9), 2, 2, 0),
+        ((6, 6), 5, 3, 2),
+        ((4, 4), 1, 1, 0),
+        ((3, 2), 3, 1, 1),
+    ],
+)
+def test_max_pooling_routes_every_gradient_as_caffe_does(tmp_path, rng, size, kernel, stride, pad):
+    """fastsal's max pooling (a row of windows at a time) against Caffe's own layer in the seed recipe,
+    bit for bit, on small integers: many ties, where only the first maximum of a window may win."""
+    pooling = f"pooling_param {{ pool: MAX kernel_size: {kernel} stride: {stride} pad: {pad} }}"
+    text = _input((3, *size)) + layer("pool", "Pooling", "data", params=pooling) + fc("fc", "pool", 4)
+    net = make_net(tmp_path, text, seed=2)
+    images = rng.integers(-2, 3, (2, 3, *size)).astype(np.float32)
+    classes = [[0, 1, 2, 3]] * 2
+    reference, _ = seed_recipe(net, str(tmp_path / "net.prototxt"), images, classes, "fc")
+    np.testing.assert_array_equal(fastsal.compute(net, images, classes), reference)
+
+
+@pytest.mark.parametrize(
     ("text", "score", "head"),
     [(FC_HEAD, "score", "fc1"), (FC_BRANCHES, "score", "relu_sum")],
     ids=["fc_head", "fc_branches"],
