@@ -375,12 +375,6 @@ void in_chunks(std::int64_t count, F body) {
   for (std::int64_t c = 0; c < chunks; ++c) body(c * kChunk, std::min(count, (c + 1) * kChunk));
 }
 
-std::vector<const float*> data_of(const std::vector<caffe::Blob<float>*>& blobs) {
-  std::vector<const float*> data;
-  for (const caffe::Blob<float>* blob : blobs) data.push_back(blob->cpu_data());
-  return data;
-}
-
 // Element-wise sum with unit coefficients (ResNet's shortcut): ((0 + a) + b) + ..., and the diff
 // copied to every input, as Caffe's axpy and copy give them.
 class EltwiseLayer : public caffe::EltwiseLayer<float> {
@@ -391,7 +385,8 @@ class EltwiseLayer : public caffe::EltwiseLayer<float> {
   void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
                    const std::vector<caffe::Blob<float>*>& top) override {
     if (!plain_sum()) return caffe::EltwiseLayer<float>::Forward_cpu(bottom, top);
-    const std::vector<const float*> inputs = data_of(bottom);
+    std::vector<const float*> inputs;
+    for (const caffe::Blob<float>* blob : bottom) inputs.push_back(blob->cpu_data());
     float* y = top[0]->mutable_cpu_data();
     in_chunks(top[0]->count(), [&](std::int64_t begin, std::int64_t end) {
       for (std::size_t b = 0; b < inputs.size(); ++b) {
