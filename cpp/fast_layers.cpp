@@ -139,8 +139,8 @@ bool max_pool_plane(const float* in, float* out, int* index, const PoolingWindow
         if (offset >= g.width) break;     // the padding on the right (a kernel wider than the image)
         const int first = offset >= 0 ? 0 : (-offset + g.stride_w - 1) / g.stride_w;
         const int last = std::min(g.pooled_w - 1, (g.width - 1 - offset) / g.stride_w);
-        const float* row = in + h * g.width + offset;
         const int stride = g.stride_w, base = h * g.width + offset;
+        const float* row = in + base;
 #pragma omp simd
         for (int pw = first; pw <= last; ++pw) {
           const float x = row[pw * stride];
@@ -1047,10 +1047,11 @@ void SaliencyNet::keep_blocked_layouts(const std::vector<const caffe::Blob<float
     return b;
   };
   // Per blob, the layout its convolutions want; tag::any: none asked yet; tag::undef: Caffe's NCHW.
-  std::vector<tag> wanted(blobs_.size(), tag::any);
-  const auto want = [&wanted](int b, tag layout) {
-    wanted[b] = wanted[b] == tag::any || wanted[b] == layout ? layout : tag::undef;
+  // Two wishes agree or the answer is NCHW.
+  const auto merge = [](tag& into, tag layout) {
+    into = into == tag::any || into == layout ? layout : tag::undef;
   };
+  std::vector<tag> wanted(blobs_.size(), tag::any);
   for (std::size_t b = 0; b < blobs_.size(); ++b)
     if (blobs_[b]->num_axes() != 4 || std::find(plain.begin(), plain.end(), blobs_[b].get()) != plain.end())
       wanted[b] = tag::undef;
@@ -1060,8 +1061,8 @@ void SaliencyNet::keep_blocked_layouts(const std::vector<const caffe::Blob<float
     const std::vector<int>& tops = top_id_vecs_[l];
     if (const auto* conv = dynamic_cast<const DnnlConvolutionLayer*>(layers_[l].get())) {
       const bool single = bottoms.size() == 1 && tops.size() == 1;  // one reorder serves every pair
-      for (const int b : bottoms) want(b, single ? conv->chosen_layout(true) : tag::undef);
-      for (const int t : tops) want(t, single ? conv->chosen_layout(false) : tag::undef);
+      for (const int b : bottoms) merge(wanted[b], single ? conv->chosen_layout(true) : tag::undef);
+      for (const int t : tops) merge(wanted[t], single ? conv->chosen_layout(false) : tag::undef);
     } else if (element_wise(*layers_[l])) {
       const int first = bottoms.empty() ? tops.front() : bottoms.front();
       for (const auto* ids : {&bottoms, &tops})
@@ -1072,10 +1073,8 @@ void SaliencyNet::keep_blocked_layouts(const std::vector<const caffe::Blob<float
     }
   }
   std::vector<tag> layout(blobs_.size(), tag::any);  // per group root: what all its members want
-  for (std::size_t b = 0; b < blobs_.size(); ++b) {
-    tag& group = layout[root(int(b))];
-    if (wanted[b] != tag::any) group = group == tag::any || group == wanted[b] ? wanted[b] : tag::undef;
-  }
+  for (std::size_t b = 0; b < blobs_.size(); ++b)
+    if (wanted[b] != tag::any) merge(layout[root(int(b))], wanted[b]);
   // A layout that pads (nChw16c on 24 channels) does not fit in the blob.
   for (std::size_t b = 0; b < blobs_.size(); ++b) {
     tag& group = layout[root(int(b))];

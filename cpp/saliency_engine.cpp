@@ -209,7 +209,7 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
   gradient_shape_.assign(gradient_->shape().begin() + 1, gradient_->shape().end());
   if (options.fast_layers && device_ < 0) {
     net_->fold_batch_norm(stop_layer_, score_layer_);
-    if (options.blocked_layouts)
+    if (!options.exact && options.blocked_layouts)              // the exact forward is Caffe's, on NCHW
       net_->keep_blocked_layouts({input_, score_, gradient_});  // the blobs the engine reads and writes
     head_ = std::make_unique<ClassHead>(*net_, score_layer_, stop_layer_, options.relu_rule);
     head_bytes_ = options.memory_budget / 4;
