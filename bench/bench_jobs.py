@@ -68,6 +68,30 @@ def throughput(folder: Path, repeats: int, workdir: Path) -> dict:
     }
 
 
+def spread(folder: Path, repeats: int, workdir: Path) -> list[dict]:
+    """The whole `fastsal run` in one process and on a Dask LocalCluster of 1 and 2 workers (each worker
+    gets its share of the cores), start-up included, alternating; best of repeats."""
+    prototxt, weights = examples.open_nsfw_files()
+    options = dict(top_k=1, images_dim=(256, 256), mean_value=MEAN, chunk_size=16, quiet=True)
+    count = len(list(folder.glob("*.jpg")))
+    times: dict = {None: [], 1: [], 2: []}
+    for r in range(repeats):
+        for workers in times:
+            start = time.perf_counter()
+            jobs.run_job(
+                folder, prototxt, weights, workdir / f"spread{r}-{workers}.zarr", workers=workers, **options
+            )
+            times[workers].append(time.perf_counter() - start)
+    return [
+        {
+            "workers": w,
+            "seconds": min(t),
+            "maps_per_s": count / min(t),
+        }
+        for w, t in times.items()
+    ]
+
+
 def probe(folder: str, out: str) -> None:
     prototxt, weights = examples.open_nsfw_files()
     jobs.run_job(folder, prototxt, weights, out, top_k=1, mean_value=MEAN, chunk_size=64, quiet=True)
@@ -107,6 +131,7 @@ def main(argv=None) -> None:
         results = {
             "machine": machine(),
             "throughput": throughput(workdir / "images", args.repeats, workdir),
+            "workers": spread(workdir / "images", args.repeats, workdir),
             "memory": memory(workdir),
         }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -116,6 +141,14 @@ def main(argv=None) -> None:
         "| images | job maps/s | engine alone maps/s | job / engine |",
         "|---|---|---|---|",
         f"| {t['images']} | {t['maps_per_s']['job']:.2f} | {t['maps_per_s']['engine']:.2f} | {t['job_over_engine']:.2f}x |",
+        "",
+        "| fastsal run | seconds (start-up included) | maps/s |",
+        "|---|---|---|",
+        *(
+            f"| {'one process' if r['workers'] is None else '--workers ' + str(r['workers'])} | "
+            f"{r['seconds']:.1f} | {r['maps_per_s']:.2f} |"
+            for r in results["workers"]
+        ),
         "",
         "| images in the job | peak RSS (MB) |",
         "|---|---|",

@@ -177,7 +177,7 @@ PYBIND11_MODULE(_core, m) {
                        const std::string& gradient_blob, int batch_size, bool fast_layers, bool exact,
                        bool bf16_backward, bool blocked_layouts, const std::string& rule, int device,
                        const std::string& layout, std::size_t memory_budget,
-                       const std::vector<int>& image_shape) {
+                       const std::vector<int>& image_shape, int threads) {
              fastsal::EngineOptions options;
              options.input_blob = input_blob;
              options.score_blob = score_blob;
@@ -192,6 +192,7 @@ PYBIND11_MODULE(_core, m) {
              options.layout = batch_layout(layout);
              options.memory_budget = memory_budget;
              options.image_shape = image_shape;
+             options.threads = threads;
              // The user's net is read under the GIL: another thread could be running pycaffe on it.
              return std::make_unique<fastsal::SaliencyEngine>(pycaffe_net(net), options);
            }),
@@ -199,7 +200,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("gradient_blob") = "", py::arg("batch_size"), py::arg("fast_layers"),
            py::arg("exact") = true, py::arg("bf16_backward") = true, py::arg("blocked_layouts") = true,
            py::arg("relu_rule") = "gradient", py::arg("device"), py::arg("layout"), py::arg("memory_budget"),
-           py::arg("image_shape") = std::vector<int>{})
+           py::arg("image_shape") = std::vector<int>{}, py::arg("threads") = 0)
       .def_property_readonly("input_blob", &fastsal::SaliencyEngine::input_blob)
       .def_property_readonly("score_blob", &fastsal::SaliencyEngine::score_blob)
       .def_property_readonly("gradient_blob", &fastsal::SaliencyEngine::gradient_blob)
@@ -208,6 +209,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("score_shape", &fastsal::SaliencyEngine::score_shape)
       .def_property_readonly("num_classes", &fastsal::SaliencyEngine::num_classes)
       .def_property_readonly("bytes_per_image", &fastsal::SaliencyEngine::bytes_per_image)
+      .def_property_readonly("threads", &fastsal::SaliencyEngine::threads)
       .def_property_readonly("score_rewrites", &fastsal::SaliencyEngine::score_rewrites)
       .def(
           "matches",
@@ -311,12 +313,22 @@ PYBIND11_MODULE(_core, m) {
       "The score blob fastsal differentiates when score= is not given.", py::arg("net"));
 
   m.def(
+      "check_blob",
+      [](py::handle net, const std::string& name, const std::string& role) {
+        fastsal::find_blob(pycaffe_net(net), name, role);
+      },
+      "Raises ValueError for a name that is not a blob of net, naming the blobs most like it.",
+      py::arg("net"), py::arg("name"), py::arg("role"));
+
+  m.def(
       "caffe_mode", [] { return caffe::Caffe::mode() == caffe::Caffe::GPU ? "GPU" : "CPU"; },
       "Caffe's mode on the calling thread (pycaffe can set it but not read it).");
 
   m.def(
       "set_log_level", [](int level) { FLAGS_minloglevel = level; }, py::arg("level"),
       "glog's minimum level for Caffe's messages: 0 INFO, 1 WARNING, 2 ERROR, 3 FATAL.");
+  m.def(
+      "log_level", [] { return int(FLAGS_minloglevel); }, "glog's minimum level now (see set_log_level).");
 
   m.def("build_info", [] {
     py::dict info;

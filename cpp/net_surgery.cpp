@@ -4,6 +4,7 @@
 #include <google/protobuf/message.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <map>
 #include <set>
@@ -28,15 +29,35 @@ std::string join_names(const caffe::Net<float>& net, const std::vector<int>& blo
   return names.empty() ? "none" : names;
 }
 
-int blob_id(const caffe::Net<float>& net, const std::string& name, const char* role) {
-  const auto& names = net.blob_names();
-  const auto it = std::find(names.begin(), names.end(), name);
-  if (it == names.end()) {
-    std::string known;
-    for (const auto& n : names) known += (known.empty() ? "" : ", ") + n;
-    throw error(std::string("unknown ") + role + " blob '" + name + "'; the net's blobs are: " + known);
+// How alike two names are, as difflib's ratio: 2 * (characters in common, in order) / (both lengths);
+// case-insensitive, so 'FC7' finds 'fc7'.
+double likeness(const std::string& a, const std::string& b) {
+  if (a.empty() && b.empty()) return 1.0;
+  std::vector<int> row(b.size() + 1, 0);  // the longest common subsequence, one row at a time
+  for (char x : a) {
+    int diagonal = 0;
+    for (std::size_t j = 0; j < b.size(); ++j) {
+      const int above = row[j + 1];
+      row[j + 1] =
+          std::tolower(static_cast<unsigned char>(x)) == std::tolower(static_cast<unsigned char>(b[j]))
+              ? diagonal + 1
+              : std::max(row[j + 1], row[j]);
+      diagonal = above;
+    }
   }
-  return static_cast<int>(it - names.begin());
+  return 2.0 * row.back() / static_cast<double>(a.size() + b.size());
+}
+
+// Up to three names of `known` most like `name` (difflib.get_close_matches' cutoff, 0.6), best first.
+std::vector<std::string> close_matches(const std::string& name, const std::vector<std::string>& known) {
+  std::vector<std::pair<double, std::size_t>> scored;
+  for (std::size_t i = 0; i < known.size(); ++i)
+    if (const double score = likeness(name, known[i]); score >= 0.6) scored.emplace_back(-score, i);
+  std::stable_sort(scored.begin(), scored.end());
+  std::vector<std::string> names;
+  for (std::size_t i = 0; i < std::min<std::size_t>(3, scored.size()); ++i)
+    names.push_back(known[scored[i].second]);
+  return names;
 }
 
 // Layers whose backward pass to their bottoms is missing, or aborts under force_backward.
@@ -182,22 +203,23 @@ void check_spatial_sizes(const caffe::Net<float>& net, const std::vector<bool>& 
     auto [h, w] = found->second;
     if (p.type() == "Convolution" || p.type() == "Deconvolution") {
       const auto& c = p.convolution_param();
-      const auto pick = [](const auto& values, int fallback) {
-        return values.size() ? values.Get(0) : fallback;
+      // One value for both axes, or one per axis (BaseConvolutionLayer::LayerSetUp).
+      const auto pick = [](const auto& values, int axis, int fallback) {
+        return values.size() == 1 ? values.Get(0) : values.size() > axis ? values.Get(axis) : fallback;
       };
-      const int kh = c.has_kernel_h() ? c.kernel_h() : pick(c.kernel_size(), 1);
-      const int kw = c.has_kernel_w() ? c.kernel_w() : pick(c.kernel_size(), 1);
-      const int sh = c.has_stride_h() ? c.stride_h() : pick(c.stride(), 1);
-      const int sw = c.has_stride_w() ? c.stride_w() : pick(c.stride(), 1);
-      const int ph = c.has_pad_h() ? c.pad_h() : pick(c.pad(), 0);
-      const int pw = c.has_pad_w() ? c.pad_w() : pick(c.pad(), 0);
-      const int d = pick(c.dilation(), 1);
+      const int kh = c.has_kernel_h() ? c.kernel_h() : pick(c.kernel_size(), 0, 1);
+      const int kw = c.has_kernel_w() ? c.kernel_w() : pick(c.kernel_size(), 1, 1);
+      const int sh = c.has_stride_h() ? c.stride_h() : pick(c.stride(), 0, 1);
+      const int sw = c.has_stride_w() ? c.stride_w() : pick(c.stride(), 1, 1);
+      const int ph = c.has_pad_h() ? c.pad_h() : pick(c.pad(), 0, 0);
+      const int pw = c.has_pad_w() ? c.pad_w() : pick(c.pad(), 1, 0);
+      const int dh = pick(c.dilation(), 0, 1), dw = pick(c.dilation(), 1, 1);
       if (p.type() == "Deconvolution") {
-        h = sh * (h - 1) + d * (kh - 1) + 1 - 2 * ph;
-        w = sw * (w - 1) + d * (kw - 1) + 1 - 2 * pw;
+        h = sh * (h - 1) + dh * (kh - 1) + 1 - 2 * ph;
+        w = sw * (w - 1) + dw * (kw - 1) + 1 - 2 * pw;
       } else {
-        h = (h + 2 * ph - (d * (kh - 1) + 1)) / sh + 1;
-        w = (w + 2 * pw - (d * (kw - 1) + 1)) / sw + 1;
+        h = (h + 2 * ph - (dh * (kh - 1) + 1)) / sh + 1;
+        w = (w + 2 * pw - (dw * (kw - 1) + 1)) / sw + 1;
       }
     } else if (p.type() == "Pooling") {
       const auto& q = p.pooling_param();
@@ -210,8 +232,11 @@ void check_spatial_sizes(const caffe::Net<float>& net, const std::vector<bool>& 
         const int sw = q.has_stride_w() ? q.stride_w() : q.stride();
         const int ph = q.has_pad_h() ? q.pad_h() : q.pad();
         const int pw = q.has_pad_w() ? q.pad_w() : q.pad();
-        h = static_cast<int>(std::ceil(static_cast<float>(h + 2 * ph - kh) / sh)) + 1;
-        w = static_cast<int>(std::ceil(static_cast<float>(w + 2 * pw - kw) / sw)) + 1;
+        const int ih = h, iw = w;
+        h = static_cast<int>(std::ceil(static_cast<float>(ih + 2 * ph - kh) / sh)) + 1;
+        w = static_cast<int>(std::ceil(static_cast<float>(iw + 2 * pw - kw) / sw)) + 1;
+        if ((ph || pw) && (h - 1) * sh >= ih + ph) --h;  // the last window must start inside the image
+        if ((ph || pw) && (w - 1) * sw >= iw + pw) --w;
       }
     } else if (p.type() == "Crop" || p.type() == "Reshape" || p.type() == "InnerProduct" ||
                p.type() == "Flatten") {
@@ -248,6 +273,20 @@ std::string default_score_blob(const caffe::Net<float>& net) {
               "; name the blob of class scores with score=");
 }
 
+int find_blob(const caffe::Net<float>& net, const std::string& name, const std::string& role) {
+  const auto& names = net.blob_names();
+  const auto it = std::find(names.begin(), names.end(), name);
+  if (it != names.end()) return static_cast<int>(it - names.begin());
+  // A real net has hundreds of blobs: name the likely ones, not all of them on one line.
+  const auto like = close_matches(name, names);
+  std::string guess;
+  for (std::size_t i = 0; i < like.size(); ++i)
+    guess += (i == 0 ? "'" : i + 1 == like.size() ? " or '" : ", '") + like[i] + "'";
+  throw error("unknown " + role + " blob '" + name + "'; " +
+              (like.empty() ? "no blob has a name like it" : "did you mean " + guess + "?") +
+              " (net.blobs lists all " + std::to_string(names.size()) + " blobs)");
+}
+
 int producer_of(const caffe::Net<float>& net, int blob, int before) {
   if (before < 0) before = static_cast<int>(net.layers().size());
   for (int l = before - 1; l >= 0; --l)
@@ -267,8 +306,8 @@ SaliencyNetPlan plan_saliency_net(const caffe::Net<float>& net, const std::strin
     throw error("the net has no Input layer; name the blob to differentiate with input=");
   }
   plan.score_blob = score_blob.empty() ? default_score_blob(net) : score_blob;
-  const int input_id = blob_id(net, plan.input_blob, "input");
-  const int score_id = blob_id(net, plan.score_blob, "score");
+  const int input_id = find_blob(net, plan.input_blob, "input");
+  const int score_id = find_blob(net, plan.score_blob, "score");
 
   // The input is the Input layer's top; layers may then rewrite it in place (a Power scaling it, say):
   // they are part of the net being differentiated, as in the seed recipe.
@@ -310,9 +349,13 @@ SaliencyNetPlan plan_saliency_net(const caffe::Net<float>& net, const std::strin
   plan.gradient_blob = gradient_blob.empty() ? plan.input_blob : gradient_blob;
   int gradient_layer = input_layer;
   if (plan.gradient_blob != plan.input_blob) {
-    const int id = blob_id(net, plan.gradient_blob, "layer");
+    const int id = find_blob(net, plan.gradient_blob, "layer");
     gradient_layer = producer_of(net, id, score_layer + 1);
-    if (!needed.count(id) || gradient_layer <= input_layer || id == score_id)
+    if (id == score_id)
+      throw error("layer blob '" + plan.gradient_blob +
+                  "' is the score blob itself; Grad-CAM needs a blob before it, between input blob '" +
+                  plan.input_blob + "' and score blob '" + plan.score_blob + "'");
+    if (!needed.count(id) || gradient_layer <= input_layer)
       throw error("blob '" + plan.gradient_blob + "' is not between input blob '" + plan.input_blob +
                   "' and score blob '" + plan.score_blob + "'");
     plan.gradient_layer = net.layer_names()[gradient_layer];
@@ -345,8 +388,9 @@ SaliencyNetPlan plan_saliency_net(const caffe::Net<float>& net, const std::strin
       throw error("image_shape must be (C, H, W) with the input's " + std::to_string(plan.image_shape[0]) +
                   " channels");
     plan.image_shape = image_shape;
-    check_spatial_sizes(net, keep, input_id, image_shape);
   }
+  // Whatever the size came from: the input blob reshaped without net.reshape() is not checked by Caffe.
+  check_spatial_sizes(net, keep, input_id, plan.image_shape);
   for (int d : plan.image_shape)
     if (d < 1)
       throw error("input blob '" + plan.input_blob + "' has shape " + input.shape_string() +

@@ -29,6 +29,10 @@ struct SaliencyNetPlan {
 // write the same blob again); -1 when no layer does. `before` limits the search to layers < before.
 int producer_of(const caffe::Net<float>& net, int blob_id, int before = -1);
 
+// The index of the blob called `name`; else throws, naming up to three blobs with a name like it (the
+// net's full list is net.blobs in pycaffe). `role` says what the caller wanted it for: "score", "layer".
+int find_blob(const caffe::Net<float>& net, const std::string& name, const std::string& role);
+
 // The default score: the input of the net's one Softmax whose output nobody consumes (pre-softmax
 // scores, as Simonyan et al. use), else the net's only output. Several candidates: refuse, naming them.
 std::string default_score_blob(const caffe::Net<float>& net);

@@ -1,6 +1,7 @@
 #include "saliency_engine.hpp"
 
 #include <glog/logging.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <caffe/util/math_functions.hpp>
@@ -108,6 +109,21 @@ class QuietGlog {
   int saved_;
 };
 
+// The calling thread's OpenMP team size for one call, restored after: it sizes fastsal's regions and
+// oneDNN's (which also reads it when it creates a primitive, so the constructor sets it too).
+class ThreadCountScope {
+ public:
+  explicit ThreadCountScope(int threads) : saved_(omp_get_max_threads()) {
+    if (threads > 0) omp_set_num_threads(threads);
+  }
+  ~ThreadCountScope() { omp_set_num_threads(saved_); }
+  ThreadCountScope(const ThreadCountScope&) = delete;
+  ThreadCountScope& operator=(const ThreadCountScope&) = delete;
+
+ private:
+  int saved_;
+};
+
 // Caffe's mode and device are per thread and belong to the caller (pycaffe's set_mode_*, set_device):
 // set them for the call, restore them after. Caffe::SetDevice rebuilds the thread's cuBLAS handle, so
 // the device is switched back only when it differs.
@@ -174,8 +190,10 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
     : plan_(plan_saliency_net(user_net, options.input_blob, options.score_blob, options.gradient_blob,
                               options.image_shape)),
       device_(checked_device(options.device)),
+      threads_(options.threads > 0 ? options.threads : omp_get_max_threads()),
       layout_(options.layout),
       device_buffers_(std::make_unique<DeviceBuffers>()) {
+  ThreadCountScope team(threads_);
   {
     QuietGlog quiet;
     CaffeModeScope mode(device_);  // layers set up in the caller's mode could touch a GPU it never meant
@@ -283,6 +301,7 @@ std::vector<LayerTime> SaliencyEngine::profile_layers(const SaliencyRequest& req
 void SaliencyEngine::run(const SaliencyRequest& request, std::vector<LayerTime>* times) {
   check_request(request);
   std::lock_guard<std::mutex> lock(mutex_);  // one internal net: one call at a time
+  ThreadCountScope team(threads_);
   CaffeModeScope mode(device_);
 #ifdef FASTSAL_WITH_CUDA
   if (device_ >= 0) check_weights_on_device(*net_, device_);
@@ -317,6 +336,7 @@ void SaliencyEngine::run(const SaliencyRequest& request, std::vector<LayerTime>*
 
 void SaliencyEngine::scores(const float* images, int num_images, std::int64_t first_index, float* scores) {
   std::lock_guard<std::mutex> lock(mutex_);
+  ThreadCountScope team(threads_);
   CaffeModeScope mode(device_);
 #ifdef FASTSAL_WITH_CUDA
   if (device_ >= 0) check_weights_on_device(*net_, device_);

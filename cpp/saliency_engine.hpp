@@ -60,6 +60,7 @@ struct EngineOptions {
   int device = -1;              // -1: CPU; else the CUDA device (a CUDA build of Caffe and fastsal)
   BatchLayout layout = BatchLayout::kAuto;
   std::size_t memory_budget = std::size_t(1) << 30;  // bytes of blobs and layer state per batch
+  int threads = 0;  // OpenMP threads for this engine's work (oneDNN's too); 0: OpenMP's default
 };
 
 // How an image's samples combine (noise samples, integration steps), per (image, class), before the
@@ -147,6 +148,7 @@ class SaliencyEngine {
   // when there is none.
   std::string head_layer() const { return head_ ? net_->layer_names()[head_->first_layer()] : std::string(); }
   int device() const { return device_; }
+  int threads() const { return threads_; }
   std::size_t image_size() const;     // floats per input image
   std::size_t gradient_size() const;  // floats per image of the gradient blob
   std::size_t map_size() const;       // floats per map: the gradient blob's pixels
@@ -177,6 +179,7 @@ class SaliencyEngine {
   std::size_t bytes_per_image_ = 0;
   int batch_size_;
   int device_;
+  int threads_;
   BatchLayout layout_;
   std::unique_ptr<DeviceBuffers> device_buffers_;
   std::unique_ptr<SaliencyNet> net_;

@@ -221,3 +221,24 @@ def rng():
 
 def random_images(rng, net: caffe.Net, n: int, input_blob: str = "data") -> np.ndarray:
     return rng.standard_normal((n, *net.blobs[input_blob].data.shape[1:])).astype(np.float32)
+
+
+# The jobs tests' model: a small classifier of 32x32 photos, saved as a prototxt and a .caffemodel.
+JOB_NET = (
+    _input((3, 32, 32), batch=1)
+    + conv("conv1", "data", 8)
+    + layer("relu1", "ReLU", "conv1", "conv1")
+    + layer("pool1", "Pooling", "conv1", params="pooling_param { pool: MAX kernel_size: 2 stride: 2 }")
+    + conv("conv2", "pool1", 8)
+    + layer("relu2", "ReLU", "conv2", "conv2")
+    + fc("fc", "conv2", 5)
+    + layer("prob", "Softmax", "fc")
+)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    net = make_net(folder, JOB_NET, seed=21)
+    net.save(str(folder / "net.caffemodel"))
+    return str(folder / "net.prototxt"), str(folder / "net.caffemodel")

@@ -140,7 +140,7 @@ def test_guide_objective_matches_its_formula(tmp_path, rng):
 @pytest.mark.parametrize(
     "options, error, message",
     [
-        ({"layer": "nowhere"}, ValueError, "unknown score blob 'nowhere'"),
+        ({"layer": "nowhere"}, ValueError, "unknown layer blob 'nowhere'"),
         ({"layer": "data"}, ValueError, "is not computed from input blob 'data'"),
         ({"octaves": 0}, ValueError, "octaves must be a positive integer"),
         ({"octave_scale": 1.0}, ValueError, "octave_scale must be > 1"),

@@ -4,6 +4,7 @@ real Dask LocalCluster, and refusing bad input before any work."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -17,29 +18,11 @@ import zarr
 from PIL import Image
 
 import fastsal
-from conftest import _input, conv, fc, layer, make_net, spearman
+from conftest import _input, fc, spearman
 from fastsal import cli, jobs
 from fastsal._preprocess import Preprocessing, load_image, load_mean
 
-NET = (
-    _input((3, 32, 32), batch=1)
-    + conv("conv1", "data", 8)
-    + layer("relu1", "ReLU", "conv1", "conv1")
-    + layer("pool1", "Pooling", "conv1", params="pooling_param { pool: MAX kernel_size: 2 stride: 2 }")
-    + conv("conv2", "pool1", 8)
-    + layer("relu2", "ReLU", "conv2", "conv2")
-    + fc("fc", "conv2", 5)
-    + layer("prob", "Softmax", "fc")
-)
 MEAN = [104.0, 117.0, 123.0]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    net = make_net(folder, NET, seed=21)
-    net.save(str(folder / "net.caffemodel"))
-    return str(folder / "net.prototxt"), str(folder / "net.caffemodel")
 
 
 def photo(rng, h, w):
@@ -256,7 +239,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(
         job_command(dataset, model, out, *KILLED_JOB), capture_output=True, text=True, timeout=600
     )
     assert finished.returncode == 1, finished.stderr  # the 4 bad files
-    assert f"{len(done)} chunks already done" in finished.stdout
+    assert re.search(rf"\b{len(done)} chunks? already done", finished.stdout), finished.stdout
     for name, mtime in done.items():  # finished chunks were not redone
         assert (markers / name).stat().st_mtime_ns == mtime
     assert_same_store(out, uninterrupted)

@@ -8,16 +8,22 @@ maps = fastsal.attribute(net, images, classes, method="smoothgrad")
 # pycaffe first: fastsal._core finds caffe.Net through the Boost.Python types pycaffe registers.
 import caffe  # noqa: F401
 
+from . import _threads
+
+with _threads.bounded_spinning():  # while fastsal._core loads libgomp
+    from . import _core  # noqa: F401
+
 from ._attribution import METHODS, Attribution, attribute
 from ._build import SlowBlasWarning, build_info, cuda_device_count, has_cuda, set_caffe_log_level
 from ._dream import dream, visualize_classes
-from ._load import load
-from ._preprocess import Preprocessing
+from ._load import MissingWeightsWarning, load
+from ._preprocess import Preprocessing, load_image
 from ._saliency import Saliency, compute, compute_top_k
 
 __all__ = [
     "METHODS",
     "Attribution",
+    "MissingWeightsWarning",
     "Preprocessing",
     "Saliency",
     "SlowBlasWarning",
@@ -29,6 +35,7 @@ __all__ = [
     "cuda_device_count",
     "has_cuda",
     "load",
+    "load_image",
     "set_caffe_log_level",
     "visualize_classes",
 ]

@@ -13,7 +13,7 @@ import caffe
 import numpy as np
 
 from . import _core
-from ._saliency import Saliency, _check_net, _check_positive_int, batch_slices
+from ._saliency import Saliency, _check_blob_name, _check_net, _check_positive_int, batch_slices
 
 METHODS = (
     "saliency",
@@ -34,6 +34,8 @@ RULES = {"guided_backprop": "guided", "deconvnet": "deconvnet", "guided_gradcam"
 QUADRATURES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 REDUCTIONS = ("absmax", "sum", "none")
 UPSAMPLING = ("bilinear", "nearest")
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 # The options each method takes, with their defaults (Captum's and PAIR's, see Attribution).
 _OPTIONS = {
@@ -98,18 +100,22 @@ def upsample(maps: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
 
 
 def default_cam_layer(net: caffe.Net, score: str) -> str:
-    """The last blob before the score, on its path, that is 4-D with more than one pixel."""
+    """The last blob before the score, on its path, that is 4-D with more than one pixel. Only tops
+    that feed the score count (a Slice's other part does not), and never a Split's copy: its gradient
+    would miss the other branches, so the blob the Split copies is taken instead."""
     layers = list(net._layer_names)
     producers = [name for name in layers if score in net.top_names[name]]
     needed = {score}
-    for name in reversed(layers[: layers.index(producers[-1]) + 1]):
-        tops = net.top_names[name]
-        if not needed.intersection(tops):
+    for index in reversed(range(layers.index(producers[-1]) + 1)):
+        name = layers[index]
+        tops = [top for top in net.top_names[name] if top in needed]
+        if not tops:
             continue
-        for top in tops:
-            shape = net.blobs[top].shape
-            if top != score and len(shape) == 4 and shape[2] * shape[3] > 1:
-                return top
+        if net.layers[index].type != "Split":
+            for top in tops:
+                shape = net.blobs[top].shape
+                if top != score and len(shape) == 4 and shape[2] * shape[3] > 1:
+                    return top
         needed.update(net.bottom_names[name])
     raise ValueError(f"no 4-D blob with a spatial extent feeds score blob '{score}'; name one with layer=")
 
@@ -158,7 +164,7 @@ class Attribution:
 
     Classes take every form :meth:`Saliency.compute` takes; :meth:`compute_top_k` ranks each image's
     classes once, on the clean image. ``score``, ``input``, ``batch_size``, ``fast_layers``,
-    ``exact`` and ``device`` mean what they mean for :class:`Saliency`.
+    ``exact``, ``device`` and ``threads`` mean what they mean for :class:`Saliency`.
     """
 
     def __init__(
@@ -172,6 +178,7 @@ class Attribution:
         fast_layers: bool = True,
         exact: bool = True,
         device: int | None = None,
+        threads: int | None = None,
         _bf16_backward: bool = True,
         _blocked_layouts: bool = True,
         **options,
@@ -188,6 +195,7 @@ class Attribution:
             fast_layers=fast_layers,
             exact=exact,
             device=device,
+            threads=threads,
             _bf16_backward=_bf16_backward,
             _blocked_layouts=_blocked_layouts,
         )
@@ -197,13 +205,19 @@ class Attribution:
             self._input = Saliency(net, **engine, _relu_rule=RULES.get(method, "gradient"))
         self._cam = None
         if method in CAM_METHODS or method == "guided_gradcam":
-            layer = self.options["layer"] or default_cam_layer(net, score or _core.default_score_blob(net))
+            layer = self.options["layer"]
+            if not layer:
+                _check_blob_name("score", score)
+                if score is not None:
+                    _core.check_blob(net, score, "score")  # before the search, which assumes it exists
+                layer = default_cam_layer(net, score or _core.default_score_blob(net))
             if not isinstance(layer, str):
                 raise TypeError(f"layer must be a blob name (str), got {type(layer).__name__}")
             self._cam = Saliency(net, **engine, _gradient_blob=layer)
             if layer == self._cam.input:
                 raise ValueError(
-                    f"blob '{layer}' is not between input blob '{layer}' and score blob '{self._cam.score}'"
+                    f"layer blob '{layer}' is the input blob itself; Grad-CAM needs a blob between input "
+                    f"blob '{layer}' and score blob '{self._cam.score}'"
                 )
             if self._cam._engine.gradient_shape.__len__() != 3:
                 raise ValueError(
@@ -223,6 +237,11 @@ class Attribution:
     @property
     def num_classes(self) -> int:
         return self._main.num_classes
+
+    @property
+    def threads(self) -> int:
+        """CPU threads this method's engines use."""
+        return self._main.threads
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -252,9 +271,11 @@ class Attribution:
                 raise ValueError("give stdev (absolute) or noise_level (relative to max - min), not both")
             for name, value in (("stdev", stdev), ("noise_level", level)):
                 if value is not None and (
-                    isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0
+                    isinstance(value, bool)
+                    or not isinstance(value, numbers.Real)
+                    or not 0 <= value <= FLOAT32_MAX
                 ):
-                    raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+                    raise ValueError(f"{name} must be a number >= 0 that float32 can hold, got {value!r}")
             if stdev is None and level is None:
                 merged["noise_level"] = 0.15
             seed = merged["seed"]
@@ -308,28 +329,39 @@ class Attribution:
     def compute_top_k(self, images, k: int = 1, *, return_convergence_delta: bool = False):
         """Attributions for each image's ``k`` best classes, ranked once on the clean image (ties: the
         lower id first). Returns ``(maps, classes)`` (plus delta with ``return_convergence_delta``)."""
-        _check_positive_int("k", k)
-        if k > self.num_classes:
-            raise ValueError(
-                f"k={k} exceeds the {self.num_classes} classes of score blob '{self._main.score}'"
-            )
         self._refresh()
+        self._check_k(k)
         batch, single = self._main._images(images)
         maps, classes, _, delta = self._run(batch, None, k, return_convergence_delta)
         result = (maps, classes, delta) if return_convergence_delta else (maps, classes)
         return tuple(r[0] for r in result) if single else result
 
-    def explain(self, images, classes=None, k: int | None = None):
+    def explain(self, images, classes=None, k: int | None = None, *, image_ids=None):
         """``(maps, classes, scores)`` for a batch in one go, for jobs: classes given ((N, K) or any form
         of :meth:`compute`) or each image's top ``k``; scores (N, num_classes) of the clean images, taken
-        from the attribution's own forward pass where it has one."""
+        from the attribution's own forward pass where it has one. ``image_ids`` (N ints): each image's
+        index in the whole job, which keys its noise (default 0..N-1, as :meth:`compute` keys it)."""
         self._refresh()
         batch, _ = self._main._images(images)
         ids = None if classes is None else self._main._classes(classes, len(batch))
         if ids is None:
-            _check_positive_int("k", k)
-        maps, classes, scores, _ = self._run(batch, ids, k, False, want_scores=True)
+            self._check_k(k)
+        if image_ids is not None:
+            image_ids = np.asarray(image_ids, np.int64)
+            if image_ids.shape != (len(batch),):
+                raise ValueError(
+                    f"image_ids must hold one id per image ({len(batch)}), got shape {image_ids.shape}"
+                )
+        maps, classes, scores, _ = self._run(batch, ids, k, False, want_scores=True, image_ids=image_ids)
         return maps, classes, scores
+
+    def _check_k(self, k) -> None:
+        """Every method refuses a top k beyond the classes, as :meth:`Saliency.compute_top_k` does."""
+        _check_positive_int("k", k)
+        if k > self.num_classes:
+            raise ValueError(
+                f"k={k} exceeds the {self.num_classes} classes of score blob '{self._main.score}'"
+            )
 
     def _refresh(self) -> None:
         for engine in (self._input, self._cam):
@@ -337,14 +369,20 @@ class Attribution:
                 engine._refresh()
 
     def scores(self, images) -> np.ndarray:
-        """The score blob's values, (N, num_classes) float32: forward passes only."""
+        """The score blob's values, (N, num_classes) float32: forward passes only, through the net as it
+        is now (after ``net.reshape()`` or ``net.share_with()``, as :meth:`compute`)."""
+        self._refresh()
         batch, single = self._main._images(images)
+        out = self._scores(batch)
+        return out[0] if single else out
+
+    def _scores(self, batch: np.ndarray) -> np.ndarray:
         out = np.empty((len(batch), self.num_classes), np.float32)
         for part in batch_slices(len(batch), self._main.batch_size):
             self._main._engine.scores(np.ascontiguousarray(batch[part], np.float32), out[part], part.start)
-        return out[0] if single else out
+        return out
 
-    def _run(self, images: np.ndarray, classes, k, delta: bool, want_scores: bool = False):
+    def _run(self, images: np.ndarray, classes, k, delta: bool, want_scores: bool = False, image_ids=None):
         """(maps, classes (N, K) int64, scores or None, delta or None). classes None: each image's top k,
         ranked on the clean image: by the attribution's own forward when it has one sample per image."""
         method, options = self.method, self.options
@@ -356,10 +394,19 @@ class Attribution:
             and len(self._baselines) != len(images)
         ):
             raise ValueError(f"baselines has {len(self._baselines)} images but there are {len(images)}")
+        if (
+            method == "integrated_gradients"
+            and self._baselines.ndim
+            and self._baselines.shape[-3:] != self.image_shape
+        ):
+            raise ValueError(
+                f"baselines are {self._baselines.shape[-3:]} images, but the net now takes {self.image_shape} "
+                "(after net.reshape()); make an Attribution with baselines of that size"
+            )
         scores = None
         if method in NOISE_METHODS or method == "integrated_gradients":
             if classes is None or want_scores:
-                scores = self.scores(images)
+                scores = self._scores(images)
             if classes is None:
                 classes = np.argsort(-scores, axis=1, kind="stable")[:, :k]
             want_scores = False
@@ -374,7 +421,7 @@ class Attribution:
         if method == "integrated_gradients" and delta:
             raw, _, _ = self._gradients(images, classes, "none")
             return _reduce(raw, reduce), classes, scores, self._convergence_delta(images, classes, raw)
-        maps, classes, own_scores = self._gradients(images, classes, reduce, k, want_scores)
+        maps, classes, own_scores = self._gradients(images, classes, reduce, k, want_scores, image_ids)
         return maps, classes, own_scores if scores is None else scores, None
 
     def _targets(self, n: int, classes, k, want_scores: bool):
@@ -387,10 +434,17 @@ class Attribution:
         return classes, k, top, scores
 
     def _gradients(
-        self, images: np.ndarray, classes, reduce: str, k: int | None = None, want_scores: bool = False
+        self,
+        images: np.ndarray,
+        classes,
+        reduce: str,
+        k: int | None = None,
+        want_scores: bool = False,
+        image_ids=None,
     ):
         """The input-gradient methods, streamed in chunks of whole images through the engine:
-        (out, classes, scores or None); classes None ranks each image's top k in the engine."""
+        (out, classes, scores or None); classes None ranks each image's top k in the engine. The noise
+        of image i comes from ``default_rng([seed, image_ids[i]])`` (ids default to 0..N-1)."""
         method, options = self.method, self.options
         saliency = self._input
         c, h, w = self.image_shape
@@ -415,18 +469,36 @@ class Attribution:
                 for i, image in enumerate(x):
                     sigma = options["stdev"]
                     if sigma is None:
-                        sigma = options["noise_level"] * float(image.max() - image.min())
+                        spread = float(image.max()) - float(image.min())
+                        sigma = options["noise_level"] * spread
+                        if sigma > FLOAT32_MAX:
+                            raise ValueError(
+                                f"noise_level={options['noise_level']!r} times the range of images[{start + i}] "
+                                f"({spread:g}) gives a noise stdev of {sigma:g}, beyond float32; give a "
+                                "smaller noise_level"
+                            )
                     sigmas.append(np.float32(sigma))
-                    generators.append(np.random.default_rng([seed, start + i]))
+                    key = start + i if image_ids is None else int(image_ids[start + i])
+                    generators.append(np.random.default_rng([seed, key]))
 
-                def rows(first, count, x=x, sigmas=sigmas, generators=generators):
+                def rows(first, count, start=start, x=x, sigmas=sigmas, generators=generators):
                     # Each image's generator is drawn in order, so the noise does not depend on the split.
-                    return np.stack(
-                        [
-                            image + sigma * rng.standard_normal((count, c, h, w), np.float32)
-                            for image, sigma, rng in zip(x, sigmas, generators)
-                        ]
-                    )
+                    with np.errstate(over="ignore"):  # an overflow is refused just below, naming the option
+                        noisy = np.stack(
+                            [
+                                image + sigma * rng.standard_normal((count, c, h, w), np.float32)
+                                for image, sigma, rng in zip(x, sigmas, generators)
+                            ]
+                        )
+                    finite = np.isfinite(noisy).reshape(len(x), -1).all(axis=1)
+                    if not finite.all():
+                        bad = int(np.argmin(finite))
+                        name = "stdev" if options["stdev"] is not None else "noise_level"
+                        raise ValueError(
+                            f"noise of stdev {float(sigmas[bad]):g} ({name}={options[name]!r}) takes the "
+                            f"samples of images[{start + bad}] beyond float32; give a smaller {name}"
+                        )
+                    return noisy
 
                 weights = np.full(samples, 1.0 / samples, np.float32)
                 call.update(accumulate=NOISE_METHODS[method])
@@ -477,11 +549,13 @@ class Attribution:
         return np.broadcast_to(b, (count, *self.image_shape)).astype(np.float32)
 
     def _convergence_delta(self, images: np.ndarray, classes: np.ndarray, raw: np.ndarray) -> np.ndarray:
-        baselines = np.concatenate(
-            [self._baseline_for(s, min(64, len(images) - s)) for s in range(0, len(images), 64)]
-        )
+        baselines = [self._baseline_for(s, min(64, len(images) - s)) for s in range(0, len(images), 64)]
+        if not baselines:  # no images: an empty (0, K) delta, as the maps are empty
+            return np.zeros(classes.shape, np.float64)
         rows = np.arange(len(images))[:, None]
-        difference = self.scores(images)[rows, classes] - self.scores(baselines)[rows, classes]
+        difference = (
+            self._scores(images)[rows, classes] - self._scores(np.concatenate(baselines))[rows, classes]
+        )
         return raw.reshape(*classes.shape, -1).sum(axis=2, dtype=np.float64) - difference
 
     def _cams(self, images: np.ndarray, classes, k, want_scores: bool, mode):
@@ -558,6 +632,7 @@ def attribute(
     batch_size: int | None = None,
     exact: bool = True,
     return_convergence_delta: bool = False,
+    threads: int | None = None,
     **options,
 ):
     """Attributions of ``images`` for ``classes`` under ``net`` by ``method``: see :class:`Attribution`.
@@ -569,6 +644,7 @@ def attribute(
         input,
         batch_size,
         exact,
+        threads,
         tuple(sorted((name, _key(v)) for name, v in options.items())),
     )
     with _cache_lock:
@@ -577,7 +653,14 @@ def attribute(
             cached = _cache[net] = (
                 key,
                 Attribution(
-                    net, method, score=score, input=input, batch_size=batch_size, exact=exact, **options
+                    net,
+                    method,
+                    score=score,
+                    input=input,
+                    batch_size=batch_size,
+                    exact=exact,
+                    threads=threads,
+                    **options,
                 ),
             )
     return cached[1].compute(images, classes, return_convergence_delta=return_convergence_delta)

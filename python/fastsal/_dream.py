@@ -9,6 +9,7 @@ import numbers
 import caffe
 import numpy as np
 
+from . import _core
 from ._preprocess import Preprocessing
 from ._saliency import Saliency, _check_net, _check_positive_int, batch_slices
 
@@ -145,6 +146,7 @@ class _Dreamer:
     def __init__(self, net, layer, input):  # noqa: A002
         if not isinstance(layer, str):
             raise TypeError(f"layer must be a blob name (str), got {type(layer).__name__}")
+        _core.check_blob(net, layer, "layer")  # the engine would call it a score blob
         self.net, self.layer, self.input, self.engines = net, layer, input, {}
         self.input_channels = self.engine(()).image_shape[0]  # the net's own size: checks the layer once
 

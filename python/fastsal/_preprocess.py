@@ -6,6 +6,7 @@ subtraction, input scale. Flag names follow Caffe's python/classify.py."""
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +19,14 @@ class ImageError(ValueError):
 
 def load_image(path, color: bool = True) -> np.ndarray:
     """(H, W, 3) float32 RGB in [0, 1] (or (H, W, 1) when not color), the values caffe.io.load_image
-    returns: grayscale tiled to 3 channels, alpha dropped, 16-bit scaled to [0, 1]. Decoded by Pillow
-    from the file's bytes, so a file that is no image leaves no handle open behind its error."""
+    returns: grayscale tiled to 3 channels, alpha dropped, 16-bit scaled to [0, 1], 32-bit integer TIFFs
+    scaled by their type's range and float TIFFs kept as they are (scikit-image's img_as_float).
+
+    Where caffe.io.load_image misreads a file, this gives the picture Pillow shows (``convert("RGB")``)
+    instead: palette images with an alpha band ("PA": Caffe reads palette indices), CMYK, YCbCr TIFFs and
+    LAB (Caffe reads the bands as RGB), grey with alpha ("LA": Caffe returns 2 channels), GIFs (Caffe
+    returns every frame; this the first) and 16-bit PGM/PPM (Caffe scales them by 2**31). Decoded by
+    Pillow from the file's bytes, so a file that is no image leaves no handle open behind its error."""
     import io
 
     import skimage
@@ -31,28 +38,53 @@ def load_image(path, color: bool = True) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as decoded:
             decoded.load()
-            if decoded.mode == "P":
-                decoded = decoded.convert("RGBA" if "transparency" in decoded.info else "RGB")
-            elif decoded.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
-                decoded = decoded.convert("RGB" if decoded.mode != "1" else "L")
-            image = np.asarray(decoded)
+            image = _samples(decoded)
     except Exception as error:  # every decoder failure is the image's: truncated, corrupt, not an image
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ImageError(f"cannot decode ({type(error).__name__}): {first_line}") from None
+        raise ImageError(_decode_failure(error)) from None
     if image.ndim not in (2, 3) or image.size == 0:
         raise ImageError(f"not a 2-D image: decoded shape {image.shape}")
-    if image.dtype == np.int32:  # Pillow's 16-bit grayscale mode "I"
-        image = image.astype(np.uint16)
     image = skimage.img_as_float(image).astype(np.float32)
-    if image.ndim == 3 and image.shape[2] in (2, 4):  # alpha dropped
-        image = image[:, :, : image.shape[2] - 1]
+    if image.ndim == 3 and image.shape[2] == 4:  # alpha dropped
+        image = image[:, :, :3]
     if not color and image.ndim == 3:
-        image = skimage.color.rgb2gray(image).astype(np.float32) if image.shape[2] == 3 else image[:, :, 0]
+        image = skimage.color.rgb2gray(image).astype(np.float32)
     if image.ndim == 2:
         image = image[:, :, np.newaxis]
     if color and image.shape[2] == 1:
         image = np.tile(image, (1, 1, 3))
     return image
+
+
+def _samples(decoded) -> np.ndarray:
+    """The decoded picture as grey, RGB or RGBA samples in the integer or float type img_as_float scales."""
+    mode = decoded.mode
+    if mode in ("L", "RGB", "RGBA", "F") or mode.startswith("I;16"):
+        return np.asarray(decoded)
+    if mode == "I":
+        samples = np.asarray(decoded)
+        if decoded.format == "TIFF":  # the file's own integer type, as tifffile reads it for Caffe
+            bits = decoded.tag_v2.get(258, (32,))[0]
+            signed = decoded.tag_v2.get(339, (1,))[0] == 2  # SampleFormat: 1 unsigned (the default), 2 signed
+            return samples.astype(f"{'i' if signed else 'u'}{bits // 8}") if bits in (16, 32) else samples
+        return np.clip(samples, 0, 65535).astype(np.uint16)  # Pillow widens 16-bit PNG and PGM/PPM to "I"
+    if mode in ("1", "LA"):
+        return np.asarray(decoded.convert("L"))
+    # Palettes, CMYK, YCbCr, LAB, HSV: the colours shown. Through RGBA where there is alpha, since
+    # Pillow warns when it drops a palette's alpha itself.
+    alpha = "A" in mode or "transparency" in decoded.info
+    return np.asarray(decoded.convert("RGBA" if alpha else "RGB"))
+
+
+def _decode_failure(error: Exception) -> str:
+    """A reason that is the same on every run: Pillow's messages name the BytesIO by its address."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        text = "not an image file Pillow recognises"
+    else:
+        lines = str(error).strip().splitlines()
+        text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", lines[0]) if lines else ""
+    return f"cannot decode ({type(error).__name__})" + (f": {text}" if text else "")
 
 
 def load_mean(path) -> np.ndarray:
@@ -146,7 +178,19 @@ class Preprocessing:
         return image[top : top + h, left : left + w]
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        """A decoded (H, W, C) image in [0, 1] as the net's (C, H, W) float32 input."""
+        """A decoded (H, W, C) image in [0, 1] (:func:`load_image`, caffe.io.load_image) as the net's
+        (C, H, W) float32 input."""
+        image = np.asarray(image)
+        if not np.issubdtype(image.dtype, np.floating):
+            # raw_scale expects [0, 1]: uint8 pixels would come out 255 times too large, silently
+            raise TypeError(
+                f"image must hold floats in [0, 1] (fastsal.load_image, caffe.io.load_image or "
+                f"skimage.img_as_float give them), got dtype {image.dtype}"
+            )
+        if image.ndim == 2:
+            image = image[:, :, np.newaxis]
+        if image.ndim != 3:
+            raise ValueError(f"image must be (H, W, C) or (H, W), got shape {image.shape}")
         return self.transform(self.crop(image))
 
     def transform(self, image: np.ndarray) -> np.ndarray:

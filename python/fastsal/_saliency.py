@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _core
 from ._build import warn_if_blas_is_slow
+from ._threads import default_threads
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
 
@@ -66,6 +67,10 @@ class Saliency:
             forward and one backward: better on a GPU that the images alone leave under-filled).
         memory_budget: bytes of activations and gradients the internal net may use when
             ``batch_size`` is not given.
+        threads: CPU threads for this engine's work (fastsal's layers, oneDNN's, Caffe's products).
+            Default: ``FASTSAL_NUM_THREADS``, else ``OMP_NUM_THREADS``, else the CPUs this process may
+            use (its affinity and cgroup quota, not the machine's core count). Exact maps do not
+            depend on it.
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class Saliency:
         device: int | None = None,
         batch_layout: str = "auto",
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        threads: int | None = None,
         _gradient_blob: str = "",
         _relu_rule: str = "gradient",
         _image_shape: tuple[int, ...] = (),
@@ -89,8 +95,7 @@ class Saliency:
     ):
         _check_net(net)
         for name, value in (("score", score), ("input", input)):
-            if value is not None and not isinstance(value, str):
-                raise TypeError(f"{name} must be a blob name (str), got {type(value).__name__}")
+            _check_blob_name(name, value)
         if batch_size is not None:
             _check_positive_int("batch_size", batch_size)
         if device is not None and (
@@ -98,6 +103,8 @@ class Saliency:
         ):
             raise ValueError(f"device must be None (the CPU) or a CUDA device index >= 0, got {device!r}")
         _check_positive_int("memory_budget", memory_budget)
+        if threads is not None:
+            _check_positive_int("threads", threads)
         if not exact and not fast_layers:
             raise ValueError(
                 "exact=False needs fast_layers=True: the inexact forward is one of fastsal's layers"
@@ -116,6 +123,7 @@ class Saliency:
             device=-1 if device is None else int(device),
             layout=batch_layout,
             memory_budget=memory_budget,
+            threads=threads or default_threads(),
         )
         if device is None and self._options["exact"]:
             warn_if_blas_is_slow(stacklevel=2)  # the exact CPU forward is Caffe's OpenBLAS arithmetic
@@ -173,6 +181,11 @@ class Saliency:
     def bytes_per_image(self) -> int:
         """Memory the internal net keeps per image of a batch: activations, gradients, layer state."""
         return self._engine.bytes_per_image
+
+    @property
+    def threads(self) -> int:
+        """CPU threads this engine's calls use."""
+        return self._engine.threads
 
     @property
     def device(self) -> int | None:
@@ -326,6 +339,11 @@ def _check_net(net) -> None:
         raise TypeError(f"net must be a caffe.Net, got {type(net).__name__}")
 
 
+def _check_blob_name(name: str, value) -> None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be a blob name (str), got {type(value).__name__}")
+
+
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -338,14 +356,16 @@ _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _cache_lock = threading.Lock()
 
 
-def _saliency_for(net, score, input, batch_size, exact) -> Saliency:  # noqa: A002
+def _saliency_for(net, score, input, batch_size, exact, threads) -> Saliency:  # noqa: A002
     _check_net(net)
-    key = (score, input, batch_size, exact)
+    key = (score, input, batch_size, exact, threads)
     with _cache_lock:
         per_net = _cache.get(net)
         if per_net is None or key not in per_net:
             per_net = _cache[net] = {
-                key: Saliency(net, score=score, input=input, batch_size=batch_size, exact=exact)
+                key: Saliency(
+                    net, score=score, input=input, batch_size=batch_size, exact=exact, threads=threads
+                )
             }
         return per_net[key]
 
@@ -360,10 +380,12 @@ def compute(
     batch_size: int | None = None,
     exact: bool = True,
     gradients: bool = False,
+    threads: int | None = None,
 ) -> np.ndarray:
     """Saliency maps of ``images`` for ``classes`` under ``net``: see :class:`Saliency` and
     :meth:`Saliency.compute`. The internal engine is built on first use and cached per net."""
-    return _saliency_for(net, score, input, batch_size, exact).compute(images, classes, gradients=gradients)
+    engine = _saliency_for(net, score, input, batch_size, exact, threads)
+    return engine.compute(images, classes, gradients=gradients)
 
 
 def compute_top_k(
@@ -376,6 +398,8 @@ def compute_top_k(
     batch_size: int | None = None,
     exact: bool = True,
     gradients: bool = False,
+    threads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Saliency maps for each image's ``k`` best classes: see :meth:`Saliency.compute_top_k`."""
-    return _saliency_for(net, score, input, batch_size, exact).compute_top_k(images, k, gradients=gradients)
+    engine = _saliency_for(net, score, input, batch_size, exact, threads)
+    return engine.compute_top_k(images, k, gradients=gradients)

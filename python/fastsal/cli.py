@@ -1,19 +1,13 @@
-"""The ``fastsal`` command: a thin argparse layer over fastsal.jobs (run, status). Flag names follow
-Caffe's python/classify.py, hyphenated.
-
-    fastsal run IMAGES --model-def deploy.prototxt --pretrained-model model.caffemodel -o maps.zarr
-    fastsal status maps.zarr
-    fastsal visualize --model-def ... --pretrained-model ... --classes 0,1 -o classes/
-    fastsal dream photo.jpg --model-def ... --pretrained-model ... --layer inception_4c/output -o dream.png
-
-Exit codes: run: 0 every image ok, 1 some images failed (see ``fastsal status``), 2 refused before any
-work; status: 0 complete and ok, 1 some images failed, 3 unfinished.
-"""
+"""The ``fastsal`` command: a thin argparse layer over fastsal.jobs (run, status), class visualisation
+and deep dream. Flag names follow Caffe's python/classify.py, hyphenated."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,10 +59,8 @@ def add_preprocessing(command) -> None:
     means.add_argument(
         "--mean-value", type=_floats, help="per-channel mean, after channel swap, e.g. 104,117,123"
     )
-    prep.add_argument("--raw-scale", type=float, default=255.0, help="scale of [0, 1] pixels (default 255)")
-    prep.add_argument(
-        "--channel-swap", type=_ints, default=[2, 1, 0], help="channel order (default 2,1,0: RGB to BGR)"
-    )
+    prep.add_argument("--raw-scale", type=float, default=255.0, help="scale of [0, 1] pixels")
+    prep.add_argument("--channel-swap", type=_ints, default="2,1,0", help="channel order (2,1,0: RGB to BGR)")
     prep.add_argument("--input-scale", type=float, help="scale after mean subtraction")
 
 
@@ -95,13 +87,46 @@ def preprocessing_for(args, input_shape, per_channel: bool = False):
     )
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
-        prog="fastsal", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    commands = top.add_subparsers(dest="command", required=True)
+DESCRIPTION = """\
+Saliency and attribution maps of Caffe models, from a batched C++ engine.
 
-    run = commands.add_parser("run", help="attribution maps of a dataset on disk, into a Zarr store")
+  fastsal run IMAGES --model-def deploy.prototxt --pretrained-model model.caffemodel -o maps.zarr
+  fastsal status maps.zarr
+  fastsal visualize --model-def ... --pretrained-model ... --classes 0,1 -o classes/
+  fastsal dream photo.jpg --model-def ... --pretrained-model ... --layer inception_4c/output -o dream.png
+
+Exit codes: 0 done and every image ok; 1 some images failed (fastsal status lists them); 2 refused
+before any work (bad model, inputs, options or output); 3 unfinished (chunks pending: rerun to finish);
+4 an I/O error (disk full, permissions): rerun when fixed, the job resumes; 130 interrupted (Ctrl-C).
+FASTSAL_DEBUG=1 or --debug shows the traceback behind an error.
+"""
+
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_UNFINISHED, EXIT_IO, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option's help (where there is one), descriptions kept as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parser() -> argparse.ArgumentParser:
+    import fastsal
+
+    top = argparse.ArgumentParser(prog="fastsal", description=DESCRIPTION, formatter_class=_Formatter)
+    top.add_argument("--version", action="version", version=f"fastsal {fastsal.__version__}")
+    top.add_argument("--debug", action="store_true", help="show the traceback behind an error")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, text):
+        sub = commands.add_parser(name, help=text, description=text, formatter_class=_Formatter)
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return sub
+
+    run = command("run", "attribution maps of a dataset on disk, into a Zarr store (resumable)")
     run.add_argument(
         "images", help="a directory (recursive), a glob, a text file of paths, or a .npy of inputs"
     )
@@ -111,11 +136,17 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--classes", type=_ints, help="class ids for every image, e.g. 3,7")
     which.add_argument("--top-k", type=int, help="each image's K best classes (default: 1)")
     which.add_argument("--classes-file", help="one row of K class ids per image, in input order")
-    run.add_argument("--method", choices=METHODS, default="saliency")
+    run.add_argument("--method", choices=METHODS, default="saliency", help="the attribution method")
     for flag, (_, kind, text) in METHOD_FLAGS.items():
         run.add_argument(flag, type=kind, help=text)
     add_preprocessing(run)
     run.add_argument("--batch-size", type=int, help="rows per forward pass (default: fit 1 GiB)")
+    run.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads per process (default: FASTSAL_NUM_THREADS, else the CPUs this process may use; "
+        "with --workers N, those CPUs split between the N workers)",
+    )
     run.add_argument(
         "--inexact",
         action="store_true",
@@ -129,38 +160,46 @@ def parser() -> argparse.ArgumentParser:
         "--workers", type=int, help="a Dask LocalCluster of N worker processes (fastsal[dask])"
     )
     spread.add_argument("--scheduler", help="an existing Dask scheduler, tcp://HOST:PORT (fastsal[dask])")
-    run.add_argument("--overwrite", action="store_true", help="replace a store that holds another job")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="recompute: replace the store (only a fastsal store holding nothing else) instead of resuming",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    state = commands.add_parser("status", help="what a store holds: done, failed and why, pending")
-    state.add_argument("output")
+    state = command("status", "what a store holds: done, failed and why, pending (exit 0 / 1 / 3)")
+    state.add_argument("output", metavar="OUTPUT", help="the Zarr store fastsal run wrote")
 
-    show = commands.add_parser("visualize", help="images that maximise class scores, as PNGs")
+    show = command("visualize", "images that maximise class scores, as PNGs")
     add_model(show)
     show.add_argument("--classes", type=_ints, required=True, help="class ids, e.g. 0,1")
     show.add_argument("-o", "--output", required=True, help="folder for class_<id>.png")
-    show.add_argument("--preset", choices=["simonyan", "yosinski"])
-    show.add_argument("--iterations", type=int, default=200)
-    show.add_argument("--learning-rate", type=float, default=1.0)
-    show.add_argument("--decay", type=float, default=0.0)
-    show.add_argument("--blur-radius", type=float, default=0.0)
-    show.add_argument("--blur-every", type=int, default=0)
-    show.add_argument("--jitter", type=int, default=0)
-    show.add_argument("--seed", type=int, default=0)
+    show.add_argument(
+        "--preset",
+        choices=["simonyan", "yosinski"],
+        help="the paper's regularisers (override the flags below)",
+    )
+    show.add_argument("--iterations", type=int, default=200, help="gradient ascent steps")
+    show.add_argument("--learning-rate", type=float, default=1.0, help="step size of each ascent step")
+    show.add_argument("--decay", type=float, default=0.0, help="L2 decay of the image per step")
+    show.add_argument("--blur-radius", type=float, default=0.0, help="Gaussian blur sigma, in pixels")
+    show.add_argument("--blur-every", type=int, default=0, help="blur every N steps (0: never)")
+    show.add_argument("--jitter", type=int, default=0, help="random shift in pixels before each step")
+    show.add_argument("--seed", type=int, default=0, help="seed of the noise start and the jitter")
     add_preprocessing(show)
 
-    dream = commands.add_parser("dream", help="deep dream of an image, as a PNG")
-    dream.add_argument("image")
+    dream = command("dream", "deep dream of an image, as a PNG")
+    dream.add_argument("image", help="the picture to dream on")
     add_model(dream)
     dream.add_argument("--layer", required=True, help="the blob whose L2 norm is raised")
     dream.add_argument("-o", "--output", required=True, help="the PNG to write")
-    dream.add_argument("--octaves", type=int, default=4)
-    dream.add_argument("--octave-scale", type=float, default=1.4)
-    dream.add_argument("--iterations", type=int, default=10)
-    dream.add_argument("--step-size", type=float, default=1.5)
-    dream.add_argument("--jitter", type=int, default=32)
+    dream.add_argument("--octaves", type=int, default=4, help="image scales, smallest first")
+    dream.add_argument("--octave-scale", type=float, default=1.4, help="size ratio between octaves")
+    dream.add_argument("--iterations", type=int, default=10, help="steps per octave")
+    dream.add_argument("--step-size", type=float, default=1.5, help="step size, relative to mean |gradient|")
+    dream.add_argument("--jitter", type=int, default=32, help="random roll in pixels before each step")
     dream.add_argument("--guide", help="an image whose features at --layer guide the dream")
-    dream.add_argument("--seed", type=int, default=0)
+    dream.add_argument("--seed", type=int, default=0, help="seed of the jitter")
     add_preprocessing(dream)
     return top
 
@@ -170,43 +209,73 @@ def main(argv=None) -> int:
     import fastsal
 
     fastsal.set_caffe_log_level(2)
+    debug = args.debug or os.environ.get("FASTSAL_DEBUG", "") not in ("", "0")
+
+    def fail(code: int, message: str) -> int:
+        if debug:
+            traceback.print_exc()
+        print(f"fastsal: {message}", file=sys.stderr)
+        return code
+
+    previous, warnings.showwarning = warnings.showwarning, _warning_line
     try:
-        if args.command == "status":
-            return _status(args.output)
-        if args.command in ("visualize", "dream"):
-            return _picture(args)
-        options = {
-            name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _, _) in METHOD_FLAGS.items()
-        }
-        summary = jobs.run_job(
-            args.images,
-            args.model_def,
-            args.pretrained_model,
-            args.output,
-            classes=args.classes,
-            top_k=args.top_k,
-            classes_file=args.classes_file,
-            method=args.method,
-            method_options={k: v for k, v in options.items() if v is not None}
-            | ({"exact": False} if args.inexact else {}),
-            images_dim=args.images_dim,
-            mean_file=args.mean_file,
-            mean_value=args.mean_value,
-            raw_scale=args.raw_scale,
-            channel_swap=args.channel_swap,
-            input_scale=args.input_scale,
-            batch_size=args.batch_size,
-            gpu=args.gpu,
-            chunk_size=args.chunk_size,
-            overlays=args.overlays,
-            overwrite=args.overwrite,
-            workers=args.workers,
-            scheduler=args.scheduler,
-            quiet=args.quiet,
+        return _command(args)
+    except jobs.JobInterrupted as stop:
+        return fail(
+            EXIT_INTERRUPTED,
+            f"interrupted after {stop.done} of {jobs._count(stop.total, 'chunk')}; rerun the same command to resume",
         )
+    except KeyboardInterrupt:
+        return fail(EXIT_INTERRUPTED, "interrupted")
+    except jobs.JobUnfinished as error:
+        return fail(EXIT_UNFINISHED, f"unfinished: {error}")
     except (jobs.JobError, FileNotFoundError, ValueError, TypeError) as error:
-        print(f"fastsal: error: {error}", file=sys.stderr)
-        return 2
+        return fail(EXIT_REFUSED, f"error: {error}")
+    except OSError as error:  # disk full, permissions, a vanished mount: the job resumes once fixed
+        return fail(EXIT_IO, f"I/O error: {error}; rerun the same command when it is fixed")
+    finally:
+        warnings.showwarning = previous
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line for the command's user: what the library's own source line would not say."""
+    text = str(message).replace("use exact=False", "use --inexact")
+    print(f"fastsal: warning: {text}", file=sys.stderr)
+
+
+def _command(args) -> int:
+    if args.command == "status":
+        return _status(args.output)
+    if args.command in ("visualize", "dream"):
+        return _picture(args)
+    options = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _, _) in METHOD_FLAGS.items()}
+    summary = jobs.run_job(
+        args.images,
+        args.model_def,
+        args.pretrained_model,
+        args.output,
+        classes=args.classes,
+        top_k=args.top_k,
+        classes_file=args.classes_file,
+        method=args.method,
+        method_options={k: v for k, v in options.items() if v is not None}
+        | ({"exact": False} if args.inexact else {}),
+        images_dim=args.images_dim,
+        mean_file=args.mean_file,
+        mean_value=args.mean_value,
+        raw_scale=args.raw_scale,
+        channel_swap=args.channel_swap,
+        input_scale=args.input_scale,
+        batch_size=args.batch_size,
+        gpu=args.gpu,
+        chunk_size=args.chunk_size,
+        overlays=args.overlays,
+        overwrite=args.overwrite,
+        threads=args.threads,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        quiet=args.quiet,
+    )
     print(summary.line(args.output))
     return summary.exit_code
 
@@ -266,15 +335,20 @@ def _picture(args) -> int:
 def _status(output: str) -> int:
     info = jobs.status(output)
     plan = info["plan"]
-    print(f"{output}: {plan['method']} on {info['images']} images, chunk {plan['chunk_size']}")
+    count = jobs._count
+    seed = plan["options"].get("seed")
+    noise = f", seed {seed}" if seed is not None else ""
+    print(
+        f"{output}: {plan['method']} on {count(info['images'], 'image')}, chunk {plan['chunk_size']}{noise}"
+    )
     print(f"chunks: {info['chunks_done']} of {info['chunks']} done")
     print(f"images: {info['ok']} ok, {len(info['failed'])} failed, {info['pending']} pending")
     for failure in info["failed"]:
         where = failure["path"] or f"input {failure['index']}"
         print(f"  failed: [{failure['index']}] {where}: {failure['reason']}")
-    if info["failed"]:
-        return 1
-    return 0 if info["chunks_done"] == info["chunks"] else 3
+    if info["pending"] or info["chunks_done"] < info["chunks"]:
+        return EXIT_UNFINISHED
+    return EXIT_FAILED if info["failed"] else EXIT_OK
 
 
 if __name__ == "__main__":

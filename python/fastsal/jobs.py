@@ -4,21 +4,33 @@ machine or a Dask cluster. ``fastsal run`` and ``fastsal status`` (fastsal.cli) 
 
 The store: ``maps`` (N, K, H, W) float32, ``classes`` (N, K) int32, ``scores`` (N, num_classes) float32,
 ``status`` (N,) int8 (0 pending, 1 ok, 2 failed), ``paths`` (N,) str, all chunked along N by the job's
-chunk; its attributes hold the plan (model hashes, preprocessing, inputs, classes, method, chunk size)
-and fastsal's version. A chunk is finished when its marker ``.fastsal/chunk-<i>.json`` exists, written
-atomically after the chunk's data (with the failed images' reasons): a rerun with the same plan does only
-the chunks without one, whatever a kill left half-written.
+chunk, with xarray's dimension names; its attributes hold the plan (model hashes, preprocessing, inputs,
+classes, method and options, the noise seed, chunk size) and fastsal's version. A store is built under a
+temporary name and renamed into place whole, so a store that exists always has all its arrays. A chunk
+is finished when its marker ``.fastsal/chunk-<i>.json`` exists, written atomically after the chunk's data
+(with the failed images' reasons and each file's size, mtime and sha256): a rerun with the same plan
+does only the chunks without one, whatever a kill left half-written, and redoes the chunks whose files
+changed. The metadata is consolidated, so zarr and xarray read the store without listing ``.fastsal``.
+
+The promises: fastsal deletes or overwrites nothing but a store it created (``overwrite`` replaces only a
+store holding nothing else), one job at a time writes a store (a lock in ``.fastsal``), a store never
+claims maps it does not hold, and an interrupted job finishes on a plain rerun.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import glob
 import hashlib
 import json
 import os
+import re
+import secrets
 import sys
 import threading
 import time
+import uuid
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +41,7 @@ import numpy as np
 
 from . import _attribution
 from ._preprocess import ImageError, Preprocessing, load_image, load_mean
+from ._threads import available_cpus
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 PENDING, OK, FAILED = 0, 1, 2
@@ -39,6 +52,33 @@ class JobError(ValueError):
     """A job refused before any work: bad model, mean, classes, inputs or output."""
 
 
+class JobUnfinished(RuntimeError):
+    """The job ended with chunks still pending (a cluster lost work): rerun to finish it."""
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a job: ``done`` of ``total`` chunks are finished; a rerun resumes."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"interrupted after {done} of {_count(total, 'chunk')}")
+        self.done, self.total = done, total
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+# What a store holds, file by file: fastsal deletes a store on overwrite only when it holds nothing else,
+# and then only these files (zarr's chunks and its interrupted writes, fastsal's markers and lock).
+ARRAYS = ("maps", "classes", "scores", "status", "paths")
+_LOCK = "lock"
+_OWN_FILE = re.compile(
+    rf"zarr\.json|({'|'.join(ARRAYS)})/(zarr\.json|c(/\d+)+(\.[0-9a-f]+\.partial)?)"
+    rf"|{re.escape(MARKERS)}/({_LOCK}|chunk-\d+\.json|\.chunk-\d+\.json\.\d+\.\d+)"
+)
+OVERLAYS_MARKER = ".fastsal-overlays"  # in an overlays folder: the store whose overlays it holds
+
+
 @dataclass
 class JobSpec:
     """Everything a worker needs to do any chunk of the job (picklable, sent once per worker)."""
@@ -46,7 +86,7 @@ class JobSpec:
     output: str
     model_def: str
     pretrained_model: str
-    paths: list[str] | None  # image files, or None with array
+    paths: list[str] | None  # image files (resolved), or None with array
     array: str | None  # a .npy of preprocessed (N, C, H, W) inputs
     count: int
     preprocessing: Preprocessing | None
@@ -59,7 +99,9 @@ class JobSpec:
     gpu: int | None
     chunk_size: int
     overlays: str | None = None
+    threads: int | None = None  # per process; None: the process's default (a Dask worker: its nthreads)
     plan: dict = field(default_factory=dict)
+    job_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # this run's Dask keys and plugin
 
     @property
     def chunks(self) -> int:
@@ -78,37 +120,99 @@ def _sha256(path) -> str:
     return digest.hexdigest()
 
 
-def list_inputs(images) -> tuple[list[str] | None, str | None]:
+def _identity(path: str) -> list | None:
+    """[size, mtime_ns, sha256] of an input file, or None when it cannot be read: what a resume compares."""
+    try:
+        stat = os.stat(path)
+        return [stat.st_size, stat.st_mtime_ns, _sha256(path)]
+    except OSError:
+        return None
+
+
+def _unchanged(path: str, recorded) -> bool:
+    """Whether a file is the one a finished chunk read: size and mtime first, the content when they moved."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return recorded is None
+    if recorded is None:
+        return False
+    if [stat.st_size, stat.st_mtime_ns] == recorded[:2]:
+        return True
+    try:
+        return stat.st_size == recorded[0] and _sha256(path) == recorded[2]
+    except OSError:
+        return False
+
+
+_GLOB = set("*?[")
+
+
+def list_inputs(images, exclude=()) -> tuple[list[str] | None, str | None]:
     """(paths, None) for a directory (recursive, image suffixes), a glob or a text file of paths; or
-    (None, path) for a .npy array of preprocessed inputs."""
+    (None, path) for a .npy array of preprocessed inputs. Paths are made absolute (symbolic links kept):
+    a job is the same job only on the same files, wherever it is started from. Folders in ``exclude``
+    (the job's own store and overlays) are never inputs."""
     text = str(images)
     path = Path(text)
+    skip = [os.path.abspath(e) + os.sep for e in exclude if e is not None]
+
+    def mine(p: str) -> bool:
+        return any((os.path.abspath(p) + os.sep).startswith(s) for s in skip)
+
     if path.is_dir():
-        paths = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    elif path.is_file() and path.suffix == ".npy":
-        return None, str(path.resolve())
+        found = (p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        paths = sorted(str(p) for p in found if not mine(str(p)))
+        where = f"directory {text!r} (recursively, files ending in {', '.join(sorted(IMAGE_SUFFIXES))})"
+    elif path.is_file() and path.suffix.lower() == ".npy":
+        return None, os.path.abspath(text)
     elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-        paths = [text]
+        paths, where = [text], text
     elif path.is_file():
-        base = path.parent
-        lines = [line.strip() for line in path.read_text().splitlines()]
-        paths = [str(base / line) if not os.path.isabs(line) else line for line in lines if line]
+        try:
+            lines = [line.strip() for line in path.read_text().splitlines()]
+        except UnicodeDecodeError:
+            raise JobError(
+                f"{text} is no folder, image, .npy or text file of paths (it is not UTF-8 text)"
+            ) from None
+        paths = [str(path.parent / line) if not os.path.isabs(line) else line for line in lines if line]
+        where = f"list {text!r}"
+    elif not _GLOB.intersection(text):
+        raise JobError(f"no such file or directory: {text}")
     else:
-        paths = sorted(p for p in glob.glob(text, recursive=True) if os.path.isfile(p))
+        paths = sorted(p for p in glob.glob(text, recursive=True) if os.path.isfile(p) and not mine(p))
+        where = f"glob {text!r}"
     if not paths:
-        raise JobError(f"no images found in {text!r} (a directory, a glob, a text file of paths or a .npy)")
-    return paths, None
+        raise JobError(f"no images found in {where}")
+    for p in paths:  # the store records paths as UTF-8 text
+        try:
+            p.encode()
+        except UnicodeEncodeError:
+            raise JobError(
+                f"the file name {os.fsencode(p)!r} is not UTF-8, which the store's paths must be: rename it"
+            ) from None
+    return [os.path.abspath(p) for p in paths], None
+
+
+INT32_MAX = np.iinfo(np.int32).max
 
 
 def _classes_from_file(path, count: int) -> np.ndarray:
     rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise JobError(f"cannot read the classes file {path}: {error}") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append([int(v) for v in line.replace(",", " ").split()])
+            row = [int(v) for v in line.replace(",", " ").split()]
         except ValueError:
             raise JobError(f"{path}:{number}: expected class ids (integers), got {line!r}") from None
+        if not row or any(abs(v) > INT32_MAX for v in row):
+            raise JobError(f"{path}:{number}: expected class ids (integers), got {line!r}")
+        rows.append(row)
     if len(rows) != count or len({len(r) for r in rows}) != 1:
         raise JobError(f"{path} must hold one row of K class ids per image: {count} images, {len(rows)} rows")
     return np.array(rows, np.int32)
@@ -120,17 +224,31 @@ def _open_store(output: str, mode: str):
     return zarr.open_group(output, mode=mode)
 
 
+class ModelError(JobError):
+    """Every image of a chunk failed inside the net the same way: the model, not the images, is broken."""
+
+
 class Worker:
     """The model loaded once per process; decodes, explains and writes any chunk of the job."""
 
-    def __init__(self, spec: JobSpec, attribution: _attribution.Attribution | None = None):
+    def __init__(
+        self, spec: JobSpec, attribution: _attribution.Attribution | None = None, threads: int | None = None
+    ):
         import fastsal
 
         self.spec = spec
-        if attribution is None:  # a Dask worker: the client checked the model already
-            net = fastsal.load(spec.model_def, spec.pretrained_model, validate=False)
+        if attribution is None:  # a Dask worker: the client checked the model (and warned) already
+            fastsal.set_caffe_log_level(2)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", fastsal.MissingWeightsWarning)
+                net = fastsal.load(spec.model_def, spec.pretrained_model, validate=False)
             attribution = _attribution.Attribution(
-                net, spec.method, batch_size=spec.batch_size, device=spec.gpu, **spec.options
+                net,
+                spec.method,
+                batch_size=spec.batch_size,
+                device=spec.gpu,
+                threads=spec.threads or threads,
+                **spec.options,
             )
         self.attribution = attribution
         self.decoders = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
@@ -138,7 +256,8 @@ class Worker:
         self._store = None
 
     def load(self, chunk: int):
-        """(inputs (n_ok, C, H, W), indices of those, {index: reason}, crops for overlays)."""
+        """(inputs (n_ok, C, H, W), indices of those, {index: reason}, crops for overlays, {index: file
+        identity})."""
         indices = list(self.spec.chunk_range(chunk))
         if self.spec.array is not None:
             if self._array is None:
@@ -147,54 +266,67 @@ class Worker:
             finite = np.isfinite(batch).reshape(len(batch), -1).all(axis=1)
             failed = {i: "contains NaN or Inf" for i, ok in zip(indices, finite) if not ok}
             good = [i for i in indices if i not in failed]
-            return batch[finite], good, failed, None
+            return batch[finite], good, failed, None, {}
         preprocessing = self.spec.preprocessing
 
         def decode(index):
+            path = self.spec.paths[index]
+            identity = _identity(path)  # before decoding: a file changed after this is redone
             try:
-                image = load_image(self.spec.paths[index], color=preprocessing.input_shape[0] == 3)
+                image = load_image(path, color=preprocessing.input_shape[0] == 3)
                 crop = preprocessing.crop(image) if self.spec.overlays else None
-                return preprocessing(image), crop, None
+                return preprocessing(image), crop, None, identity
             except ImageError as error:
-                return None, None, str(error)
+                return None, None, str(error), identity
             except OSError as error:
-                return None, None, f"cannot read: {error}"
+                return None, None, f"cannot read: {error.strerror or error}", identity
 
         results = list(self.decoders.map(decode, indices))
         failed = {i: r[2] for i, r in zip(indices, results) if r[2] is not None}
         good = [i for i, r in zip(indices, results) if r[2] is None]
         inputs = [r[0] for r in results if r[2] is None]
         crops = [r[1] for r in results if r[2] is None]
+        files = {i: r[3] for i, r in zip(indices, results)}
         shape = self.attribution.image_shape
         batch = np.stack(inputs) if inputs else np.empty((0, *shape), np.float32)
-        return batch, good, failed, crops
+        return batch, good, failed, crops, files
 
     def compute(self, loaded):
         """Maps, classes and scores of the chunk's good images; an image the engine refuses (its
-        activations overflow) is moved to the failed ones with the engine's reason."""
-        batch, good, failed, crops = loaded
+        activations overflow) is moved to the failed ones with the engine's reason. When every image of
+        the chunk fails so, the model is blamed (ModelError) and the chunk stays unfinished."""
+        batch, good, failed, crops, files = loaded
         classes = None if self.spec.classes is None else self.spec.classes
         results = {}
         try:
             if len(batch):
                 results = dict(zip(good, zip(*self._explain(batch, good, classes))))
         except ValueError:  # one image's overflow: find it, keep the rest
+            reasons = {}
             for row, index in enumerate(good):
                 try:
                     maps, ids, scores = self._explain(batch[row : row + 1], [index], classes)
                     results[index] = (maps[0], ids[0], scores[0])
                 except ValueError as error:
-                    failed[index] = str(error).replace("images[0]", f"image {index}")
+                    reasons[index] = str(error).replace("images[0]", f"image {index}")
+            if len(good) > 1 and not results:
+                raise ModelError(
+                    f"every one of the {len(good)} images of inputs {good[0]}-{good[-1]} failed inside the net "
+                    f"({next(iter(reasons.values()))}): the model or the preprocessing is broken, not the "
+                    "images; check the weights and the mean and scale flags"
+                ) from None
+            failed.update(reasons)
         keep = [i for i in good if i in results]
         crops = None if crops is None else [c for i, c in zip(good, crops) if i in results]
-        return results, keep, failed, crops
+        return results, keep, failed, crops, files
 
     def _explain(self, batch, indices, classes):
         rows = None if classes is None else classes[indices]
-        return self.attribution.explain(batch, rows, self.spec.top_k)
+        # Each image's index in the whole input list keys its noise: maps do not depend on the chunking.
+        return self.attribution.explain(batch, rows, self.spec.top_k, image_ids=indices)
 
     def write(self, chunk: int, computed) -> dict:
-        results, keep, failed, crops = computed
+        results, keep, failed, crops, files = computed
         if self._store is None:
             self._store = _open_store(self.spec.output, "r+")
         store, span = self._store, self.spec.chunk_range(chunk)
@@ -214,7 +346,12 @@ class Worker:
         store["status"][block] = state
         if self.spec.overlays and crops:
             self._write_overlays(keep, crops, results)
-        summary = {"chunk": chunk, "ok": len(keep), "failed": {str(i): r for i, r in sorted(failed.items())}}
+        summary = {
+            "chunk": chunk,
+            "ok": len(keep),
+            "failed": {str(i): r for i, r in sorted(failed.items())},
+            "files": {str(i): identity for i, identity in sorted(files.items())},
+        }
         _write_marker(self.spec.output, chunk, summary)  # last: the chunk is finished only now
         return summary
 
@@ -228,17 +365,28 @@ class Worker:
 
         folder = Path(self.spec.overlays)
         folder.mkdir(parents=True, exist_ok=True)
+        marker = folder / OVERLAYS_MARKER
+        if not marker.exists():  # first: the folder is this store's from now on
+            marker.write_text(self.spec.output)
         colormap = plt.get_cmap("inferno")
         for index, crop in zip(keep, crops):
             maps, ids, _ = results[index]
             photo = (np.clip(crop, 0, 1) * 255).astype(np.uint8)
             if photo.shape[2] == 1:
                 photo = np.repeat(photo, 3, axis=2)
-            stem = Path(self.spec.paths[index]).stem
-            plt.imsave(folder / f"{index:06d}_{stem}_class{ids[0]}.png", overlay(photo, maps[0], colormap))
+            name = overlay_name(index, Path(self.spec.paths[index]).stem, int(ids[0]))
+            plt.imsave(folder / name, overlay(photo, maps[0], colormap))
 
     def process(self, chunk: int) -> dict:
         return self.write(chunk, self.compute(self.load(chunk)))
+
+
+def overlay_name(index: int, stem: str, class_id: int, limit: int = 255) -> str:
+    """``<index>_<stem>_class<id>.png``, the stem shortened (on a character boundary) to fit a file name."""
+    prefix, suffix = f"{index:06d}_", f"_class{class_id}.png"
+    room = limit - len(prefix.encode()) - len(suffix.encode())
+    stem = stem.encode()[:room].decode(errors="ignore")
+    return prefix + stem + suffix
 
 
 def _write_marker(output: str, chunk: int, summary: dict) -> None:
@@ -252,16 +400,72 @@ def _write_marker(output: str, chunk: int, summary: dict) -> None:
     os.replace(temporary, folder / f"chunk-{chunk:06d}.json")
 
 
-def done_chunks(output: str) -> dict[int, dict]:
+def done_chunks(output: str, chunks: int | None = None) -> dict[int, dict]:
+    """The finished chunks' markers. One that does not read as fastsal wrote it (damage from outside), or
+    names no chunk of the job, does not count: its chunk is done again."""
     folder = Path(output) / MARKERS
     if not folder.is_dir():
         return {}
-    return {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in folder.glob("chunk-*.json")}
+    done = {}
+    for path in folder.glob("chunk-*.json"):
+        match = re.fullmatch(r"chunk-(\d+)\.json", path.name)
+        try:
+            summary = json.loads(path.read_text())
+            valid = isinstance(summary.get("ok"), int) and isinstance(summary.get("failed"), dict)
+        except (OSError, ValueError, AttributeError):
+            valid = False
+        chunk = int(match.group(1)) if match else -1
+        if valid and 0 <= chunk and (chunks is None or chunk < chunks):
+            done[chunk] = summary
+    return done
 
 
 def prepare(images, model_def, pretrained_model, output, **options) -> JobSpec:
     """Checks everything and writes the plan (see :func:`_prepare`); returns the job's spec."""
-    return _prepare(images, model_def, pretrained_model, output, **options)[0]
+    spec, _, lock = _prepare(images, model_def, pretrained_model, output, **options)
+    lock.close()
+    return spec
+
+
+def _check_array(array: str, image_shape) -> int:
+    """The number of inputs in a .npy, refused unless it holds real numbers of the net's input shape."""
+    try:
+        values = np.load(array, mmap_mode="r")
+    except ValueError as error:
+        if "object" in str(error).lower():  # object arrays need pickle, which fastsal never loads
+            raise JobError(
+                f"{array} must hold real numbers (integers or floats), got Python objects"
+            ) from None
+        raise JobError(f"{array} is no readable .npy array: {error}") from None
+    except (EOFError, OSError) as error:
+        raise JobError(f"{array} is no readable .npy array: {error or type(error).__name__}") from None
+    kind = values.dtype
+    if kind == np.bool_ or not (np.issubdtype(kind, np.integer) or np.issubdtype(kind, np.floating)):
+        raise JobError(f"{array} must hold real numbers (integers or floats), got dtype {kind}")
+    c, h, w = image_shape
+    if values.ndim != 4 or values.shape[1:] != (c, h, w):
+        raise JobError(
+            f"{array} holds shape {values.shape}; the net takes preprocessed (N, {c}, {h}, {w}) inputs"
+        )
+    return values.shape[0]
+
+
+def _check_model(attribution, preprocessing) -> None:
+    """One forward of a plain grey picture: weights that give no finite scores are refused, not blamed on
+    every image later."""
+    c, h, w = attribution.image_shape
+    grey = np.zeros((c, h, w), np.float32)
+    if preprocessing is not None:
+        grey = preprocessing.transform(np.full((h, w, c), 0.5, np.float32))
+    try:
+        finite = np.isfinite(attribution.scores(grey[np.newaxis])).all()
+    except ValueError:  # the engine's overflow check
+        finite = False
+    if not finite:
+        raise JobError(
+            "the model gives no finite scores on a plain grey picture: its weights are broken (NaN, Inf "
+            "or huge) or do not belong to this prototxt"
+        )
 
 
 def _prepare(
@@ -286,10 +490,12 @@ def _prepare(
     chunk_size=64,
     overlays=None,
     overwrite=False,
-) -> tuple[JobSpec, _attribution.Attribution]:
-    """Checks everything and writes the plan: the store exists, empty or partly done, when it returns.
-    Raises JobError (or FileNotFoundError) before any work for a bad model, mean, classes, inputs or
-    output. Returns the spec and the checked model's Attribution, which the local run reuses."""
+    threads=None,
+):
+    """Checks everything and writes the plan: the store exists, whole, empty or partly done, and is
+    locked for this job when it returns. Raises JobError (or FileNotFoundError) before any work for a bad
+    model, mean, classes, inputs or output. Returns the spec, the checked model's Attribution, which the
+    local run reuses, and the store's lock (held until closed)."""
     import fastsal
 
     options = dict(method_options or {})
@@ -302,20 +508,21 @@ def _prepare(
     for path in (model_def, pretrained_model):
         if not Path(path).is_file():
             raise FileNotFoundError(f"model file not found: {path}")
-    paths, array = list_inputs(images)
+    # Before the slow checks: an output or overlays folder fastsal may not write is refused at once.
+    _check_output(Path(output).resolve(), overwrite)
+    if overlays is not None:
+        _check_overlays(Path(overlays).resolve(), Path(output).resolve())
+    paths, array = list_inputs(images, exclude=(output, overlays))
     net = fastsal.load(model_def, pretrained_model)  # a broken model raises here, in a child process
     try:
-        attribution = _attribution.Attribution(net, method, batch_size=batch_size, device=gpu, **options)
+        attribution = _attribution.Attribution(
+            net, method, batch_size=batch_size, device=gpu, threads=threads, **options
+        )
     except TypeError as error:
         raise JobError(str(error)) from None
     c, h, w = attribution.image_shape
     if array is not None:
-        shape = np.load(array, mmap_mode="r").shape
-        if len(shape) != 4 or shape[1:] != (c, h, w):
-            raise JobError(
-                f"{array} holds shape {shape}; the net takes preprocessed (N, {c}, {h}, {w}) inputs"
-            )
-        count, preprocessing = shape[0], None
+        count, preprocessing = _check_array(array, (c, h, w)), None
     else:
         count = len(paths)
         if mean_file is not None and mean_value is not None:
@@ -338,6 +545,8 @@ def _prepare(
         ids = np.atleast_1d(np.asarray(classes))
         if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or ids.size == 0:
             raise JobError(f"classes must be a list of class ids, got {classes!r}")
+        if (np.abs(ids) > INT32_MAX).any():
+            raise JobError(f"class {int(ids[np.abs(ids) > INT32_MAX][0])} is out of range")
         per_image = np.broadcast_to(ids.astype(np.int32), (count, ids.size))
     else:
         per_image = None
@@ -351,10 +560,18 @@ def _prepare(
                 f"class {int(per_image[bad][0])} is out of range: the net has {attribution.num_classes} classes"
             )
         top_k = None
+    _check_model(attribution, preprocessing)
     k = top_k or per_image.shape[1]
     inputs_hash = hashlib.sha256(
         ("\n".join(paths) if paths is not None else _sha256(array)).encode()
     ).hexdigest()
+    out = Path(output).resolve()
+    if "seed" in attribution.options and attribution.options["seed"] is None:
+        # One draw per store, recorded in the plan: a resume adds no second noise draw.
+        existing = None if overwrite else _read_meta(out)
+        seed = (existing or {}).get("plan", {}).get("options", {}).get("seed")
+        seed = seed if isinstance(seed, int) else secrets.randbits(31)
+        options["seed"] = attribution.options["seed"] = seed
     plan = {
         "model_def_sha256": _sha256(model_def),
         "pretrained_model_sha256": _sha256(pretrained_model),
@@ -370,10 +587,10 @@ def _prepare(
         "chunk_size": chunk_size,
     }
     spec = JobSpec(
-        output=str(Path(output).resolve()),
+        output=str(out),
         model_def=str(Path(model_def).resolve()),
         pretrained_model=str(Path(pretrained_model).resolve()),
-        paths=None if paths is None else [str(Path(p).resolve()) for p in paths],
+        paths=paths,
         array=array,
         count=count,
         preprocessing=preprocessing,
@@ -386,10 +603,11 @@ def _prepare(
         gpu=gpu,
         chunk_size=chunk_size,
         overlays=None if overlays is None else str(Path(overlays).resolve()),
+        threads=threads,
         plan=plan,
     )
-    _create_store(spec, attribution.num_classes, overwrite)
-    return spec, attribution
+    lock = _claim_store(spec, attribution.num_classes, overwrite)
+    return spec, attribution, lock
 
 
 def _jsonable(value):
@@ -398,50 +616,269 @@ def _jsonable(value):
     return value
 
 
-def _create_store(spec: JobSpec, num_classes: int, overwrite: bool) -> None:
-    import zarr
+# ---- the store on disk: recognised, locked, created whole, replaced only when it is fastsal's alone ----
 
-    out = Path(spec.output)
-    if out.exists():
+
+def _read_meta(out: Path) -> dict | None:
+    """The fastsal attributes of a store at out, or None when out is no fastsal store."""
+    try:
+        meta = json.loads((out / "zarr.json").read_text())
+        found = meta.get("attributes", {}).get("fastsal")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, dict) and "plan" in found else None
+
+
+def _foreign_files(folder: Path) -> list[str]:
+    """What a folder holds that fastsal's stores never do (links count as foreign), relative names."""
+    foreign = []
+    for root, dirs, files in os.walk(folder):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            relative = os.path.relpath(os.path.join(root, name), folder)
+            if os.path.islink(os.path.join(root, name)) or not _OWN_FILE.fullmatch(relative):
+                foreign.append(relative)
+    return sorted(foreign)
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Refuses an output fastsal may not write: a file, a folder that is not a fastsal store, a place
+    under a file; with ``overwrite``, a store holding anything fastsal did not write."""
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise JobError(f"cannot create {out}: {parent} is a file, not a folder")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir():
+        raise JobError(f"{out} is a file, not a store; choose another output")
+    if _read_meta(out) is None and any(out.iterdir()):
+        entries = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise JobError(
+            f"{out} exists and is not a fastsal store (it holds {shown}); fastsal writes only into "
+            "stores it created and deletes nothing else, --overwrite included: choose another output"
+        )
+    if overwrite and _read_meta(out) is not None:
+        foreign = _foreign_files(out)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            them = "it" if len(foreign) == 1 else "them"
+            raise JobError(
+                f"{out} is a fastsal store that also holds {shown}, which fastsal did not write; "
+                f"--overwrite would delete {them}: move {them} out first"
+            )
+
+
+def _check_overlays(folder: Path, out: Path) -> None:
+    """An overlays folder is new, empty, or the one this store's job wrote before: fastsal never
+    overwrites pictures it did not make."""
+    if not (folder.exists() or folder.is_symlink()):
+        return
+    if not folder.is_dir():
+        raise JobError(f"the overlays folder {folder} is a file; choose another")
+    if not any(folder.iterdir()):
+        return
+    try:
+        owner = (folder / OVERLAYS_MARKER).read_text().strip()
+    except OSError:
+        owner = None
+    if owner != str(out):
+        raise JobError(
+            f"the overlays folder {folder} holds files that this job did not write; fastsal overwrites "
+            "nothing it did not make: choose a new or empty folder"
+        )
+
+
+def _lock(out: Path):
+    """An exclusive lock on the store for this job (released when the file closes, or the process dies)."""
+    folder = out / MARKERS
+    folder.mkdir(exist_ok=True)
+    handle = open(folder / _LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise JobError(
+            f"another fastsal job (pid {holder}) is writing {out}; wait for it to finish, or stop it"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def _temporary(out: Path, kind: str) -> Path:
+    return out.parent / f".{out.name}.fastsal-{kind}-{os.getpid()}"
+
+
+def _remove_own_store(folder: Path) -> None:
+    """Deletes the files of a store fastsal made, then the folders left empty: never anything else."""
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path) and _OWN_FILE.fullmatch(os.path.relpath(path, folder)):
+                os.unlink(path)
+        for name in dirs:
+            try:
+                os.rmdir(os.path.join(root, name))
+            except OSError:
+                pass  # something fastsal did not write: left where it is
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Stores half-built or half-replaced by a job that was killed (its process is gone)."""
+    for candidate in out.parent.glob(f".{glob.escape(out.name)}.fastsal-*-*"):
         try:
-            existing = zarr.open_group(spec.output, mode="r").attrs.get("fastsal")
-        except Exception:  # not a Zarr store at all
-            existing = None
-        if existing is None and not overwrite:
-            raise JobError(f"{spec.output} exists and is not a fastsal store; choose another output")
-        if existing is not None and existing.get("plan") != spec.plan and not overwrite:
-            changed = sorted(key for key in spec.plan if existing.get("plan", {}).get(key) != spec.plan[key])
+            os.kill(int(candidate.name.rsplit("-", 1)[1]), 0)
+            continue  # that job is still running
+        except (ValueError, ProcessLookupError):
+            pass
+        except PermissionError:
+            continue
+        if candidate.is_dir() and not candidate.is_symlink() and not _foreign_files(candidate):
+            _remove_own_store(candidate)
+
+
+def _claim_store(spec: JobSpec, num_classes: int, overwrite: bool):
+    """Resumes the store at spec.output (same plan), or creates it (replacing it with ``overwrite``);
+    returns the job's lock on it."""
+    out = Path(spec.output)
+    _remove_stale_temporaries(out)
+    _check_output(out, overwrite)
+    existing = _read_meta(out)
+    if existing is None:
+        return _create_store(spec, num_classes, out)
+    lock = _lock(out)
+    try:
+        if overwrite:
+            new_lock = _replace_store(spec, num_classes, out)
+            lock.close()
+            return new_lock
+        if existing["plan"] != spec.plan:
+            changed = sorted(key for key in spec.plan if existing["plan"].get(key) != spec.plan[key])
             raise JobError(
                 f"{spec.output} holds a job with other arguments (differing: {', '.join(changed)}); "
-                "rerun with the same arguments to resume it, or give --overwrite"
+                "rerun with the same arguments to resume it, or give --overwrite to recompute it"
             )
-        if existing is not None and existing.get("plan") == spec.plan:
-            return  # resume
-        if overwrite:
-            import shutil
+        _check_arrays(spec, num_classes, out)
+    except BaseException:
+        lock.close()
+        raise
+    return lock
 
-            shutil.rmtree(out)
+
+def _expected_shapes(spec: JobSpec, num_classes: int) -> dict[str, tuple]:
+    n, k = spec.count, spec.k
+    h, w = (
+        spec.preprocessing.input_shape[1:]
+        if spec.preprocessing
+        else np.load(spec.array, mmap_mode="r").shape[2:]
+    )
+    shapes = {"maps": (n, k, h, w), "classes": (n, k), "scores": (n, num_classes), "status": (n,)}
+    if spec.paths is not None:
+        shapes["paths"] = (n,)
+    return shapes
+
+
+def _check_arrays(spec: JobSpec, num_classes: int, out: Path) -> None:
+    """A resumed store must hold every array, at the plan's shape (damage from outside is refused). Each
+    array's own metadata is read: the consolidated copy in the group would hide a deleted array."""
+    for name, shape in _expected_shapes(spec, num_classes).items():
+        try:
+            found = tuple(json.loads((out / name / "zarr.json").read_text())["shape"])
+        except (OSError, ValueError, KeyError, TypeError):
+            found = None
+        if found != shape:
+            what = "is missing" if found is None else f"has shape {found}, not {shape}"
+            raise JobError(
+                f"{out} is damaged: its array '{name}' {what}; rerun with --overwrite to recompute the store"
+            )
+
+
+def _create_store(spec: JobSpec, num_classes: int, out: Path):
+    """Builds the whole store under a temporary name, locks it and renames it into place."""
+    temporary = _temporary(out, "new")
+    try:
+        _build_store(spec, num_classes, temporary, out)
+        lock = _lock(temporary)
+        try:
+            os.rename(temporary, out)  # atomic; onto an empty folder too
+        except OSError as error:
+            lock.close()
+            if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise JobError(f"{out} was created by someone else meanwhile; rerun to resume it") from None
+            raise
+    except BaseException:
+        if temporary.exists():
+            _remove_own_store(temporary)
+        raise
+    return lock
+
+
+def _replace_store(spec: JobSpec, num_classes: int, out: Path):
+    """--overwrite: the old store (fastsal's alone, checked) set aside, the new one renamed into place,
+    then the old one deleted. A kill between leaves only fastsal's temporaries, removed by the next run."""
+    new_lock = None
+    temporary = _temporary(out, "new")
+    try:
+        _build_store(spec, num_classes, temporary, out)
+        new_lock = _lock(temporary)
+        old = _temporary(out, "old")
+        os.rename(out, old)
+        os.rename(temporary, out)
+    except BaseException:
+        if new_lock is not None:
+            new_lock.close()
+        if temporary.exists():
+            _remove_own_store(temporary)
+        raise
+    _remove_own_store(old)
+    return new_lock
+
+
+def _build_store(spec: JobSpec, num_classes: int, folder: Path, out: Path) -> None:
+    import zarr
+
     import fastsal
 
-    group = zarr.open_group(spec.output, mode="w")
-    group.attrs["fastsal"] = {"plan": spec.plan, "version": fastsal.__version__}  # the plan first
-    n, k, (_, h, w) = spec.count, spec.k, spec.preprocessing.input_shape if spec.preprocessing else (0, 0, 0)
-    if spec.preprocessing is None:
-        h, w = np.load(spec.array, mmap_mode="r").shape[2:]
+    try:
+        group = zarr.open_group(str(folder), mode="w-")
+    except OSError as error:  # the user named out, not fastsal's temporary beside it
+        raise OSError(error.errno, f"cannot create the store {out}: {error.strerror or error}") from None
+    shapes = _expected_shapes(spec, num_classes)
     chunk = spec.chunk_size
-    group.create_array(
-        "maps", shape=(n, k, h, w), chunks=(chunk, k, h, w), dtype="float32", fill_value=np.nan
-    )
-    group.create_array("classes", shape=(n, k), chunks=(chunk, k), dtype="int32", fill_value=-1)
-    group.create_array(
-        "scores", shape=(n, num_classes), chunks=(chunk, num_classes), dtype="float32", fill_value=np.nan
-    )
-    group.create_array("status", shape=(n,), chunks=(chunk,), dtype="int8", fill_value=PENDING)
+    coordinates = {"coordinates": "paths"} if spec.paths is not None else {}  # xarray's per-image labels
+    for name, dims, dtype, fill in (
+        ("maps", ("image", "class", "y", "x"), "float32", np.nan),
+        ("classes", ("image", "class"), "int32", -1),
+        ("scores", ("image", "label"), "float32", np.nan),
+        ("status", ("image",), "int8", PENDING),
+    ):
+        shape = shapes[name]
+        array = group.create_array(
+            name, shape=shape, chunks=(chunk, *shape[1:]), dtype=dtype, fill_value=fill, dimension_names=dims
+        )
+        array.attrs.update(coordinates)
     if spec.paths is not None:
         with warnings.catch_warnings():  # zarr marks its variable-length string type as not yet in the spec
             warnings.simplefilter("ignore")
-            paths = group.create_array("paths", shape=(n,), chunks=(max(1, n),), dtype=str)
+            n = spec.count
+            paths = group.create_array(
+                "paths", shape=(n,), chunks=(max(1, n),), dtype=str, dimension_names=("image",)
+            )
             paths[:] = np.array(spec.paths, dtype=object)
+    group.attrs["fastsal"] = {"plan": spec.plan, "version": fastsal.__version__}
+    with warnings.catch_warnings():  # zarr: consolidated metadata is not in the v3 spec yet
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(folder))  # readers need not list the folder (.fastsal is no array)
 
 
 @dataclass
@@ -451,48 +888,106 @@ class JobSummary:
     failed: int
     seconds: float
     chunks_done_before: int
+    computed: int = 0  # images this run decoded and explained
+    chunks: int = 0
+    redone: int = 0  # finished chunks redone because their files changed
+    spread: str = ""  # who did the work: "2 threads", "2 workers x 1 thread"
 
     @property
     def exit_code(self) -> int:
         return 0 if self.failed == 0 else 1
 
     def line(self, output: str) -> str:
-        rate = self.ok / self.seconds if self.seconds > 0 else 0.0
-        resumed = f", {self.chunks_done_before} chunks already done" if self.chunks_done_before else ""
-        return (
-            f"fastsal: {self.images} images, {self.ok} ok, {self.failed} failed{resumed}; "
-            f"{self.seconds:.1f} s, {rate:.1f} images/s -> {output}"
+        counts = f"fastsal: {_count(self.images, 'image')}, {self.ok} ok, {self.failed} failed"
+        if not self.computed:
+            return f"{counts}; all {_count(self.chunks, 'chunk')} already done -> {output}"
+        resumed = (
+            f", {_count(self.chunks_done_before, 'chunk')} already done" if self.chunks_done_before else ""
         )
+        redone = f", {_count(self.redone, 'chunk')} redone (files changed)" if self.redone else ""
+        rate = self.computed / self.seconds if self.seconds > 0 else 0.0
+        spread = f" on {self.spread}" if self.spread else ""
+        return (
+            f"{counts}{resumed}{redone}; {_count(self.computed, 'image')} in {self.seconds:.1f} s{spread}, "
+            f"{rate:.1f} images/s -> {output}"
+        )
+
+
+def _changed_chunks(spec: JobSpec, done: dict[int, dict]) -> list[int]:
+    """Finished chunks whose files are no longer the ones they read."""
+    if spec.paths is None:
+        return []
+    return sorted(
+        chunk
+        for chunk, summary in done.items()
+        if any(
+            not _unchanged(spec.paths[int(i)], identity) for i, identity in summary.get("files", {}).items()
+        )
+    )
 
 
 def run_job(
     images, model_def, pretrained_model, output, *, workers=None, scheduler=None, quiet=False, **options
 ):
     """Runs (or resumes) a job: see the module's docstring and ``fastsal run --help``. Returns a
-    JobSummary; images that fail are recorded in the store and counted, not raised."""
-    spec, attribution = _prepare(images, model_def, pretrained_model, output, **options)
-    done = done_chunks(spec.output)
-    todo = [c for c in range(spec.chunks) if c not in done]
-    start = time.perf_counter()
-    from tqdm import tqdm
+    JobSummary; images that fail are recorded in the store and counted, not raised. Raises JobError
+    before any work, JobUnfinished when chunks are left pending, JobInterrupted on Ctrl-C."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise JobError(f"workers must be a positive integer, got {workers!r}")
+    threads = options.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise JobError(f"threads must be a positive integer, got {threads!r}")
+    spec, attribution, lock = _prepare(images, model_def, pretrained_model, output, **options)
+    if workers and threads is None:  # the cores split between the workers, not each taking them all
+        spec.threads = max(1, available_cpus() // workers)
+    if scheduler:
+        spread = "the cluster's workers" + (f" x {_count(spec.threads, 'thread')}" if spec.threads else "")
+    elif workers:
+        spread = f"{_count(workers, 'worker')} x {_count(spec.threads, 'thread')}"
+    else:
+        spread = _count(attribution.threads, "thread")
+    with lock:
+        done = done_chunks(spec.output, spec.chunks)
+        redone = _changed_chunks(spec, done)
+        for chunk in redone:  # its marker goes first: the chunk is unfinished until redone
+            (Path(spec.output) / MARKERS / f"chunk-{chunk:06d}.json").unlink()
+            del done[chunk]
+        if redone and not quiet:
+            print(
+                f"fastsal: files changed since {_count(len(redone), 'chunk')} finished: redoing them",
+                file=sys.stderr,
+            )
+        todo = [c for c in range(spec.chunks) if c not in done]
+        start = time.perf_counter()
+        from tqdm import tqdm
 
-    with tqdm(
-        total=spec.count,
-        initial=sum(len(spec.chunk_range(c)) for c in done),
-        unit="img",
-        disable=True if quiet else None,  # None: off when stderr is not a terminal
-        file=sys.stderr,
-    ) as progress:
-        if workers or scheduler:
-            del attribution  # the workers load their own
-            _run_dask(spec, todo, workers, scheduler, progress)
-        else:
-            _run_local(Worker(spec, attribution), todo, progress)
-    seconds = time.perf_counter() - start
-    finished = done_chunks(spec.output)
+        try:
+            with tqdm(
+                total=spec.count,
+                initial=sum(len(spec.chunk_range(c)) for c in done),
+                unit="img",
+                disable=True if quiet else None,  # None: off when stderr is not a terminal
+                file=sys.stderr,
+            ) as progress:
+                if workers or scheduler:
+                    del attribution  # the workers load their own
+                    _run_dask(spec, todo, workers, scheduler, progress)
+                else:
+                    _run_local(Worker(spec, attribution), todo, progress)
+        except KeyboardInterrupt:
+            raise JobInterrupted(len(done_chunks(spec.output, spec.chunks)), spec.chunks) from None
+        seconds = time.perf_counter() - start
+        finished = done_chunks(spec.output, spec.chunks)
+    missing = spec.chunks - len(finished)
+    if missing:
+        raise JobUnfinished(
+            f"{_count(missing, 'chunk')} of {spec.chunks} still pending after the run (a worker lost them?); "
+            "rerun the same command to finish"
+        )
     failed = sum(len(s["failed"]) for s in finished.values())
     ok = sum(s["ok"] for s in finished.values())
-    return JobSummary(spec.count, ok, failed, seconds, len(done))
+    computed = sum(len(spec.chunk_range(c)) for c in todo)
+    return JobSummary(spec.count, ok, failed, seconds, len(done), computed, spec.chunks, len(redone), spread)
 
 
 def _run_local(worker: Worker, todo: list[int], progress) -> None:
@@ -525,19 +1020,33 @@ def _run_dask(spec: JobSpec, todo: list[int], workers, scheduler, progress) -> N
     if scheduler:
         client = Client(scheduler)
     else:
-        cluster = LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
-        )
+        saved = dict(os.environ)
+        try:
+            cluster = LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+            )
+        finally:  # Dask sets OMP_NUM_THREADS=1 and others for its workers in this process too
+            os.environ.clear()
+            os.environ.update(saved)
         client = Client(cluster)
+    # Keys and the plugin's name are this run's own: two jobs on one scheduler never share a task.
+    plugin = f"fastsal-job-{spec.job_id}"
     try:
-        client.register_plugin(JobPlugin(spec))
+        client.register_plugin(JobPlugin(spec), name=plugin)
         futures = [
-            client.submit(_dask_chunk, chunk, key=f"fastsal-chunk-{chunk}", pure=False) for chunk in todo
+            client.submit(
+                _dask_chunk, spec.job_id, chunk, key=f"fastsal-{spec.job_id}-chunk-{chunk}", pure=False
+            )
+            for chunk in todo
         ]
         for future in as_completed(futures):
             summary = future.result()
             progress.update(len(spec.chunk_range(summary["chunk"])))
     finally:
+        try:
+            client.unregister_worker_plugin(plugin)
+        except Exception:  # noqa: BLE001 - a closing or lost cluster: nothing to unload
+            pass
         client.close()
         if cluster is not None:
             cluster.close()
@@ -550,37 +1059,42 @@ except ImportError:  # the dask extra is optional
 
 
 class JobPlugin(WorkerPlugin):
-    """Loads the net once per Dask worker: every chunk task of the job reuses it."""
-
-    name = "fastsal-job"
+    """Loads the net once per Dask worker and job: every chunk task of the job reuses it."""
 
     def __init__(self, spec: JobSpec):
         self.spec = spec
 
     def setup(self, worker):
-        worker.fastsal_job = Worker(self.spec)
+        if not hasattr(worker, "fastsal_jobs"):
+            worker.fastsal_jobs = {}
+        # A worker of someone's cluster uses the threads it was started with (dask worker --nthreads).
+        threads = getattr(getattr(worker, "state", None), "nthreads", None)
+        worker.fastsal_jobs[self.spec.job_id] = Worker(self.spec, threads=threads)
+
+    def teardown(self, worker):
+        getattr(worker, "fastsal_jobs", {}).pop(self.spec.job_id, None)
 
 
-def _dask_chunk(chunk: int) -> dict:
+def _dask_chunk(job_id: str, chunk: int) -> dict:
     from distributed import get_worker
 
-    return get_worker().fastsal_job.process(chunk)
+    return get_worker().fastsal_jobs[job_id].process(chunk)
 
 
 def status(output) -> dict:
     """What a store holds: the plan, chunks done, images ok / failed (with reasons) / pending."""
     import zarr
 
-    try:
-        group = zarr.open_group(str(output), mode="r")
-        meta = group.attrs.get("fastsal")
-    except Exception:
-        meta = None
+    out = Path(output)
+    if not (out.exists() or out.is_symlink()):
+        raise JobError(f"no such store: {output}")
+    meta = _read_meta(out)
     if meta is None:
         raise JobError(f"{output} is not a fastsal store")
+    group = zarr.open_group(str(output), mode="r")
     plan = meta["plan"]
     count, chunk = plan["inputs"]["count"], plan["chunk_size"]
-    done = done_chunks(str(output))
+    done = done_chunks(str(output), -(-count // chunk))
     paths = group["paths"][:] if "paths" in group else None
     failed = []
     for summary in done.values():
