@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_contention.py                      # the default scenarios (~10 min)
     .venv/bin/python bench/bench_contention.py --env GOMP_SPINCOUNT=10000 --out /tmp/spin  # a variant
+    .venv/bin/python bench/bench_contention.py --ab GOMP_SPINCOUNT=300000   # + idle speed against that
 
 Subjects: fastsal.compute (exact, the default settings), the seed recipe (pycaffe, OpenBLAS's threads)
 and Captum's Saliency on the same weights (when torch and captum are installed). Neighbours: none, a
@@ -101,6 +102,39 @@ def scenario(model, n, k, what, neighbour, seconds, env) -> dict | None:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def idle_ab(models: list[str], before: dict, rounds: int, seconds: float, env: dict) -> list[dict]:
+    """fastsal on an idle machine as it is and with ``before`` added to its environment (what it was),
+    in alternating fresh processes: the idle speed the spinning bound costs."""
+    rows = []
+    for model, n, k in (("open_nsfw", 8, 2), ("vgg16", 1, 10)):
+        if model not in models:
+            continue
+        times: dict = {"now": [], "before": []}
+        for _ in range(rounds):
+            for label, extra in (("now", {}), ("before", before)):
+                found = scenario(model, n, k, "fastsal", "none", seconds, {**env, **extra})
+                times[label].append(found)
+        best = {label: min(r["best_s"] for r in runs) for label, runs in times.items()}
+        median = {
+            label: float(sorted(r["median_s"] for r in runs)[len(runs) // 2]) for label, runs in times.items()
+        }
+        rows.append(
+            {
+                "model": model,
+                "n": n,
+                "k": k,
+                "before": " ".join(f"{a}={b}" for a, b in before.items()),
+                "rounds": rounds,
+                "best_s": best,
+                "median_s": median,
+                "now_over_before_best": best["before"] / best["now"],
+                "now_over_before_median": median["before"] / median["now"],
+            }
+        )
+        print(f"{model}: idle speed now / before = {rows[-1]['now_over_before_best']:.3f} (best)", flush=True)
+    return rows
+
+
 def write_markdown(results: dict, path: Path) -> None:
     lines = [
         f"# fastsal beside other work ({results['machine']['cpu']}, {results['machine']['cores']} cores)",
@@ -119,6 +153,20 @@ def write_markdown(results: dict, path: Path) -> None:
             f"| {r['model']} | {r['n']} | {r['k']} | {r['subject']} | {r['neighbour']} | {maps / r['best_s']:.2f} | "
             f"{maps / r['median_s']:.2f} | {base['best_s'] / r['best_s']:.2f} | {base['median_s'] / r['median_s']:.2f} |"
         )
+    if results.get("idle_ab"):
+        lines += [
+            "",
+            "Idle speed now over before (alternating fresh processes; the bound's cost on an idle machine):",
+            "",
+            "| model | N | K | before | rounds | maps/s now (best) | maps/s before (best) | now / before (best) | now / before (median) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results["idle_ab"]:
+            maps = r["n"] * r["k"]
+            lines.append(
+                f"| {r['model']} | {r['n']} | {r['k']} | `{r['before']}` | {r['rounds']} | {maps / r['best_s']['now']:.2f} | "
+                f"{maps / r['best_s']['before']:.2f} | {r['now_over_before_best']:.3f} | {r['now_over_before_median']:.3f} |"
+            )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -130,6 +178,10 @@ def main(argv=None) -> None:
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for every process")
     parser.add_argument("--models", nargs="+", default=["open_nsfw", "vgg16"])
     parser.add_argument("--pairs", nargs="+", help="only these SUBJECT:NEIGHBOUR pairs, e.g. fastsal:none")
+    parser.add_argument(
+        "--ab", action="append", default=[], help="NAME=VALUE: also compare idle speed with this setting"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the --ab comparison")
     parser.add_argument("--out", type=Path, default=HERE / "contention")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE))
@@ -148,7 +200,9 @@ def main(argv=None) -> None:
             f"{model} N={n} K={k} {what:8s} beside {neighbour:8s}: {n * k / found['best_s']:7.2f} maps/s",
             flush=True,
         )
-    results = {"machine": machine(), "env": " ".join(args.env), "rows": rows}
+    before = dict(item.split("=", 1) for item in args.ab)
+    ab = idle_ab(args.models, before, args.rounds, args.seconds, env) if before else []
+    results = {"machine": machine(), "env": " ".join(args.env), "rows": rows, "idle_ab": ab}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     write_markdown(results, args.out.with_suffix(".md"))

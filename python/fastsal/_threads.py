@@ -80,11 +80,12 @@ def default_threads() -> int:
     return available_cpus()
 
 
-# libgomp's idle threads spin 300,000 iterations of `pause` (milliseconds) before they sleep: beside
-# another busy process, each team's spinning steals the cores the other needs. A bounded spin keeps
-# the idle speed (threads still catch the next region of a call spinning) and yields soon after.
-# Chosen by bench/bench_contention.py (docs/design.md, "Threading").
-SPINCOUNT = "10000"
+# At a barrier, libgomp's threads spin 300,000 rounds of `pause` before they sleep: beside another busy
+# process, a thread spins away the time slice its descheduled partner needs (open_nsfw kept 0.30 of its
+# speed beside a second fastsal). 1,000 rounds (tens of microseconds) still catch the next region of a
+# call on an idle machine and yield under load (0.55 kept); 10,000 still collapsed (0.33), 0 cost more
+# idle speed. Measured with bench/bench_contention.py (docs/design.md, "Threading").
+SPINCOUNT = "1000"
 _WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 wait_policy = "not set yet"  # what build_info reports
 
