@@ -204,7 +204,10 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
                                 !options.exact && options.bf16_backward});
   }
   check_weights_fit(*net_, user_net);
-  net_->ShareTrainedLayersWith(&user_net);
+  {
+    QuietGlog quiet;  // Caffe logs every layer of the user's net the internal one leaves out
+    net_->ShareTrainedLayersWith(&user_net);
+  }
   for (int l = 0; l < static_cast<int>(net_->layers().size()); ++l)
     if (!net_->layers()[l]->blobs().empty())
       shared_layers_.emplace_back(l, layer_index(user_net, net_->layer_names()[l]));

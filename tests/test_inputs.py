@@ -170,11 +170,13 @@ def test_load_reads_hdf5_weights(tmp_path, model, suffix):
 
 def test_load_keeps_caffes_log_quiet_and_restores_the_level(model):
     """3,800 INFO lines for open_nsfw otherwise. In a fresh interpreter that never set the level:
-    fastsal.load prints nothing, and a caffe.Net built afterwards logs as before (level restored)."""
+    fastsal.load and a first fastsal.compute print nothing (Caffe's "Ignoring source layer" lines
+    included), and a caffe.Net built afterwards logs as before (level restored)."""
     prototxt, weights = model
     code = (
-        "import sys, caffe, fastsal\n"
+        "import sys, caffe, fastsal, numpy as np\n"
         "net = fastsal.load(sys.argv[1], sys.argv[2])\n"
+        "fastsal.compute(net, np.ones((1, 3, 6, 6), np.float32), 0)  # its internal net leaves out prob\n"
         "print('--- loaded ---', file=sys.stderr, flush=True)\n"
         "caffe.Net(sys.argv[1], caffe.TEST)\n"
         "fastsal.set_caffe_log_level(2)\n"
@@ -296,3 +298,22 @@ def test_decode_failures_have_stable_reasons(tmp_path, content, reason):
     with pytest.raises(ImageError) as again:
         load_image(Path(str(path)))
     assert str(again.value) == str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "image, error, message",
+    [
+        (np.full((8, 8, 3), 200, np.uint8), TypeError, "must hold floats in \\[0, 1\\]"),
+        (np.full((8, 8, 3), 200.0, np.float32), ValueError, "pixel values run from 200 to 200"),
+        (np.full((8, 8, 3), -0.5, np.float64), ValueError, "pixel values run from -0.5"),
+    ],
+    ids=["uint8", "floats-0-255", "negative"],
+)
+def test_preprocessing_takes_pictures_in_0_1(image, error, message):
+    """Pixels of another range would come out scaled wrong, silently: refused, naming the range."""
+    from fastsal import Preprocessing
+
+    pre = Preprocessing((3, 6, 6), mean=[100.0, 110.0, 120.0])
+    with pytest.raises(error, match=message):
+        pre(image)
+    assert pre(np.full((8, 8, 3), 0.5, np.float32)).shape == (3, 6, 6)

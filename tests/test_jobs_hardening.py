@@ -24,7 +24,7 @@ from test_jobs import MEAN, arrays, assert_same_store, photo, run, run_args
 import fastsal
 from fastsal import cli, jobs
 from fastsal._preprocess import Preprocessing, load_image
-from fastsal._threads import available_cpus
+from fastsal._threads import default_threads
 
 TESTS = Path(__file__).resolve().parent
 
@@ -424,7 +424,7 @@ def test_workers_keep_caffe_quiet(model, images, tmp_path):
     glog = [line for line in result.stderr.splitlines() if re.match(r"^[IWE]\d{4,8} \d\d:", line)]
     assert not glog, f"{len(glog)} Caffe log lines, e.g. {glog[:3]}"
     # Each worker gets its share of the cores, not all of them.
-    share = max(1, available_cpus() // 2)
+    share = max(1, default_threads() // 2)
     assert f"on 2 workers x {share} thread" in result.stdout, result.stdout
 
 
@@ -432,7 +432,7 @@ def test_threads_of_a_local_job(model, images, tmp_path, capsys):
     assert quick(model, images, tmp_path / "maps.zarr", "--threads", 1) == 1
     assert "on 1 thread," in capsys.readouterr().out
     assert quick(model, images, tmp_path / "other.zarr", "--threads", 0) == 2
-    assert "threads must be a positive integer" in capsys.readouterr().err
+    assert "threads must be an integer from 1 to" in capsys.readouterr().err
 
 
 # ---- the CLI tells the truth ----

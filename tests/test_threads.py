@@ -5,6 +5,7 @@ OpenMP team really has the size asked for."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import fastsal
 from fastsal import _threads
 
 TESTS = Path(__file__).resolve().parent
@@ -66,9 +68,17 @@ def test_default_threads_follow_the_settings(monkeypatch):
     assert _threads.default_threads() == 3
     monkeypatch.setenv(_threads.THREADS_VARIABLE, "5")
     assert _threads.default_threads() == 5
-    monkeypatch.setenv(_threads.THREADS_VARIABLE, "zero")
-    with pytest.raises(ValueError, match="FASTSAL_NUM_THREADS must be a positive integer, got 'zero'"):
-        _threads.default_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")  # libgomp ignores it, and so does fastsal
+    monkeypatch.delenv(_threads.THREADS_VARIABLE)
+    assert _threads.default_threads() == _threads.available_cpus()
+    for bad in ("zero", "0", "1_0", "+3", "100000"):
+        monkeypatch.setenv(_threads.THREADS_VARIABLE, bad)
+        with pytest.raises(
+            ValueError, match=f"FASTSAL_NUM_THREADS must be an integer from 1 to .*, got '{re.escape(bad)}'"
+        ):
+            _threads.default_threads()
+        # An explicit count never reads it; build_info reports it instead of failing.
+        assert "FASTSAL_NUM_THREADS must be" in fastsal.build_info()["threads"]
 
 
 def run_child(code: str, **env) -> subprocess.CompletedProcess:
@@ -126,8 +136,15 @@ def test_exact_maps_do_not_depend_on_the_thread_count(tmp_path):
     np.testing.assert_array_equal(
         one.compute(images, [1, 4]), fastsal.Saliency(net, threads=2).compute(images, [1, 4])
     )
-    with pytest.raises(ValueError, match="threads must be a positive integer, got 0"):
-        fastsal.Saliency(net, threads=0)
+    fastsal.compute(net, images, 0, threads=1)
+    fastsal.attribute(net, images, 0, threads=1)
+    for bad in (0, True, 1.0, 2**31, 100000):
+        with pytest.raises(ValueError, match="threads must be an integer from 1 to"):
+            fastsal.attribute(net, images, 0, threads=bad)
+        with pytest.raises(ValueError, match="threads must be an integer from 1 to"):
+            fastsal.Saliency(net, threads=bad)
+        with pytest.raises(ValueError, match="threads must be an integer from 1 to"):
+            fastsal.compute(net, images, 0, threads=bad)  # compute's cache holds a threads=1 engine now
 
 
 WAIT = """
@@ -148,3 +165,34 @@ def test_idle_threads_spin_briefly():
     theirs = run_child(WAIT, OMP_DISPLAY_ENV="verbose", OMP_WAIT_POLICY="active")
     assert "GOMP_SPINCOUNT = '30000000000'" in theirs.stderr
     assert theirs.stdout.startswith("yours: OMP_WAIT_POLICY=active")
+
+
+def test_libgomp_loaded_before_fastsal_is_reported():
+    """Then libgomp read its settings already: build_info says so rather than claim the bound."""
+    child = run_child(
+        """
+        import ctypes
+        ctypes.CDLL("libgomp.so.1", mode=ctypes.RTLD_GLOBAL)
+        import fastsal
+        print(fastsal.build_info()["omp_wait"])
+        """,
+        OMP_DISPLAY_ENV="verbose",
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert "GOMP_SPINCOUNT = '300000'" in child.stderr
+    assert child.stdout.strip() == "libgomp's default (libgomp was loaded before fastsal)"
+
+
+def test_a_malformed_variable_does_not_stop_an_explicit_count():
+    child = run_child(
+        """
+        import pathlib, tempfile, numpy as np, fastsal
+        from conftest import NETS, make_net
+        net = make_net(pathlib.Path(tempfile.mkdtemp()), NETS["conv_maxpool_fc_softmax"][0])
+        images = np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)
+        print(fastsal.compute(net, images, [0], threads=1).shape)
+        """,
+        FASTSAL_NUM_THREADS="junk",
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.strip() == "(2, 1, 12, 12)"

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import _core
 from ._saliency import Saliency, _check_blob_name, _check_net, _check_positive_int, batch_slices
+from ._threads import check_threads
 
 METHODS = (
     "saliency",
@@ -638,6 +639,8 @@ def attribute(
     """Attributions of ``images`` for ``classes`` under ``net`` by ``method``: see :class:`Attribution`.
     The engines are built on first use and cached per net."""
     _check_net(net)
+    if threads is not None:  # before the cache: True and 1.0 would find threads=1's engine
+        check_threads(threads)
     key = (
         method,
         score,

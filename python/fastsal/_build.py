@@ -17,7 +17,11 @@ def build_info() -> dict:
     threads wait: fastsal bounds libgomp's spinning unless you set a policy)."""
     from . import _threads
 
-    return {**_core.build_info(), "threads": _threads.default_threads(), "omp_wait": _threads.wait_policy}
+    try:
+        threads = _threads.default_threads()
+    except ValueError as error:  # a malformed FASTSAL_NUM_THREADS: say so, this is where one looks
+        threads = str(error)
+    return {**_core.build_info(), "threads": threads, "omp_wait": _threads.wait_policy}
 
 
 class SlowBlasWarning(UserWarning):
@@ -67,7 +71,7 @@ def warn_if_blas_is_slow(stacklevel: int) -> None:
     if _blas_checked:
         return
     _blas_checked = True
-    advice = slow_blas_advice(build_info()["openblas_core"], _cpu_flags())
+    advice = slow_blas_advice(_core.build_info()["openblas_core"], _cpu_flags())
     if advice:
         warnings.warn(advice, SlowBlasWarning, stacklevel=stacklevel + 1)
 

@@ -191,6 +191,12 @@ class Preprocessing:
             image = image[:, :, np.newaxis]
         if image.ndim != 3:
             raise ValueError(f"image must be (H, W, C) or (H, W), got shape {image.shape}")
+        low, high = float(np.nanmin(image)), float(np.nanmax(image))
+        if low < -1e-3 or high > 1 + 1e-3:  # 0-255 floats would come out 255 times too large, silently
+            raise ImageError(
+                f"pixel values run from {low:g} to {high:g}; the preprocessing takes pictures in [0, 1] "
+                "(fastsal.load_image, caffe.io.load_image or skimage.img_as_float give them)"
+            )
         return self.transform(self.crop(image))
 
     def transform(self, image: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _core
 from ._build import warn_if_blas_is_slow
-from ._threads import default_threads
+from ._threads import check_threads, default_threads
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
 
@@ -104,7 +104,7 @@ class Saliency:
             raise ValueError(f"device must be None (the CPU) or a CUDA device index >= 0, got {device!r}")
         _check_positive_int("memory_budget", memory_budget)
         if threads is not None:
-            _check_positive_int("threads", threads)
+            check_threads(threads)
         if not exact and not fast_layers:
             raise ValueError(
                 "exact=False needs fast_layers=True: the inexact forward is one of fastsal's layers"
@@ -358,6 +358,8 @@ _cache_lock = threading.Lock()
 
 def _saliency_for(net, score, input, batch_size, exact, threads) -> Saliency:  # noqa: A002
     _check_net(net)
+    if threads is not None:  # before the cache: True and 1.0 would find threads=1's engine
+        check_threads(threads)
     key = (score, input, batch_size, exact, threads)
     with _cache_lock:
         per_net = _cache.get(net)

@@ -4,7 +4,9 @@ runs before fastsal's extension loads libgomp, which reads its waiting policy on
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
+import re
 from pathlib import Path
 
 THREADS_VARIABLE = "FASTSAL_NUM_THREADS"
@@ -64,19 +66,35 @@ def available_cpus(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/
     return max(1, cpus)
 
 
+def most_threads() -> int:
+    """The largest thread count fastsal takes: a typo like 10000 would start 10,000 OS threads, and
+    libgomp ends the process itself when it cannot create them."""
+    return max(256, 4 * (os.cpu_count() or 1))
+
+
+def check_threads(threads) -> None:
+    if (
+        isinstance(threads, bool)
+        or not isinstance(threads, numbers.Integral)
+        or not 1 <= threads <= most_threads()
+    ):
+        raise ValueError(f"threads must be an integer from 1 to {most_threads()}, got {threads!r}")
+
+
 def default_threads() -> int:
     """fastsal's thread count when none is given: ``FASTSAL_NUM_THREADS`` if set, else OpenMP's own
-    ``OMP_NUM_THREADS`` (its first level), else the CPUs this process may use (:func:`available_cpus`)."""
-    for name in (THREADS_VARIABLE, "OMP_NUM_THREADS"):
-        text = os.environ.get(name, "").split(",")[0].strip()
-        if text:
-            try:
-                value = int(text)
-            except ValueError:
-                value = 0
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {text!r}")
-            return value
+    ``OMP_NUM_THREADS`` (its first level; ignored when malformed, as libgomp ignores it), else the CPUs
+    this process may use (:func:`available_cpus`)."""
+    ours = os.environ.get(THREADS_VARIABLE, "").strip()
+    if ours:
+        if not re.fullmatch(r"[0-9]+", ours) or not 1 <= int(ours) <= most_threads():
+            raise ValueError(
+                f"{THREADS_VARIABLE} must be an integer from 1 to {most_threads()}, got {ours!r}"
+            )
+        return int(ours)
+    openmp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if re.fullmatch(r"[0-9]+", openmp) and 1 <= int(openmp) <= most_threads():
+        return int(openmp)
     return available_cpus()
 
 
@@ -93,7 +111,8 @@ wait_policy = "not set yet"  # what build_info reports
 def _libgomp_loaded() -> bool:
     try:
         with open("/proc/self/maps") as maps:
-            return any(line.rstrip().endswith(("/libgomp.so.1", "/libgomp.so")) for line in maps)
+            # Debian maps libgomp.so.1.0.0; torch's own copy (libgomp-<hash>.so.1) is another library
+            return any(re.search(r"/libgomp\.so(\.[0-9]+)*$", line.rstrip()) for line in maps)
     except OSError:  # not Linux
         return False
 

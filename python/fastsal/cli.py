@@ -144,8 +144,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--threads",
         type=int,
-        help="CPU threads per process (default: FASTSAL_NUM_THREADS, else the CPUs this process may use; "
-        "with --workers N, those CPUs split between the N workers)",
+        help="CPU threads per process (default: FASTSAL_NUM_THREADS, else OMP_NUM_THREADS, else the CPUs "
+        "this process may use; with --workers N, that count split between the N workers)",
     )
     run.add_argument(
         "--inexact",
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     except jobs.JobInterrupted as stop:
         return fail(
             EXIT_INTERRUPTED,
-            f"interrupted after {stop.done} of {jobs._count(stop.total, 'chunk')}; rerun the same command to resume",
+            f"interrupted after {stop.done} of {jobs.plural(stop.total, 'chunk')}; rerun the same command to resume",
         )
     except KeyboardInterrupt:
         return fail(EXIT_INTERRUPTED, "interrupted")
@@ -335,11 +335,10 @@ def _picture(args) -> int:
 def _status(output: str) -> int:
     info = jobs.status(output)
     plan = info["plan"]
-    count = jobs._count
     seed = plan["options"].get("seed")
     noise = f", seed {seed}" if seed is not None else ""
     print(
-        f"{output}: {plan['method']} on {count(info['images'], 'image')}, chunk {plan['chunk_size']}{noise}"
+        f"{output}: {plan['method']} on {jobs.plural(info['images'], 'image')}, chunk {plan['chunk_size']}{noise}"
     )
     print(f"chunks: {info['chunks_done']} of {info['chunks']} done")
     print(f"images: {info['ok']} ok, {len(info['failed'])} failed, {info['pending']} pending")

@@ -41,7 +41,7 @@ import numpy as np
 
 from . import _attribution
 from ._preprocess import ImageError, Preprocessing, load_image, load_mean
-from ._threads import available_cpus
+from ._threads import check_threads, default_threads
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 PENDING, OK, FAILED = 0, 1, 2
@@ -60,11 +60,12 @@ class JobInterrupted(KeyboardInterrupt):
     """Ctrl-C during a job: ``done`` of ``total`` chunks are finished; a rerun resumes."""
 
     def __init__(self, done: int, total: int):
-        super().__init__(f"interrupted after {done} of {_count(total, 'chunk')}")
+        super().__init__(f"interrupted after {done} of {plural(total, 'chunk')}")
         self.done, self.total = done, total
 
 
-def _count(n: int, noun: str) -> str:
+def plural(n: int, noun: str) -> str:
+    """'1 image', '2 images': the CLI's lines count in words."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
@@ -898,17 +899,17 @@ class JobSummary:
         return 0 if self.failed == 0 else 1
 
     def line(self, output: str) -> str:
-        counts = f"fastsal: {_count(self.images, 'image')}, {self.ok} ok, {self.failed} failed"
+        counts = f"fastsal: {plural(self.images, 'image')}, {self.ok} ok, {self.failed} failed"
         if not self.computed:
-            return f"{counts}; all {_count(self.chunks, 'chunk')} already done -> {output}"
+            return f"{counts}; all {plural(self.chunks, 'chunk')} already done -> {output}"
         resumed = (
-            f", {_count(self.chunks_done_before, 'chunk')} already done" if self.chunks_done_before else ""
+            f", {plural(self.chunks_done_before, 'chunk')} already done" if self.chunks_done_before else ""
         )
-        redone = f", {_count(self.redone, 'chunk')} redone (files changed)" if self.redone else ""
+        redone = f", {plural(self.redone, 'chunk')} redone (files changed)" if self.redone else ""
         rate = self.computed / self.seconds if self.seconds > 0 else 0.0
         spread = f" on {self.spread}" if self.spread else ""
         return (
-            f"{counts}{resumed}{redone}; {_count(self.computed, 'image')} in {self.seconds:.1f} s{spread}, "
+            f"{counts}{resumed}{redone}; {plural(self.computed, 'image')} in {self.seconds:.1f} s{spread}, "
             f"{rate:.1f} images/s -> {output}"
         )
 
@@ -935,17 +936,20 @@ def run_job(
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise JobError(f"workers must be a positive integer, got {workers!r}")
     threads = options.get("threads")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise JobError(f"threads must be a positive integer, got {threads!r}")
+    if threads is not None:
+        try:
+            check_threads(threads)
+        except ValueError as error:
+            raise JobError(str(error)) from None
     spec, attribution, lock = _prepare(images, model_def, pretrained_model, output, **options)
-    if workers and threads is None:  # the cores split between the workers, not each taking them all
-        spec.threads = max(1, available_cpus() // workers)
+    if workers and threads is None:  # the threads split between the workers, not each taking them all
+        spec.threads = max(1, default_threads() // workers)
     if scheduler:
-        spread = "the cluster's workers" + (f" x {_count(spec.threads, 'thread')}" if spec.threads else "")
+        spread = "the cluster's workers" + (f" x {plural(spec.threads, 'thread')}" if spec.threads else "")
     elif workers:
-        spread = f"{_count(workers, 'worker')} x {_count(spec.threads, 'thread')}"
+        spread = f"{plural(workers, 'worker')} x {plural(spec.threads, 'thread')}"
     else:
-        spread = _count(attribution.threads, "thread")
+        spread = plural(attribution.threads, "thread")
     with lock:
         done = done_chunks(spec.output, spec.chunks)
         redone = _changed_chunks(spec, done)
@@ -954,7 +958,7 @@ def run_job(
             del done[chunk]
         if redone and not quiet:
             print(
-                f"fastsal: files changed since {_count(len(redone), 'chunk')} finished: redoing them",
+                f"fastsal: files changed since {plural(len(redone), 'chunk')} finished: redoing them",
                 file=sys.stderr,
             )
         todo = [c for c in range(spec.chunks) if c not in done]
@@ -981,7 +985,7 @@ def run_job(
     missing = spec.chunks - len(finished)
     if missing:
         raise JobUnfinished(
-            f"{_count(missing, 'chunk')} of {spec.chunks} still pending after the run (a worker lost them?); "
+            f"{plural(missing, 'chunk')} of {spec.chunks} still pending after the run (a worker lost them?); "
             "rerun the same command to finish"
         )
     failed = sum(len(s["failed"]) for s in finished.values())
