@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+# Where pictures in [0, 1] come from, for the errors that ask for them.
+_PICTURES_IN_0_1 = "fastsal.load_image, caffe.io.load_image or skimage.img_as_float give them"
+
 
 class ImageError(ValueError):
     """An image that cannot be used; the job records its reason and goes on."""
@@ -27,14 +30,18 @@ def load_image(path, color: bool = True) -> np.ndarray:
     LAB (Caffe reads the bands as RGB), grey with alpha ("LA": Caffe returns 2 channels), GIFs (Caffe
     returns every frame; this the first) and 16-bit PGM/PPM (Caffe scales them by 2**31). Decoded by
     Pillow from the file's bytes, so a file that is no image leaves no handle open behind its error."""
+    with open(path, "rb") as f:
+        return decode_image(f.read(), color)
+
+
+def decode_image(data: bytes, color: bool = True) -> np.ndarray:
+    """:func:`load_image` on a file's bytes already read (jobs hash the same bytes)."""
     import io
 
     import skimage
     import skimage.color
     from PIL import Image
 
-    with open(path, "rb") as f:
-        data = f.read()
     try:
         with Image.open(io.BytesIO(data)) as decoded:
             decoded.load()
@@ -183,10 +190,7 @@ class Preprocessing:
         image = np.asarray(image)
         if not np.issubdtype(image.dtype, np.floating):
             # raw_scale expects [0, 1]: uint8 pixels would come out 255 times too large, silently
-            raise TypeError(
-                f"image must hold floats in [0, 1] (fastsal.load_image, caffe.io.load_image or "
-                f"skimage.img_as_float give them), got dtype {image.dtype}"
-            )
+            raise TypeError(f"image must hold floats in [0, 1] ({_PICTURES_IN_0_1}), got dtype {image.dtype}")
         if image.ndim == 2:
             image = image[:, :, np.newaxis]
         if image.ndim != 3:
@@ -195,7 +199,7 @@ class Preprocessing:
         if low < -1e-3 or high > 1 + 1e-3:  # 0-255 floats would come out 255 times too large, silently
             raise ImageError(
                 f"pixel values run from {low:g} to {high:g}; the preprocessing takes pictures in [0, 1] "
-                "(fastsal.load_image, caffe.io.load_image or skimage.img_as_float give them)"
+                f"({_PICTURES_IN_0_1})"
             )
         return self.transform(self.crop(image))
 

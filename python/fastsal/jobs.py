@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from . import _attribution
-from ._preprocess import ImageError, Preprocessing, load_image, load_mean
+from ._load import _listed
+from ._preprocess import ImageError, Preprocessing, decode_image, load_mean
 from ._threads import check_threads, default_threads
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -119,15 +120,6 @@ def _sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _identity(path: str) -> list | None:
-    """[size, mtime_ns, sha256] of an input file, or None when it cannot be read: what a resume compares."""
-    try:
-        stat = os.stat(path)
-        return [stat.st_size, stat.st_mtime_ns, _sha256(path)]
-    except OSError:
-        return None
 
 
 def _unchanged(path: str, recorded) -> bool:
@@ -271,10 +263,16 @@ class Worker:
         preprocessing = self.spec.preprocessing
 
         def decode(index):
-            path = self.spec.paths[index]
-            identity = _identity(path)  # before decoding: a file changed after this is redone
+            path, identity = (
+                self.spec.paths[index],
+                None,
+            )  # identity: [size, mtime_ns, sha256], what a resume compares
             try:
-                image = load_image(path, color=preprocessing.input_shape[0] == 3)
+                stat = os.stat(path)  # before reading: a file changed after this is redone
+                with open(path, "rb") as f:
+                    data = f.read()
+                identity = [stat.st_size, stat.st_mtime_ns, hashlib.sha256(data).hexdigest()]
+                image = decode_image(data, color=preprocessing.input_shape[0] == 3)
                 crop = preprocessing.crop(image) if self.spec.overlays else None
                 return preprocessing(image), crop, None, identity
             except ImageError as error:
@@ -506,13 +504,19 @@ def _prepare(
         raise JobError("give one of classes, top_k or classes_file")
     if chunk_size < 1:
         raise JobError(f"chunk_size must be positive, got {chunk_size}")
+    if threads is not None:
+        try:
+            check_threads(threads)
+        except ValueError as error:
+            raise JobError(str(error)) from None
     for path in (model_def, pretrained_model):
         if not Path(path).is_file():
             raise FileNotFoundError(f"model file not found: {path}")
     # Before the slow checks: an output or overlays folder fastsal may not write is refused at once.
-    _check_output(Path(output).resolve(), overwrite)
+    out = Path(output).resolve()
+    _check_output(out, overwrite)
     if overlays is not None:
-        _check_overlays(Path(overlays).resolve(), Path(output).resolve())
+        _check_overlays(Path(overlays).resolve(), out)
     paths, array = list_inputs(images, exclude=(output, overlays))
     net = fastsal.load(model_def, pretrained_model)  # a broken model raises here, in a child process
     try:
@@ -566,7 +570,6 @@ def _prepare(
     inputs_hash = hashlib.sha256(
         ("\n".join(paths) if paths is not None else _sha256(array)).encode()
     ).hexdigest()
-    out = Path(output).resolve()
     if "seed" in attribution.options and attribution.options["seed"] is None:
         # One draw per store, recorded in the plan: a resume adds no second noise draw.
         existing = None if overwrite else _read_meta(out)
@@ -653,21 +656,20 @@ def _check_output(out: Path, overwrite: bool) -> None:
         return
     if not out.is_dir():
         raise JobError(f"{out} is a file, not a store; choose another output")
-    if _read_meta(out) is None and any(out.iterdir()):
-        entries = sorted(p.name for p in out.iterdir())
-        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+    ours = _read_meta(out) is not None
+    entries = sorted(p.name for p in out.iterdir())
+    if not ours and entries:
         raise JobError(
-            f"{out} exists and is not a fastsal store (it holds {shown}); fastsal writes only into "
-            "stores it created and deletes nothing else, --overwrite included: choose another output"
+            f"{out} exists and is not a fastsal store (it holds {_listed(entries, 3)}); fastsal writes only "
+            "into stores it created and deletes nothing else, --overwrite included: choose another output"
         )
-    if overwrite and _read_meta(out) is not None:
+    if overwrite and ours:
         foreign = _foreign_files(out)
         if foreign:
-            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             them = "it" if len(foreign) == 1 else "them"
             raise JobError(
-                f"{out} is a fastsal store that also holds {shown}, which fastsal did not write; "
-                f"--overwrite would delete {them}: move {them} out first"
+                f"{out} is a fastsal store that also holds {_listed(foreign, 5)}, which fastsal did not "
+                f"write; --overwrite would delete {them}: move {them} out first"
             )
 
 
@@ -936,11 +938,6 @@ def run_job(
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise JobError(f"workers must be a positive integer, got {workers!r}")
     threads = options.get("threads")
-    if threads is not None:
-        try:
-            check_threads(threads)
-        except ValueError as error:
-            raise JobError(str(error)) from None
     spec, attribution, lock = _prepare(images, model_def, pretrained_model, output, **options)
     if workers and threads is None:  # the threads split between the workers, not each taking them all
         spec.threads = max(1, default_threads() // workers)
