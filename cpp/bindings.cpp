@@ -177,7 +177,7 @@ PYBIND11_MODULE(_core, m) {
                        const std::string& gradient_blob, int batch_size, bool fast_layers, bool exact,
                        bool bf16_backward, bool blocked_layouts, const std::string& rule, int device,
                        const std::string& layout, std::size_t memory_budget,
-                       const std::vector<int>& image_shape, int threads) {
+                       const std::vector<int>& image_shape, int threads, bool forward_only) {
              fastsal::EngineOptions options;
              options.input_blob = input_blob;
              options.score_blob = score_blob;
@@ -193,6 +193,7 @@ PYBIND11_MODULE(_core, m) {
              options.memory_budget = memory_budget;
              options.image_shape = image_shape;
              options.threads = threads;
+             options.forward_only = forward_only;
              // The user's net is read under the GIL: another thread could be running pycaffe on it.
              return std::make_unique<fastsal::SaliencyEngine>(pycaffe_net(net), options);
            }),
@@ -200,7 +201,8 @@ PYBIND11_MODULE(_core, m) {
            py::arg("gradient_blob") = "", py::arg("batch_size"), py::arg("fast_layers"),
            py::arg("exact") = true, py::arg("bf16_backward") = true, py::arg("blocked_layouts") = true,
            py::arg("relu_rule") = "gradient", py::arg("device"), py::arg("layout"), py::arg("memory_budget"),
-           py::arg("image_shape") = std::vector<int>{}, py::arg("threads") = 0)
+           py::arg("image_shape") = std::vector<int>{}, py::arg("threads") = 0,
+           py::arg("forward_only") = false)
       .def_property_readonly("input_blob", &fastsal::SaliencyEngine::input_blob)
       .def_property_readonly("score_blob", &fastsal::SaliencyEngine::score_blob)
       .def_property_readonly("gradient_blob", &fastsal::SaliencyEngine::gradient_blob)
@@ -244,17 +246,26 @@ PYBIND11_MODULE(_core, m) {
           py::arg("guide") = py::none(), py::arg("accumulator") = py::none(), py::arg("finish") = true)
       .def(
           "scores",
-          [](fastsal::SaliencyEngine& engine, const py::array& images, const py::array& out,
-             std::int64_t first_index) {
-            const py::ssize_t n = images.ndim() > 0 ? images.shape(0) : 0;
-            const float* data =
-                checked_buffer<float>(images, "images", with_front({n}, engine.image_shape()));
-            float* scores = checked_buffer<float>(out, "out", {n, engine.num_classes()});
+          [](fastsal::SaliencyEngine& engine, const py::array& rows, const py::array& out,
+             std::int64_t first_index, bool from_layer, const py::object& activations) {
+            const py::ssize_t n = rows.ndim() > 0 ? rows.shape(0) : 0;
+            fastsal::ForwardRequest request;
+            request.num_rows = static_cast<int>(n);
+            request.from_layer = from_layer;
+            request.first_index = first_index;
+            request.rows = checked_buffer<float>(
+                rows, from_layer ? "values" : "images",
+                with_front({n}, from_layer ? engine.gradient_shape() : engine.image_shape()));
+            request.scores = checked_buffer<float>(out, "out", {n, engine.num_classes()});
+            request.activations =
+                optional_buffer<float>(activations, "activations", with_front({n}, engine.gradient_shape()));
             py::gil_scoped_release release;  // as in compute
-            engine.scores(data, static_cast<int>(n), first_index, scores);
+            engine.forward_scores(request);
           },
-          "The score blob's values for images (forward passes only).", py::arg("images"), py::arg("out"),
-          py::arg("first_index") = 0)
+          "The score blob's values (forward passes only) for images, or with from_layer for the layer "
+          "blob's values (the layers below it do not run); activations: the layer blob's values.",
+          py::arg("rows"), py::arg("out"), py::arg("first_index") = 0, py::kw_only(),
+          py::arg("from_layer") = false, py::arg("activations") = py::none())
       .def(
           "profile_layers",
           [](fastsal::SaliencyEngine& engine, const py::array& images, const py::object& classes,

@@ -444,9 +444,9 @@ void check_weights_fit(const caffe::Net<float>& internal, const caffe::Net<float
   }
 }
 
-std::size_t bytes_per_image(const caffe::Net<float>& net, bool fast_layers) {
+std::size_t bytes_per_image(const caffe::Net<float>& net, bool fast_layers, bool diffs) {
   std::size_t floats = 0;
-  for (const auto& blob : net.blobs()) floats += 2 * per_image(blob.get());  // data, diff
+  for (const auto& blob : net.blobs()) floats += (diffs ? 2 : 1) * per_image(blob.get());
   for (int l = 0; l < static_cast<int>(net.layers().size()); ++l) {
     floats += hidden_floats_per_image(net, l, fast_layers);
     if (net.layers()[l]->type() == "Split")  // its tops share the bottom's data (SplitLayer::Reshape)

@@ -49,8 +49,8 @@ SaliencyNetPlan plan_saliency_net(const caffe::Net<float>& net, const std::strin
 // CHECK-aborts on a count or shape mismatch), naming the layer and both shapes.
 void check_weights_fit(const caffe::Net<float>& internal, const caffe::Net<float>& user);
 
-// Bytes per image of everything the net keeps per batch row: data and diff of every blob, and the
-// layers' hidden state (fastsal's own with `fast_layers`). `net` must be at batch 1.
-std::size_t bytes_per_image(const caffe::Net<float>& net, bool fast_layers);
+// Bytes per image of everything the net keeps per batch row: data and diff (with `diffs`) of every blob,
+// and the layers' hidden state (fastsal's own with `fast_layers`). `net` must be at batch 1.
+std::size_t bytes_per_image(const caffe::Net<float>& net, bool fast_layers, bool diffs = true);
 
 }  // namespace fastsal

@@ -192,11 +192,13 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
       device_(checked_device(options.device)),
       threads_(options.threads > 0 ? options.threads : omp_get_max_threads()),
       layout_(options.layout),
+      forward_only_(options.forward_only),
       device_buffers_(std::make_unique<DeviceBuffers>()) {
   ThreadCountScope team(threads_);
   {
     QuietGlog quiet;
     CaffeModeScope mode(device_);  // layers set up in the caller's mode could touch a GPU it never meant
+    if (forward_only_) plan_.param.set_force_backward(false);  // no layer needs a diff
     // At batch 1; every batch resizes the input. fastsal's speed swaps replace CPU code only: on a GPU,
     // Caffe's own layers (cuDNN's where built) run.
     net_ = std::make_unique<SaliencyNet>(
@@ -232,12 +234,14 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
     net_->fold_batch_norm(stop_layer_, score_layer_);
     if (!options.exact && options.blocked_layouts)              // the exact forward is Caffe's, on NCHW
       net_->keep_blocked_layouts({input_, score_, gradient_});  // the blobs the engine reads and writes
-    head_ = std::make_unique<ClassHead>(*net_, score_layer_, stop_layer_, options.relu_rule);
-    head_bytes_ = options.memory_budget / 4;
-    if (head_->empty()) head_.reset();
+    if (!forward_only_) {
+      head_ = std::make_unique<ClassHead>(*net_, score_layer_, stop_layer_, options.relu_rule);
+      head_bytes_ = options.memory_budget / 4;
+      if (head_->empty()) head_.reset();
+    }
   }
-  bytes_per_image_ =
-      fastsal::bytes_per_image(*net_, options.fast_layers && device_ < 0) + net_->workspace_bytes_per_image();
+  bytes_per_image_ = fastsal::bytes_per_image(*net_, options.fast_layers && device_ < 0, !forward_only_) +
+                     net_->workspace_bytes_per_image();
   batch_size_ = choose_batch_size(options, bytes_per_image_);
 }
 
@@ -293,7 +297,10 @@ void SaliencyEngine::check_request(const SaliencyRequest& request) const {
                                   std::to_string(num_classes_) + ")");
 }
 
-void SaliencyEngine::compute(const SaliencyRequest& request) { run(request, nullptr); }
+void SaliencyEngine::compute(const SaliencyRequest& request) {
+  if (forward_only_) throw std::logic_error("this engine was built for forward passes only");
+  run(request, nullptr);
+}
 
 std::vector<LayerTime> SaliencyEngine::profile_layers(const SaliencyRequest& request) {
   std::vector<LayerTime> times;
@@ -337,19 +344,60 @@ void SaliencyEngine::run(const SaliencyRequest& request, std::vector<LayerTime>*
   if (!direct && request.finish) finish(request, accumulator);
 }
 
-void SaliencyEngine::scores(const float* images, int num_images, std::int64_t first_index, float* scores) {
+void SaliencyEngine::forward_scores(const ForwardRequest& request) {
+  if (request.num_rows < 0) throw std::invalid_argument("num_rows must be >= 0");
+  if (request.from_layer && request.activations)
+    throw std::invalid_argument("activations come from a forward from the input, not from_layer");
+  if (request.from_layer && plan_.gradient_layer.empty())
+    throw std::invalid_argument("from_layer needs a layer blob between the input and the score");
+  if (request.from_layer) check_forward_from_layer();
   std::lock_guard<std::mutex> lock(mutex_);
   ThreadCountScope team(threads_);
   CaffeModeScope mode(device_);
 #ifdef FASTSAL_WITH_CUDA
   if (device_ >= 0) check_weights_on_device(*net_, device_);
 #endif
-  for (std::int64_t first = 0; first < num_images; first += batch_size_) {
-    const int rows = static_cast<int>(std::min<std::int64_t>(batch_size_, num_images - first));
-    const auto row = [first](int r) -> std::int64_t { return first + r; };
-    forward(images, rows, row, row, first_index, nullptr);
-    std::copy_n(score_->cpu_data(), std::size_t(rows) * num_classes_, scores + first * num_classes_);
+  const std::size_t row_floats = request.from_layer ? gradient_size() : image_size();
+  for (std::int64_t first = 0; first < request.num_rows; first += batch_size_) {
+    const int rows = static_cast<int>(std::min<std::int64_t>(batch_size_, request.num_rows - first));
+    if (request.from_layer) {
+      forward_from_layer(request.rows + first * row_floats, rows, request.first_index + first);
+    } else {
+      const auto row = [first](int r) -> std::int64_t { return first + r; };
+      forward(request.rows, rows, row, row, request.first_index, nullptr);
+    }
+    std::copy_n(score_->cpu_data(), std::size_t(rows) * num_classes_, request.scores + first * num_classes_);
+    if (request.activations)
+      std::copy_n(gradient_->cpu_data(), std::size_t(rows) * gradient_size(),
+                  request.activations + first * gradient_size());
   }
+}
+
+void SaliencyEngine::check_forward_from_layer() const {
+  // Layers above the layer blob that read anything computed below it (a residual branch's other input)
+  // would read the previous batch's values.
+  std::vector<bool> fresh(net_->blobs().size(), false);
+  fresh[find_blob(*net_, plan_.gradient_blob, "layer")] = true;
+  for (int l = stop_layer_; l <= score_layer_; ++l) {
+    for (int id : net_->bottom_ids(l))
+      if (!fresh[id])
+        throw std::invalid_argument("layer '" + net_->layer_names()[l] + "' above layer blob '" +
+                                    plan_.gradient_blob + "' also reads blob '" + net_->blob_names()[id] +
+                                    "', which is computed below it; choose a layer blob that every later "
+                                    "layer's input depends on alone (a block's output)");
+    for (int id : net_->top_ids(l)) fresh[id] = true;
+  }
+}
+
+void SaliencyEngine::forward_from_layer(const float* values, int rows, std::int64_t first_index) {
+  std::vector<int> shape = {rows};
+  shape.insert(shape.end(), plan_.image_shape.begin(), plan_.image_shape.end());
+  input_->Reshape(shape);
+  net_->Reshape();  // every blob at `rows`; only the layers above the layer blob then run
+  std::copy_n(values, std::size_t(rows) * gradient_size(), gradient_->mutable_cpu_data());
+  net_->ForwardFromTo(stop_layer_, score_layer_);
+  const auto row = [](int r) -> std::int64_t { return r; };
+  check_forward(rows, row, first_index, true);
 }
 
 void SaliencyEngine::forward(const float* images, int rows,
@@ -376,9 +424,9 @@ void SaliencyEngine::forward(const float* images, int rows,
 }
 
 void SaliencyEngine::check_forward(int rows, const std::function<std::int64_t(int)>& image_of,
-                                   std::int64_t first_index) const {
+                                   std::int64_t first_index, bool from_layer) const {
   std::string where;
-  int bad = net_->first_overflowed_row(score_layer_, &where);
+  int bad = from_layer ? -1 : net_->first_overflowed_row(score_layer_, &where);
   const float* scores = score_->cpu_data();  // on a GPU: rows x num_classes floats, a small copy
   for (int r = 0; r < (bad < 0 ? rows : bad); ++r)
     if (!std::all_of(scores + std::size_t(r) * num_classes_, scores + std::size_t(r + 1) * num_classes_,

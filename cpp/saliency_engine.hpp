@@ -61,6 +61,9 @@ struct EngineOptions {
   BatchLayout layout = BatchLayout::kAuto;
   std::size_t memory_budget = std::size_t(1) << 30;  // bytes of blobs and layer state per batch
   int threads = 0;  // OpenMP threads for this engine's work (oneDNN's too); 0: OpenMP's default
+  // Forward passes only (perturbation methods, metrics): no force_backward, so Caffe never allocates a
+  // diff, and the batch is sized by the blobs' data alone. compute() then refuses.
+  bool forward_only = false;
 };
 
 // How an image's samples combine (noise samples, integration steps), per (image, class), before the
@@ -101,6 +104,18 @@ struct SaliencyRequest {
   float* scores = nullptr;       // optional (num_images, num_classes): the score blob's values (samples == 1)
 };
 
+// Forward passes only: the one path of every method and metric that needs scores, not gradients. Rows
+// are images, or with from_layer the layer blob's values (the gradient blob, G per row): the forward
+// then starts after the last layer that writes that blob, so the layers below it do not run.
+struct ForwardRequest {
+  const float* rows = nullptr;  // (num_rows, *image_shape), or (num_rows, *G) with from_layer
+  int num_rows = 0;
+  bool from_layer = false;
+  std::int64_t first_index = 0;  // index of rows[0] in the caller's whole array, for error messages
+  float* scores = nullptr;       // (num_rows, num_classes): the score blob's values
+  float* activations = nullptr;  // optional (num_rows, *G): the layer blob's values (not with from_layer)
+};
+
 // Seconds Caffe spent in one layer, summed over a call: the engine's floor.
 struct LayerTime {
   std::string name, type;
@@ -127,8 +142,10 @@ class SaliencyEngine {
   // The same work as compute(), timing every layer call (for the benchmarks).
   std::vector<LayerTime> profile_layers(const SaliencyRequest& request);
 
-  // Forward passes only: the score blob's values, (num_images, num_classes), into scores.
-  void scores(const float* images, int num_images, std::int64_t first_index, float* scores);
+  // Streams the request's rows through forward passes of at most batch_size rows. A row whose forward
+  // overflows float32 is refused with std::domain_error, as in compute(); a from_layer request on a net
+  // where a layer above the layer blob also reads a blob computed below it, with std::invalid_argument.
+  void forward_scores(const ForwardRequest& request);
 
   const std::string& input_blob() const { return plan_.input_blob; }
   const std::string& score_blob() const { return plan_.score_blob; }
@@ -170,9 +187,13 @@ class SaliencyEngine {
   void seed_objective(const SaliencyRequest& request, int rows);
   // After every sample was accumulated: variance, multiplier, channel reduction, into request.out.
   void finish(const SaliencyRequest& request, const float* accumulator) const;
-  // Throws std::domain_error naming the first image whose forward pass overflowed float32.
-  void check_forward(int rows, const std::function<std::int64_t(int)>& image_of,
-                     std::int64_t first_index) const;
+  // Copies `rows` rows of the layer blob's values into it and runs the layers above it.
+  void forward_from_layer(const float* values, int rows, std::int64_t first_index);
+  void check_forward_from_layer() const;
+  // Throws std::domain_error naming the first image whose forward pass overflowed float32; with
+  // from_layer, only the layers above the layer blob ran, so only the scores are checked.
+  void check_forward(int rows, const std::function<std::int64_t(int)>& image_of, std::int64_t first_index,
+                     bool from_layer = false) const;
 
   SaliencyNetPlan plan_;
   int num_classes_ = 0;
@@ -189,7 +210,8 @@ class SaliencyEngine {
   caffe::Blob<float>* score_;
   int score_layer_;
   caffe::Blob<float>* gradient_;  // the blob whose diff is the attribution
-  int stop_layer_;                // the backward runs down to this layer
+  int stop_layer_;                // the backward runs down to this layer; a from_layer forward starts here
+  bool forward_only_;
   std::vector<int> gradient_shape_;
   std::vector<std::pair<int, int>> shared_layers_;  // (internal, user) indices of layers sharing weights
   mutable std::mutex mutex_;

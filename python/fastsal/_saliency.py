@@ -92,6 +92,7 @@ class Saliency:
         _warn: bool = True,
         _bf16_backward: bool = True,
         _blocked_layouts: bool = True,
+        _forward_only: bool = False,
     ):
         _check_net(net)
         for name, value in (("score", score), ("input", input)):
@@ -124,6 +125,7 @@ class Saliency:
             layout=batch_layout,
             memory_budget=memory_budget,
             threads=threads or default_threads(),
+            forward_only=bool(_forward_only),
         )
         if device is None and self._options["exact"]:
             warn_if_blas_is_slow(stacklevel=2)  # the exact CPU forward is Caffe's OpenBLAS arithmetic
