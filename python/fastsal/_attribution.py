@@ -13,6 +13,9 @@ import caffe
 import numpy as np
 
 from . import _core
+from ._forward import Forward
+from ._perturbation import ablationcam, occlusion, occlusion_windows, rise, scorecam
+from ._resample import upsample
 from ._saliency import Saliency, _check_blob_name, _check_net, _check_positive_int, batch_slices
 from ._threads import check_threads
 
@@ -28,13 +31,20 @@ METHODS = (
     "guided_backprop",
     "deconvnet",
     "guided_gradcam",
+    "occlusion",
+    "rise",
+    "scorecam",
+    "ablationcam",
 )
+PERTURBATION_METHODS = ("occlusion", "rise", "scorecam", "ablationcam")  # forward passes only
 NOISE_METHODS = {"smoothgrad": "sum", "smoothgrad_sq": "squares", "vargrad": "variance"}
 CAM_METHODS = ("gradcam", "gradcam++")
 RULES = {"guided_backprop": "guided", "deconvnet": "deconvnet", "guided_gradcam": "guided"}
 QUADRATURES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 REDUCTIONS = ("absmax", "sum", "none")
+OCCLUSION_REDUCTIONS = ("mean", *REDUCTIONS)
 UPSAMPLING = ("bilinear", "nearest")
+LAYER_METHODS = ("gradcam", "gradcam++", "guided_gradcam", "scorecam", "ablationcam")
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -53,6 +63,10 @@ _OPTIONS = {
     "guided_backprop": {"reduce": "absmax"},
     "deconvnet": {"reduce": "absmax"},
     "guided_gradcam": {"reduce": "absmax", "layer": None, "upsample": "bilinear"},
+    "occlusion": {"sliding_window_shapes": None, "strides": None, "baselines": 0.0, "reduce": "mean"},
+    "rise": {"n_masks": 4000, "grid_size": 8, "p1": 0.5, "seed": None, "probabilities": True},
+    "scorecam": {"layer": None, "upsample": "bilinear", "normalize": True},
+    "ablationcam": {"layer": None, "upsample": "bilinear", "normalize": True},
 }
 for _name in NOISE_METHODS:
     _OPTIONS[_name] = {"reduce": "absmax", "samples": 25, "stdev": None, "noise_level": None, "seed": None}
@@ -79,25 +93,6 @@ def integration_points(n_steps: int, quadrature: str) -> tuple[np.ndarray, np.nd
     else:
         alphas = np.linspace(1 / n, 1, n)
     return alphas, weights
-
-
-def upsample(maps: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
-    """(..., h, w) -> (..., H, W), with torch.nn.functional.interpolate's conventions: bilinear with
-    align_corners=False (OpenCV's INTER_LINEAR), or nearest (floor(i * h / H))."""
-
-    def axis(n_in: int, n_out: int):
-        scale = n_in / n_out
-        if mode == "nearest":
-            index = np.minimum(np.floor(np.arange(n_out) * scale).astype(np.int64), n_in - 1)
-            return index, index, np.zeros(n_out, np.float32)
-        source = np.maximum((np.arange(n_out) + 0.5) * scale - 0.5, 0.0)
-        low = np.minimum(np.floor(source).astype(np.int64), n_in - 1)
-        high = np.minimum(low + 1, n_in - 1)
-        return low, high, (source - low).astype(np.float32)
-
-    (r0, r1, fr), (c0, c1, fc) = axis(maps.shape[-2], size[0]), axis(maps.shape[-1], size[1])
-    rows = maps[..., r0, :] * (1 - fr)[:, None] + maps[..., r1, :] * fr[:, None]
-    return (rows[..., c0] * (1 - fc) + rows[..., c1] * fc).astype(np.float32)
 
 
 def default_cam_layer(net: caffe.Net, score: str) -> str:
@@ -163,6 +158,34 @@ class Attribution:
     - ``"guided_gradcam"``: guided backprop times the upsampled Grad-CAM at ``layer``, per channel
       (Captum ``GuidedGradCam``), then ``reduce``. ``layer``, ``upsample``.
 
+    Perturbation methods need no gradient: forward passes only, one forward serving every class of an
+    image (so K classes cost what one does), through an internal net built without force_backward.
+
+    - ``"occlusion"``: Captum ``Occlusion``: each ``sliding_window_shapes`` window ((h, w) over every
+      channel, or (c, h, w); default 15 x 15, or the image's size where smaller) at ``strides`` (an
+      int or one per axis; default 8, or the window where smaller) set to ``baselines`` (a scalar or an image-shaped array, as for integrated gradients; default 0); an
+      element's attribution is the mean over the windows covering it of f(x) - f(occluded x).
+      ``reduce``: ``"mean"`` over channels (the default: windows over every channel give every
+      channel the same value), ``"sum"``, ``"absmax"`` or ``"none"`` (Captum's (C, H, W) values).
+    - ``"rise"``: RISE (Petsiuk et al. 2018): ``n_masks`` (4000) random masks, each a ``grid_size``
+      (8) square grid of cells kept with probability ``p1`` (0.5), upsampled bilinearly and shifted
+      by a random offset within a cell (RISE's own generate_masks); the map of class c is
+      sum_i p_c(M_i x) M_i / (n_masks p1), p_c the softmax of the scores (``probabilities=False``: the
+      scores). The same masks serve every image; ``seed`` (default: drawn per call) makes them
+      reproducible: mask i comes from ``numpy.random.default_rng([seed, i])``.
+    - ``"scorecam"``: Score-CAM (Wang et al. 2020) at ``layer`` (as Grad-CAM's), with
+      pytorch-grad-cam's semantics: each channel of the layer, upsampled to the input (bilinear,
+      align_corners=True) and scaled to [0, 1], masks the input; the channels' weights are the
+      softmax over channels of the masked inputs' class scores; the map is ReLU of the weighted sum,
+      upsampled (``upsample``) and, with ``normalize`` (default), scaled to [0, 1] per map as
+      pytorch-grad-cam's output is.
+    - ``"ablationcam"``: Ablation-CAM (Desai and Ramaswamy 2020) at ``layer``, with
+      pytorch-grad-cam's semantics: each channel of the layer ablated in turn (set to 0 when the
+      activations' minimum is 0, as after a ReLU, else to that minimum minus 1e7), channel c weighted
+      by (y - y_c) / y, y the class score and y_c the score with c ablated; then as Score-CAM. The
+      ablated forwards start at the layer (the layers below it run once per image), so ``layer``
+      must be a blob every later layer depends on alone (a block's output, not a residual branch).
+
     Classes take every form :meth:`Saliency.compute` takes; :meth:`compute_top_k` ranks each image's
     classes once, on the clean image. ``score``, ``input``, ``batch_size``, ``fast_layers``,
     ``exact``, ``device`` and ``threads`` mean what they mean for :class:`Saliency`.
@@ -200,40 +223,61 @@ class Attribution:
             _bf16_backward=_bf16_backward,
             _blocked_layouts=_blocked_layouts,
         )
-        # The input gradient's engine, with the method's ReLU rule; Grad-CAM's at its layer.
-        self._input = None
-        if method not in CAM_METHODS:
+        # The input gradient's engine, with the method's ReLU rule; Grad-CAM's at its layer; the
+        # perturbation methods' forward-only one.
+        self._input = self._cam = self._forward = None
+        layer = self._layer_blob(net, score) if method in LAYER_METHODS else None
+        if method in PERTURBATION_METHODS:
+            self._forward = Forward(net, layer=layer, **engine)
+            self._check_layer_shape(layer, self._forward._engine)
+            if method == "ablationcam":  # refuses a layer a later layer bypasses, before any work
+                self._forward.stream(0, None, None, from_layer=True)
+        elif method not in CAM_METHODS:
             self._input = Saliency(net, **engine, _relu_rule=RULES.get(method, "gradient"))
-        self._cam = None
         if method in CAM_METHODS or method == "guided_gradcam":
-            layer = self.options["layer"]
-            if not layer:
-                _check_blob_name("score", score)
-                if score is not None:
-                    _core.check_blob(net, score, "score")  # before the search, which assumes it exists
-                layer = default_cam_layer(net, score or _core.default_score_blob(net))
-            if not isinstance(layer, str):
-                raise TypeError(f"layer must be a blob name (str), got {type(layer).__name__}")
             self._cam = Saliency(net, **engine, _gradient_blob=layer)
-            if layer == self._cam.input:
-                raise ValueError(
-                    f"layer blob '{layer}' is the input blob itself; Grad-CAM needs a blob between input "
-                    f"blob '{layer}' and score blob '{self._cam.score}'"
-                )
-            if self._cam._engine.gradient_shape.__len__() != 3:
-                raise ValueError(
-                    f"layer blob '{layer}' has shape {tuple(self._cam._engine.gradient_shape)} per image; "
-                    "Grad-CAM needs a 4-D (N, C, H, W) blob"
-                )
+            self._check_layer_shape(layer, self._cam)
+        if method == "occlusion":
+            self._baselines = self._check_baselines(self.options["baselines"])
+            occlusion_windows(
+                self.image_shape, self.options["sliding_window_shapes"], self.options["strides"]
+            )
         if method == "integrated_gradients":
             self._baselines = self._check_baselines(self.options["baselines"])
             # Once: Gauss-Legendre's nodes come from an n_steps x n_steps eigenproblem.
             alphas, weights = integration_points(self.options["n_steps"], self.options["quadrature"])
             self._points = alphas.astype(np.float32), weights.astype(np.float32)
 
+    def _layer_blob(self, net, score) -> str:
+        """The CAM family's ``layer`` option, or its default: the last 4-D blob before the score."""
+        layer = self.options["layer"]
+        if not layer:
+            _check_blob_name("score", score)
+            if score is not None:
+                _core.check_blob(net, score, "score")  # before the search, which assumes it exists
+            layer = default_cam_layer(net, score or _core.default_score_blob(net))
+        if not isinstance(layer, str):
+            raise TypeError(f"layer must be a blob name (str), got {type(layer).__name__}")
+        return layer
+
+    def _check_layer_shape(self, layer, engine: Saliency) -> None:
+        if layer is None:
+            return
+        name = {"scorecam": "Score-CAM", "ablationcam": "Ablation-CAM"}.get(self.method, "Grad-CAM")
+        if layer == engine.input:
+            raise ValueError(
+                f"layer blob '{layer}' is the input blob itself; {name} needs a blob between input "
+                f"blob '{layer}' and score blob '{engine.score}'"
+            )
+        if len(engine._engine.gradient_shape) != 3:
+            raise ValueError(
+                f"layer blob '{layer}' has shape {tuple(engine._engine.gradient_shape)} per image; "
+                f"{name} needs a 4-D (N, C, H, W) blob"
+            )
+
     @property
     def _main(self) -> Saliency:
-        return self._input or self._cam
+        return self._input or self._cam or self._forward._engine
 
     @property
     def num_classes(self) -> int:
@@ -251,7 +295,9 @@ class Attribution:
     @property
     def layer(self) -> str | None:
         """The blob Grad-CAM is computed at (None for methods without one)."""
-        return None if self._cam is None else self._cam._engine.gradient_blob
+        if self.method not in LAYER_METHODS:
+            return None
+        return (self._cam or self._forward._engine)._engine.gradient_blob
 
     @staticmethod
     def _check_options(method: str, options: dict) -> dict:
@@ -263,8 +309,23 @@ class Attribution:
                 + (", ".join(known) or "none")
             )
         merged = {**known, **options}
-        if "reduce" in merged and merged["reduce"] not in REDUCTIONS:
-            raise ValueError(f"reduce must be one of {', '.join(REDUCTIONS)}, got {merged['reduce']!r}")
+        reductions = OCCLUSION_REDUCTIONS if method == "occlusion" else REDUCTIONS
+        if "reduce" in merged and merged["reduce"] not in reductions:
+            raise ValueError(f"reduce must be one of {', '.join(reductions)}, got {merged['reduce']!r}")
+        for name in ("n_masks", "grid_size"):
+            if name in merged:
+                _check_positive_int(name, merged[name])
+        if "p1" in merged and (
+            isinstance(merged["p1"], bool)
+            or not isinstance(merged["p1"], numbers.Real)
+            or not 0 < merged["p1"] <= 1
+        ):
+            raise ValueError(
+                f"p1 (the probability of keeping a cell) must be in (0, 1], got {merged['p1']!r}"
+            )
+        for name in ("probabilities", "normalize"):
+            if name in merged and not isinstance(merged[name], bool):
+                raise TypeError(f"{name} must be True or False, got {merged[name]!r}")
         if "samples" in merged:
             _check_positive_int("samples", merged["samples"])
             stdev, level = merged["stdev"], merged["noise_level"]
@@ -279,6 +340,7 @@ class Attribution:
                     raise ValueError(f"{name} must be a number >= 0 that float32 can hold, got {value!r}")
             if stdev is None and level is None:
                 merged["noise_level"] = 0.15
+        if "seed" in merged:
             seed = merged["seed"]
             if seed is not None and (
                 isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0
@@ -365,8 +427,8 @@ class Attribution:
             )
 
     def _refresh(self) -> None:
-        for engine in (self._input, self._cam):
-            if engine is not None:
+        for engine in (self._input, self._cam, self._forward and self._forward._engine):
+            if engine:
                 engine._refresh()
 
     def scores(self, images) -> np.ndarray:
@@ -405,6 +467,8 @@ class Attribution:
                 "(after net.reshape()); make an Attribution with baselines of that size"
             )
         scores = None
+        if method in PERTURBATION_METHODS:
+            return (*self._perturb(images, classes, k), None)
         if method in NOISE_METHODS or method == "integrated_gradients":
             if classes is None or want_scores:
                 scores = self._scores(images)
@@ -424,6 +488,31 @@ class Attribution:
             return _reduce(raw, reduce), classes, scores, self._convergence_delta(images, classes, raw)
         maps, classes, own_scores = self._gradients(images, classes, reduce, k, want_scores, image_ids)
         return maps, classes, own_scores if scores is None else scores, None
+
+    def _perturb(self, images: np.ndarray, classes, k):
+        """(maps, classes, clean scores) of a perturbation method; classes None: each image's top k."""
+        clean = self._forward.scores(images)
+        if classes is None:
+            classes = np.argsort(-clean, axis=1, kind="stable")[:, :k]
+        classes = np.asarray(classes, np.int64)
+        options = dict(self.options)
+        if self.method == "occlusion":
+            baselines = self._baselines
+            if baselines.ndim == 4 and len(baselines) != len(images):
+                raise ValueError(f"baselines has {len(baselines)} images but there are {len(images)}")
+            raw = occlusion(self._forward, images, classes, clean, baselines, options)
+            maps = (
+                raw.mean(axis=2, dtype=np.float32)
+                if options["reduce"] == "mean"
+                else _reduce(raw, options["reduce"])
+            )
+        else:
+            if self.method == "rise" and options["seed"] is None:
+                options["seed"] = int(np.random.SeedSequence().entropy % 2**63)
+            maps = {"rise": rise, "scorecam": scorecam, "ablationcam": ablationcam}[self.method](
+                self._forward, images, classes, options
+            )
+        return maps, classes, clean
 
     def _targets(self, n: int, classes, k, want_scores: bool):
         """The engine's side of the classes for one call: (classes as int32 or None, K, the (N, K) array

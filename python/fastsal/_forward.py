@@ -57,6 +57,14 @@ class Forward:
         batch's scores to ``consume(start, stop, scores)``. Rows are images, or the layer blob's values
         with ``from_layer``. A row whose activations overflow float32 raises ValueError naming it."""
         engine = self._engine._engine
+        if count == 0:  # still checks that the net allows a forward from the layer
+            shape = self.layer_shape if from_layer else self.image_shape
+            engine.scores(
+                np.empty((0, *shape), np.float32),
+                np.empty((0, self.num_classes), np.float32),
+                0,
+                from_layer=from_layer,
+            )
         for part in batch_slices(count, self.batch_size):
             batch = np.ascontiguousarray(rows(part.start, part.stop), dtype=np.float32)
             scores = np.empty((len(batch), self.num_classes), np.float32)

@@ -38,14 +38,27 @@ def _pair(text: str) -> tuple[int, int]:
 
 
 METHOD_FLAGS = {  # flag -> (option name, type, help)
-    "--reduce": ("reduce", str, "channel reduction of the maps: absmax (default) or sum"),
+    "--reduce": (
+        "reduce",
+        str,
+        "channel reduction of the maps: absmax (default) or sum; occlusion: mean (default)",
+    ),
     "--samples": ("samples", int, "noise samples (smoothgrad, smoothgrad_sq, vargrad; default 25)"),
     "--noise-level": ("noise_level", float, "noise sigma relative to each image's max - min (default 0.15)"),
     "--stdev": ("stdev", float, "absolute noise sigma, instead of --noise-level"),
-    "--seed": ("seed", int, "seed of the noise: the same seed gives the same maps"),
+    "--seed": ("seed", int, "seed of the noise, or of RISE's masks: the same seed gives the same maps"),
     "--n-steps": ("n_steps", int, "integration steps (integrated_gradients; default 50)"),
     "--quadrature": ("quadrature", str, "integrated_gradients' rule (default gausslegendre)"),
-    "--layer": ("layer", str, "the blob for gradcam, gradcam++, guided_gradcam"),
+    "--layer": ("layer", str, "the blob for gradcam, gradcam++, guided_gradcam, scorecam, ablationcam"),
+    "--window": (
+        "sliding_window_shapes",
+        _pair,
+        "occlusion's window HEIGHT,WIDTH over every channel (default 15,15, or the image where smaller)",
+    ),
+    "--stride": ("strides", int, "occlusion's window stride in pixels (default 8)"),
+    "--n-masks": ("n_masks", int, "RISE's random masks (default 4000)"),
+    "--grid-size": ("grid_size", int, "RISE's grid cells per side (default 8)"),
+    "--p1": ("p1", float, "RISE's probability of keeping a cell (default 0.5)"),
 }
 
 
