@@ -13,9 +13,9 @@
 #include <string>
 #include <vector>
 
-#include "fast_layers.hpp"
 #include "gemm.hpp"
 #include "saliency_engine.hpp"
+#include "saliency_net.hpp"
 #ifdef FASTSAL_WITH_CUDA
 #include "cuda_kernels.hpp"
 #endif

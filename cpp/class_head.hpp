@@ -7,7 +7,7 @@
 #include <caffe/net.hpp>
 #include <vector>
 
-#include "fast_layers.hpp"
+#include "saliency_net.hpp"
 
 namespace fastsal {
 

@@ -130,7 +130,7 @@ std::size_t per_image(const caffe::Blob<float>* blob) {
 }
 
 // Floats per image a layer keeps besides its tops (docs/caffe_internals.md section 5), so that the
-// default batch size stays within the memory budget. `fast`: fastsal's CPU layers (fast_layers.cpp),
+// default batch size stays within the memory budget. `fast`: fastsal's CPU layers (cpp/layers/),
 // whose test-time BatchNorm and single-input Scale keep nothing and whose ReLU keeps a byte mask.
 std::size_t hidden_floats_per_image(const caffe::Net<float>& net, int layer, bool fast) {
   const caffe::LayerParameter& p = net.layers()[layer]->layer_param();

@@ -13,8 +13,8 @@
 #include <vector>
 
 #include "class_head.hpp"
-#include "fast_layers.hpp"
 #include "net_surgery.hpp"
+#include "saliency_net.hpp"
 
 namespace fastsal {
 
@@ -51,7 +51,7 @@ struct EngineOptions {
   std::string gradient_blob;     // empty: the input blob; else a blob between input and score (Grad-CAM)
   std::vector<int> image_shape;  // empty: the input blob's (C, H, W); else this size (dream's octaves)
   int batch_size = 0;            // rows per forward pass; 0: as many as fit memory_budget, at most 16
-  bool fast_layers = true;  // fastsal's faster CPU layers (fast_layers.hpp); false: Caffe's own code only
+  bool fast_layers = true;       // fastsal's faster CPU layers (cpp/layers/); false: Caffe's own code only
   bool exact =
       true;  // false (with fast_layers): the forward's convolutions through oneDNN too, not bit for bit
   ReLURule relu_rule = ReLURule::kGradient;  // guided backprop and deconvnet replace plain ReLUs' backward

@@ -239,7 +239,7 @@ def test_gradcam_matches_its_formula(tmp_path, rng, method, blob):
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "inexact"])
 @pytest.mark.parametrize("blob", ["conv1", "branch_a", "sum"])
 def test_gradcam_through_folded_batch_norm(tmp_path, rng, blob, exact):
-    """A BatchNorm + Scale in place on a convolution fold into its weights (fast_layers.cpp) only where
+    """A BatchNorm + Scale in place on a convolution fold into its weights (saliency_net.cpp) only where
     all three run: Grad-CAM at a chain's blob still gets the values and gradient after the whole chain,
     also when the inexact forward folds them."""
     text, score = NETS["resnet_block_bn_scale_eltwise"]

@@ -28,7 +28,7 @@ def test_python_style(check):
 )
 def test_cpp_style():
     sources = sorted(
-        str(p.relative_to(ROOT)) for p in (ROOT / "cpp").iterdir() if p.suffix in {".cpp", ".hpp", ".cu"}
+        str(p.relative_to(ROOT)) for p in (ROOT / "cpp").rglob("*") if p.suffix in {".cpp", ".hpp", ".cu"}
     )
     result = run("clang-format", "--dry-run", "-Werror", *sources)
     assert result.returncode == 0, result.stderr[-3000:]

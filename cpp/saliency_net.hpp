@@ -1,6 +1,6 @@
 // fastsal's internal net: Caffe's net with some layers' CPU code replaced. Safety swaps always (a max
 // pooling whose backward never indexes out of bounds); speed swaps on request (the same values, faster).
-// Only fastsal's own copy of the net is affected, never the user's.
+// Only fastsal's own copy of the net is affected, never the user's. The layers themselves: cpp/layers/.
 #pragma once
 
 #include <caffe/net.hpp>

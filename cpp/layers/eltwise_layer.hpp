@@ -1,0 +1,30 @@
+// Caffe's Eltwise layer with its plain sum (ResNet's shortcut) spread over the cores, cache-sized chunks
+// at a time.
+#pragma once
+
+#include <algorithm>
+#include <caffe/layers/eltwise_layer.hpp>
+#include <vector>
+
+namespace fastsal::layers {
+
+// Element-wise sum with unit coefficients (ResNet's shortcut): ((0 + a) + b) + ..., and the diff
+// copied to every input, as Caffe's axpy and copy give them.
+class EltwiseLayer : public caffe::EltwiseLayer<float> {
+ public:
+  using caffe::EltwiseLayer<float>::EltwiseLayer;
+
+ protected:
+  void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
+                   const std::vector<caffe::Blob<float>*>& top) override;
+  void Backward_cpu(const std::vector<caffe::Blob<float>*>& top, const std::vector<bool>& propagate_down,
+                    const std::vector<caffe::Blob<float>*>& bottom) override;
+
+ private:
+  bool plain_sum() const {
+    return this->op_ == caffe::EltwiseParameter_EltwiseOp_SUM &&
+           std::all_of(this->coeffs_.begin(), this->coeffs_.end(), [](float c) { return c == 1.f; });
+  }
+};
+
+}  // namespace fastsal::layers

@@ -1,0 +1,243 @@
+#include "saliency_net.hpp"
+
+#include <algorithm>
+#include <cstddef>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "layers/batch_norm_layer.hpp"
+#include "layers/dnnl_common.hpp"
+#include "layers/dnnl_conv_layer.hpp"
+#include "layers/eltwise_layer.hpp"
+#include "layers/inner_product_layer.hpp"
+#include "layers/pooling_layer.hpp"
+#include "layers/relu_layer.hpp"
+#include "layers/scale_layer.hpp"
+#include "layers/split_layer.hpp"
+#ifdef FASTSAL_WITH_DNNL
+#include <oneapi/dnnl/dnnl.hpp>
+#endif
+
+namespace fastsal {
+
+using layers::BatchNormLayer;
+using layers::EltwiseLayer;
+using layers::InnerProductLayer;
+using layers::PoolingLayer;
+using layers::ReLULayer;
+using layers::RuleReLULayer;
+using layers::ScaleLayer;
+using layers::SplitLayer;
+#ifdef FASTSAL_WITH_DNNL
+using layers::cpu_has_amx;
+using layers::DnnlConvolutionLayer;
+using layers::Workspace;
+#endif
+
+std::string onednn_isa() {
+#ifdef FASTSAL_WITH_DNNL
+  using isa = dnnl::cpu_isa;
+  const std::pair<isa, const char*> names[] = {{isa::avx512_core_amx, "avx512_core_amx"},
+                                               {isa::avx512_core_bf16, "avx512_core_bf16"},
+                                               {isa::avx512_core_vnni, "avx512_core_vnni"},
+                                               {isa::avx512_core, "avx512_core"},
+                                               {isa::avx2_vnni, "avx2_vnni"},
+                                               {isa::avx2, "avx2"},
+                                               {isa::avx, "avx"},
+                                               {isa::sse41, "sse41"}};
+  const auto effective = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
+  for (const auto& [value, name] : names)  // each ISA's mask includes those below it
+    if ((effective & static_cast<unsigned>(value)) == static_cast<unsigned>(value)) return name;
+  return "unknown";
+#else
+  return "";
+#endif
+}
+
+bool inexact_backward_in_bf16() {
+#ifdef FASTSAL_WITH_DNNL
+  return cpu_has_amx();
+#else
+  return false;
+#endif
+}
+
+SaliencyNet::SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swaps)
+    : caffe::Net<float>(param) {
+  // Each replacement gets the same parameter and the old layer's blobs (so nothing is re-initialised,
+  // and weights shared later are shared with it), then is set up on the same bottoms and tops.
+#ifdef FASTSAL_WITH_DNNL
+  const auto workspace = std::make_shared<Workspace>();
+#endif
+  for (std::size_t i = 0; i < layers_.size(); ++i) {
+    const std::string type = layers_[i]->type();
+    const caffe::LayerParameter& p = layers_[i]->layer_param();
+    boost::shared_ptr<caffe::Layer<float>> layer;
+    const bool plain_relu = type == "ReLU" && p.relu_param().negative_slope() == 0.f;
+    if (type == "Pooling") {
+      layer.reset(new PoolingLayer(p));
+    } else if (plain_relu && swaps.relu_rule != ReLURule::kGradient) {
+      layer.reset(new RuleReLULayer(p, swaps.relu_rule == ReLURule::kGuided));
+    } else if (swaps.fast && type == "ReLU") {
+      layer.reset(new ReLULayer(p));
+    } else if (swaps.fast && type == "BatchNorm") {
+      layer.reset(new BatchNormLayer(p));
+    } else if (swaps.fast && type == "Scale") {
+      layer.reset(new ScaleLayer(p));
+    } else if (swaps.fast && type == "Eltwise") {
+      layer.reset(new EltwiseLayer(p));
+    } else if (swaps.fast && type == "Split") {
+      layer.reset(new SplitLayer(p));
+    } else if (swaps.fast && type == "InnerProduct") {
+      layer.reset(new InnerProductLayer(p, swaps.fast_forward));
+#ifdef FASTSAL_WITH_DNNL
+    } else if (swaps.fast && type == "Convolution" &&
+               DnnlConvolutionLayer::supports(p, *bottom_vecs_[i][0])) {
+      layer.reset(new DnnlConvolutionLayer(p, swaps.fast_forward, swaps.bf16_backward, workspace));
+#endif
+    } else {
+      continue;
+    }
+    layer->blobs() = layers_[i]->blobs();
+    layer->SetUp(bottom_vecs_[i], top_vecs_[i]);
+    layers_[i] = layer;
+  }
+}
+
+void SaliencyNet::fold_batch_norm(int first, int last) {
+#ifdef FASTSAL_WITH_DNNL
+  for (std::size_t i = 0; i + 2 < layers_.size(); ++i) {
+    auto* conv = dynamic_cast<DnnlConvolutionLayer*>(layers_[i].get());
+    auto* norm = dynamic_cast<BatchNormLayer*>(layers_[i + 1].get());
+    auto* scale = dynamic_cast<ScaleLayer*>(layers_[i + 2].get());
+    if (!conv || !norm || !scale || top_vecs_[i].size() != 1) continue;
+    caffe::Blob<float>* blob = top_vecs_[i][0];
+    bool in_place = true;  // one blob through all three: nothing else sees the values in between
+    for (std::size_t l = i + 1; l <= i + 2; ++l)
+      in_place = in_place && bottom_vecs_[l].size() == 1 && top_vecs_[l].size() == 1 &&
+                 bottom_vecs_[l][0] == blob && top_vecs_[l][0] == blob;
+    if (!in_place || !norm->global_statistics() || !scale->per_channel(blob->shape(1)) || !conv->can_fold())
+      continue;
+    const int at = static_cast<int>(i);
+    const bool forward = conv->dnnl_forward() && at + 2 <= last;
+    const bool backward = first <= at && at + 2 <= last;
+    conv->fold(norm, scale, forward, backward);
+    const bool idle = backward || at + 2 < first;  // below `first` no backward runs: nothing left to do
+    norm->fold(forward, idle);
+    scale->fold(forward, idle);
+  }
+#else
+  (void)first, (void)last;
+#endif
+}
+
+#ifdef FASTSAL_WITH_DNNL
+namespace {
+
+// Layers that treat every element alike (the folded BatchNorm and Scale do nothing): any layout their
+// blobs share gives the same values.
+bool element_wise(const caffe::Layer<float>& layer) {
+  if (const auto* norm = dynamic_cast<const BatchNormLayer*>(&layer)) return norm->folded();
+  if (const auto* scale = dynamic_cast<const ScaleLayer*>(&layer)) return scale->folded();
+  return dynamic_cast<const ReLULayer*>(&layer) || dynamic_cast<const RuleReLULayer*>(&layer) ||
+         dynamic_cast<const EltwiseLayer*>(&layer) || dynamic_cast<const SplitLayer*>(&layer);
+}
+
+}  // namespace
+#endif
+
+void SaliencyNet::keep_blocked_layouts(const std::vector<const caffe::Blob<float>*>& plain) {
+#ifdef FASTSAL_WITH_DNNL
+  using tag = dnnl::memory::format_tag;
+  // Blobs joined by an element-wise layer share one layout (and one shape): groups, by union-find.
+  std::vector<int> parent(blobs_.size());
+  std::iota(parent.begin(), parent.end(), 0);
+  const auto root = [&parent](int b) {
+    while (parent[b] != b) b = parent[b] = parent[parent[b]];
+    return b;
+  };
+  // Per blob, the layout its convolutions want; tag::any: none asked yet; tag::undef: Caffe's NCHW.
+  // Two wishes agree or the answer is NCHW.
+  const auto merge = [](tag& into, tag layout) {
+    into = into == tag::any || into == layout ? layout : tag::undef;
+  };
+  std::vector<tag> wanted(blobs_.size(), tag::any);
+  for (std::size_t b = 0; b < blobs_.size(); ++b)
+    if (blobs_[b]->num_axes() != 4 || std::find(plain.begin(), plain.end(), blobs_[b].get()) != plain.end())
+      wanted[b] = tag::undef;
+  for (const int b : net_input_blob_indices_) wanted[b] = tag::undef;
+  for (std::size_t l = 0; l < layers_.size(); ++l) {
+    const std::vector<int>& bottoms = bottom_id_vecs_[l];
+    const std::vector<int>& tops = top_id_vecs_[l];
+    if (const auto* conv = dynamic_cast<const DnnlConvolutionLayer*>(layers_[l].get())) {
+      const bool single = bottoms.size() == 1 && tops.size() == 1;  // one reorder serves every pair
+      for (const int b : bottoms) merge(wanted[b], single ? conv->chosen_layout(true) : tag::undef);
+      for (const int t : tops) merge(wanted[t], single ? conv->chosen_layout(false) : tag::undef);
+    } else if (element_wise(*layers_[l])) {
+      const int first = bottoms.empty() ? tops.front() : bottoms.front();
+      for (const auto* ids : {&bottoms, &tops})
+        for (const int b : *ids) parent[root(b)] = root(first);
+    } else {  // Caffe's own code, pooling, products, the input...: they index NCHW
+      for (const auto* ids : {&bottoms, &tops})
+        for (const int b : *ids) wanted[b] = tag::undef;
+    }
+  }
+  std::vector<tag> layout(blobs_.size(), tag::any);  // per group root: what all its members want
+  for (std::size_t b = 0; b < blobs_.size(); ++b)
+    if (wanted[b] != tag::any) merge(layout[root(int(b))], wanted[b]);
+  // A layout that pads (nChw16c on 24 channels) does not fit in the blob.
+  for (std::size_t b = 0; b < blobs_.size(); ++b) {
+    tag& group = layout[root(int(b))];
+    const caffe::Blob<float>& blob = *blobs_[b];
+    if (group != tag::any && group != tag::undef &&
+        dnnl::memory::desc({blob.shape(0), blob.shape(1), blob.shape(2), blob.shape(3)},
+                           dnnl::memory::data_type::f32, group)
+                .get_size() != blob.count() * sizeof(float))
+      group = tag::undef;
+  }
+  const auto layout_of = [&](int b) { return layout[root(b)] == tag::any ? tag::undef : layout[root(b)]; };
+  for (std::size_t l = 0; l < layers_.size(); ++l)
+    if (auto* conv = dynamic_cast<DnnlConvolutionLayer*>(layers_[l].get()))
+      if (bottom_id_vecs_[l].size() == 1 && top_id_vecs_[l].size() == 1)
+        conv->hold_layouts(layout_of(bottom_id_vecs_[l][0]), layout_of(top_id_vecs_[l][0]));
+  blocked_blobs_.clear();
+  for (std::size_t b = 0; b < blobs_.size(); ++b)
+    if (layout_of(int(b)) != tag::undef) blocked_blobs_.push_back(blob_names_[b]);
+  Reshape();  // the convolutions rebuild their reorders now, so the workspace's size is known
+#else
+  (void)plain;
+#endif
+}
+
+int SaliencyNet::first_overflowed_row(int last, std::string* layer) const {
+  int first = -1;
+  for (int l = 0; l <= last; ++l) {
+    const auto* pooling = dynamic_cast<const PoolingLayer*>(layers_[l].get());
+    if (!pooling || pooling->overflowed_row() < 0) continue;
+    if (first < 0 || pooling->overflowed_row() < first) {
+      first = pooling->overflowed_row();
+      *layer = "layer '" + layer_names_[l] + "' (Pooling)";
+    }
+  }
+  return first;
+}
+
+std::size_t SaliencyNet::workspace_bytes_per_image() const {
+  std::size_t bytes = 0;
+#ifdef FASTSAL_WITH_DNNL
+  // Not the scratchpads: measured on a Winograd layer, ~80% of its scratchpad does not grow with the batch.
+  for (const auto slot : {Workspace::kInput, Workspace::kOutput}) {
+    std::size_t largest = 0;  // the slot is shared: it grows to the largest layer's need
+    for (const auto& layer : layers_)
+      if (const auto* conv = dynamic_cast<const DnnlConvolutionLayer*>(layer.get()))
+        largest = std::max(largest, conv->workspace_bytes(slot));
+    bytes += largest;
+  }
+#endif
+  return bytes;
+}
+
+}  // namespace fastsal
