@@ -11,6 +11,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -39,8 +40,9 @@ def stores(model, tmp_path_factory):
     images = folder / "images"
     images.mkdir()
     rng = np.random.default_rng(8)
-    for i in range(7):
-        Image.fromarray(photo(rng, 36 + 4 * i, 48 - 2 * i)).save(images / f"photo{i}.png")
+    for i in range(7):  # one name a link must escape
+        name = "photo 6 #1%.png" if i == 6 else f"photo{i}.png"
+        Image.fromarray(photo(rng, 36 + 4 * i, 48 - 2 * i)).save(images / name)
     (images / "broken.jpg").write_bytes(b"not a picture")
     prototxt, weights = model
     made = {}
@@ -164,7 +166,7 @@ def test_report_in_chromium(stores, browser, tmp_path):
         open_page(browser, page)
         loaded = load_all_images(browser)
         assert loaded and all(i["width"] > 0 for i in loaded), [i for i in loaded if not i["width"]]
-        seen_overlays |= {Path(i["src"]).name for i in loaded if "overlays-" in i["src"]}
+        seen_overlays |= {Path(unquote(i["src"])).name for i in loaded if "overlays-" in i["src"]}
     assert seen_overlays == overlay_files
 
     # The failed image's reason is shown, in red.
