@@ -266,6 +266,20 @@ def test_probabilities_only_when_the_store_has_them(stores, tmp_path):
     assert "<th>probability</th>" in (tmp_path / "with" / "page-0001.html").read_text()
 
 
+def test_a_store_of_npy_inputs(model, tmp_path):
+    """Inputs from a .npy have no files: the rows say so, with maps and classes as ever."""
+    prototxt, weights = model
+    inputs = np.random.default_rng(4).normal(0, 40, (3, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "inputs.npy", inputs)
+    store = tmp_path / "npy.zarr"
+    run = ["run", str(tmp_path / "inputs.npy"), "--model-def", prototxt, "--pretrained-model", weights]
+    assert cli.main([*run, "-o", str(store), "--quiet"]) == 0
+    write_report([store], tmp_path / "report")
+    page = (tmp_path / "report" / "page-0001.html").read_text()
+    assert page.count("no file (a .npy input)") == 3 and page.count('<canvas class="map"') == 3
+    assert "<img" not in page
+
+
 def synthetic_store(folder: Path, count: int, side: int, chunk: int) -> Path:
     """A store as fastsal run writes it, built directly with zarr: photos, maps, classes, scores,
     status (every 97th image failed, with its reason in its chunk's marker) and the plan."""

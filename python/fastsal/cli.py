@@ -265,9 +265,14 @@ def _command(args) -> int:
         from .report import write_report
 
         index = write_report(
-            args.stores, args.output, labels=args.labels, overlays=args.overlays,
-            page_size=args.page_size, map_side=args.map_side, quiet=False,
-        )  # fmt: skip
+            args.stores,
+            args.output,
+            labels=args.labels,
+            overlays=args.overlays,
+            page_size=args.page_size,
+            map_side=args.map_side,
+            quiet=False,
+        )
         print(f"fastsal: report of {jobs.plural(len(args.stores), 'store')} -> {index}")
         return EXIT_OK
     if args.command in ("visualize", "dream"):

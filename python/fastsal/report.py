@@ -22,6 +22,7 @@ import numpy as np
 
 from . import jobs
 from ._labels import read_labels
+from ._load import _listed
 
 MARKER = ".fastsal-report"  # in a report folder: the files fastsal wrote there (a rerun replaces only those)
 ASSETS = ("report.css", "report.js")
@@ -289,7 +290,7 @@ def _claim(out: Path, names: set[str]) -> set[str]:
     clash = sorted(n for n in names - earlier if (out / n).exists() or (out / n).is_symlink())
     if clash:
         raise ReportError(
-            f"{out} holds {jobs._listed(clash, 3)}, which fastsal report did not write; move it out first"
+            f"{out} holds {_listed(clash, 3)}, which fastsal report did not write; move it out first"
         )
     return earlier
 
