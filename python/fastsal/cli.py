@@ -177,9 +177,7 @@ def parser() -> argparse.ArgumentParser:
     )
     report.add_argument("-o", "--output", required=True, help="the report folder (new, empty or a report's)")
     report.add_argument("--labels", help="class names: Caffe's synset_words.txt or one name per line")
-    report.add_argument(
-        "--overlays", action="append", default=[], help="a store's overlays folder (once per store)"
-    )
+    report.add_argument("--overlays", action="append", help="a store's overlays folder (once per store)")
     report.add_argument("--page-size", type=int, help="images per page (default: the store's chunk size)")
     report.add_argument(
         "--map-side", type=int, default=64, help="largest side of a map in the report, pixels"
@@ -268,7 +266,7 @@ def _command(args) -> int:
             args.stores,
             args.output,
             labels=args.labels,
-            overlays=args.overlays,
+            overlays=args.overlays or (),
             page_size=args.page_size,
             map_side=args.map_side,
             quiet=False,
