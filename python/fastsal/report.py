@@ -124,7 +124,8 @@ def _attach_overlays(stores: list[_Store], folders: list[str]) -> None:
 
 def shrink(maps: np.ndarray, side: int) -> np.ndarray:
     """(..., H, W) maps shrunk by an integer factor to at most ``side`` pixels a side: each output pixel
-    the mean of its block, the edge blocks padded with their edge values."""
+    the mean of its block, the edge blocks padded with their edge values (skimage's block_reduce pads
+    with a constant, which would dim a map's last row and column)."""
     h, w = maps.shape[-2:]
     factor = max(1, math.ceil(max(h, w) / side))
     if factor == 1:
@@ -187,7 +188,8 @@ def _page_rows(stores, start, stop, names, out, side):
                 small = got["maps"][row, slot]
                 store.signed |= bool((small < 0).any())
                 q, top = quantise(small)
-                overlay = jobs.overlay_name(index, Path(path).stem, int(ids[slot])) if path else None
+                # named as fastsal's overlays are; a .npy input's stem is "input"
+                overlay = jobs.overlay_name(index, Path(path).stem if path else "input", int(ids[slot]))
                 cells.append(
                     {
                         "q": q,
