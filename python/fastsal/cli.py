@@ -105,6 +105,7 @@ Saliency and attribution maps of Caffe models, from a batched C++ engine.
 
   fastsal run IMAGES --model-def deploy.prototxt --pretrained-model model.caffemodel -o maps.zarr
   fastsal status maps.zarr
+  fastsal report maps.zarr [more.zarr ...] --labels synset_words.txt -o report/
   fastsal visualize --model-def ... --pretrained-model ... --classes 0,1 -o classes/
   fastsal dream photo.jpg --model-def ... --pretrained-model ... --layer inception_4c/output -o dream.png
 
@@ -183,6 +184,18 @@ def parser() -> argparse.ArgumentParser:
     state = command("status", "what a store holds: done, failed and why, pending (exit 0 / 1 / 3)")
     state.add_argument("output", metavar="OUTPUT", help="the Zarr store fastsal run wrote")
 
+    report = command("report", "a static HTML report of stores over the same images (opens from disk)")
+    report.add_argument(
+        "stores", nargs="+", metavar="STORE", help="fastsal stores; several: maps side by side"
+    )
+    report.add_argument("-o", "--output", required=True, help="the report folder (new, empty or a report's)")
+    report.add_argument("--labels", help="class names: Caffe's synset_words.txt or one name per line")
+    report.add_argument("--overlays", action="append", help="a store's overlays folder (once per store)")
+    report.add_argument("--page-size", type=int, help="images per page (default: the store's chunk size)")
+    report.add_argument(
+        "--map-side", type=int, default=64, help="largest side of a map in the report, pixels"
+    )
+
     show = command("visualize", "images that maximise class scores, as PNGs")
     add_model(show)
     show.add_argument("--classes", type=_ints, required=True, help="class ids, e.g. 0,1")
@@ -259,6 +272,20 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 def _command(args) -> int:
     if args.command == "status":
         return _status(args.output)
+    if args.command == "report":
+        from .report import write_report
+
+        index = write_report(
+            args.stores,
+            args.output,
+            labels=args.labels,
+            overlays=args.overlays or (),
+            page_size=args.page_size,
+            map_side=args.map_side,
+            quiet=False,
+        )
+        print(f"fastsal: report of {jobs.plural(len(args.stores), 'store')} -> {index}")
+        return EXIT_OK
     if args.command in ("visualize", "dream"):
         return _picture(args)
     options = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _, _) in METHOD_FLAGS.items()}
