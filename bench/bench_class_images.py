@@ -1,6 +1,6 @@
 """Class visualisation's parameterisations compared on open_nsfw: what each reaches and whether you can see it.
 
-    .venv/bin/python bench/bench_class_images.py      # ~8 min on 2 cores: writes class_images.{json,md,png}
+    .venv/bin/python bench/bench_class_images.py      # ~8 min on 2 cores: writes class_images.{json,md,jpg}
 
 For each setting, open_nsfw's two classes from the same seed and iteration count: the final pre-softmax
 score, the score under Lucid's random transformations of the final image (mean of 8; an image that
@@ -159,7 +159,7 @@ def main(argv=None) -> None:
             axes[row, col].set_axis_off()
             axes[row, col].set_title(f"{examples.OPEN_NSFW_CLASSES[row]}: {name}", fontsize=6, wrap=True)
     figure.tight_layout()
-    figure.savefig(args.out / "class_images.png", dpi=90)
+    figure.savefig(args.out / "class_images.jpg", dpi=90, pil_kwargs={"quality": 85})
 
 
 if __name__ == "__main__":
