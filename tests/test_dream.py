@@ -358,6 +358,12 @@ def test_cli_visualize_and_dream_write_pictures(tmp_path, rng):
         net, [3], iterations=5, preprocessing=fastsal.Preprocessing((3, 16, 16))
     )[0]  # the CLI's default is the library's: Fourier, transforms
     np.testing.assert_allclose(np.load(tmp_path / "cls" / "class_3.npy"), expected, rtol=1e-5, atol=1e-3)
+    still = ["visualize", *model, "--classes", "3", "--iterations", "5", "--no-transforms", "-o"]
+    assert cli.main([*still, str(tmp_path / "still")]) == 0
+    expected = fastsal.visualize_classes(
+        net, [3], iterations=5, transforms=False, preprocessing=fastsal.Preprocessing((3, 16, 16))
+    )[0]
+    np.testing.assert_allclose(np.load(tmp_path / "still" / "class_3.npy"), expected, rtol=1e-5, atol=1e-3)
     pixel = ["visualize", *model, "--classes", "1", "--iterations", "3", "--parameterization", "pixel"]
     assert cli.main([*pixel, "--jitter", "2", "-o", str(tmp_path / "px")]) == 0
     assert (tmp_path / "px" / "class_1.npy").exists()

@@ -9,7 +9,7 @@ import numbers
 import caffe
 import numpy as np
 
-from . import _core
+from . import _core, _imageparam
 from ._preprocess import Preprocessing
 from ._saliency import Saliency, _check_net, _check_positive_int, batch_slices
 
@@ -229,8 +229,6 @@ def _pixel_ascent(
 
 def _fourier_ascent(engine, ids, rngs, iterations, learning_rate, transforms, start, preprocessing):
     """Lucid's parameterisation (:class:`_FourierImages`) ascended by Adam, each row its own warps."""
-    from . import _imageparam
-
     images = _FourierImages(engine.image_shape, preprocessing)
     size = images.spectrum.parameter_shape((engine.image_shape[0],))
     parameters = np.stack(
@@ -254,8 +252,6 @@ class _FourierImages:
     a random affine map per row (or None) -> ``preprocessing`` -> the net's inputs, and back."""
 
     def __init__(self, image_shape, preprocessing: Preprocessing | None):
-        from . import _imageparam
-
         channels, height, width = image_shape
         if channels not in (1, 3):
             raise ValueError(
@@ -274,17 +270,16 @@ class _FourierImages:
             )
         self.preprocessing, self.colour = preprocessing, channels == 3
         self.spectrum = _imageparam.Spectrum(height, width)
-        self.maps = _imageparam
 
     def pixels(self, parameters: np.ndarray) -> np.ndarray:
         image = self.spectrum.forward(parameters)
-        return self.maps.sigmoid(self.maps.decorrelate(image) if self.colour else image)
+        return _imageparam.sigmoid(_imageparam.decorrelate(image) if self.colour else image)
 
     def forward(self, parameters: np.ndarray, warps) -> tuple[np.ndarray, np.ndarray]:
         """(the RGB pixels, the net's inputs after each row's warp)."""
         rgb = self.pixels(parameters)
         seen = np.stack(
-            [p if w is None else self.maps.apply_affine(w, p - 0.5) + 0.5 for p, w in zip(rgb, warps)]
+            [p if w is None else _imageparam.apply_affine(w, p - 0.5) + 0.5 for p, w in zip(rgb, warps)]
         )
         return rgb, _to_input(self.preprocessing, seen)
 
@@ -293,13 +288,13 @@ class _FourierImages:
         gradient = _input_adjoint(self.preprocessing, input_gradient)
         gradient = np.stack(
             [
-                g if w is None else self.maps.apply_affine(w, g, transpose=True)
+                g if w is None else _imageparam.apply_affine(w, g, transpose=True)
                 for g, w in zip(gradient, warps)
             ]
         )
         gradient = gradient * rgb * (1 - rgb)  # the sigmoid's derivative
         if self.colour:
-            gradient = self.maps.decorrelate_adjoint(gradient)
+            gradient = _imageparam.decorrelate_adjoint(gradient)
         return self.spectrum.adjoint(gradient)
 
 

@@ -170,7 +170,7 @@ def parser() -> argparse.ArgumentParser:
     state = command("status", "what a store holds: done, failed and why, pending (exit 0 / 1 / 3)")
     state.add_argument("output", metavar="OUTPUT", help="the Zarr store fastsal run wrote")
 
-    show = command("visualize", "images that maximise class scores, as PNGs")
+    show = command("visualize", "images that maximise class scores, as PNGs and .npy arrays")
     add_model(show)
     show.add_argument("--classes", type=_ints, required=True, help="class ids, e.g. 0,1")
     show.add_argument(
@@ -183,10 +183,10 @@ def parser() -> argparse.ArgumentParser:
         help="fourier: Lucid's 1/f spectrum in decorrelated colour, Adam; pixel: plain ascent on the pixels",
     )
     show.add_argument(
-        "--no-transforms",
-        dest="transforms",
-        action="store_false",
-        help="fourier: no random scale, rotation and shift of the image at each step",
+        "--transforms",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fourier: the net sees the image randomly scaled, rotated and shifted at each step",
     )
     show.add_argument(
         "--preset",
