@@ -197,6 +197,7 @@ def _pixel_ascent(
     start,
     preprocessing,
 ):
+    """Simonyan's and Yosinski's ascent on the pixels, their regularisers after each step."""
     k, shape = len(ids), engine.image_shape
     x = np.stack(
         [
