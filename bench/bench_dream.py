@@ -131,6 +131,7 @@ def main(argv=None) -> None:
                     classes,
                     score=score,
                     iterations=args.steps,
+                    parameterization="pixel",  # the notebook loop's plain ascent on the pixels
                 )
             best = {key: min(t) for key, t in times.items()}
             row = {

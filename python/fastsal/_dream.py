@@ -9,7 +9,7 @@ import numbers
 import caffe
 import numpy as np
 
-from . import _core
+from . import _core, _imageparam
 from ._preprocess import Preprocessing
 from ._saliency import Saliency, _check_net, _check_positive_int, batch_slices
 
@@ -20,6 +20,15 @@ PRESETS = {
     # Yosinski et al.'s published best set: decay 1e-4, Gaussian blur of radius 1.0 every 4 steps,
     # constant learning rate 100.
     "yosinski": {"learning_rate": 100.0, "decay": 1e-4, "blur_radius": 1.0, "blur_every": 4, "jitter": 0},
+}
+PARAMETERIZATIONS = ("fourier", "pixel")
+# Lucid's standard_transforms (pad 12 with grey, jitter 8, scale 0.9-1.1, rotate -10..10 degrees with 0
+# five times as likely, jitter 4), made one affine map at the net's own input size; the shift is 12
+# pixels at Lucid's 224 and in proportion at other sizes.
+TRANSFORMS = {
+    "translate": 12 / 224,
+    "scales": [1 + (i - 5) / 50 for i in range(11)],
+    "angles": list(range(-10, 11)) + 5 * [0],
 }
 
 
@@ -47,7 +56,9 @@ def visualize_classes(
     *,
     iterations: int = 200,
     preset: str | None = None,
-    learning_rate: float = 1.0,
+    parameterization: str = "fourier",
+    transforms: bool = True,
+    learning_rate: float | None = None,
     decay: float = 0.0,
     blur_radius: float = 0.0,
     blur_every: int = 0,
@@ -65,25 +76,46 @@ def visualize_classes(
 
     All K classes are K rows of one batch: each iteration is one genuine forward at that batch (so
     MaxPool, BatchNorm and LRN state is right) and one data-only backward with every row seeded with
-    its own class, then for every image: x += learning_rate * gradient (after undoing a random roll of
-    up to ``jitter`` pixels), x *= 1 - decay (L2 decay), a Gaussian blur of ``blur_radius`` every
-    ``blur_every`` iterations, pixels whose norm over channels is below the ``clip_norm_percentile``-th
-    percentile set to 0, and, with ``preprocessing``, clipping to the pixels' valid range.
-    ``preset="simonyan"`` or ``"yosinski"`` sets those to the papers' values (explicit arguments do not
-    override a preset). ``start``: ``"noise"`` (seeded N(0, 1), the default: from a zero image a ReLU
-    net's gradient can vanish) or ``"zeros"`` (Simonyan's). Each row's
-    randomness comes from ``default_rng([seed, class])``, so a batch of classes equals the classes one at
-    a time. Cost per iteration: one forward and one backward of K rows. With ``return_scores``, also
-    the (iterations + 1, K) target scores along the way (the last after the final update).
+    its own class; the image is then updated in one of two ways.
+
+    ``parameterization="fourier"`` (the default; Lucid's, Olah et al. 2017): each image is a spectrum,
+    scaled by 1/frequency and inverse-FFT'd, in decorrelated colour (Lucid's ImageNet colour matrix),
+    squashed by a sigmoid into [0, 1] pixels and given to the net through ``preprocessing`` (default:
+    ``Preprocessing(input shape)``, i.e. raw_scale 255, RGB to BGR, no mean); with ``transforms`` the
+    net sees each step's image randomly scaled (0.9-1.1), rotated (up to 10 degrees) and shifted (up to
+    12 pixels) with grey outside, as Lucid's standard transformations do. The engine's input gradient
+    goes back through those maps by the chain rule, and Adam (``learning_rate`` 0.05 by default) ascends
+    the spectrum. Nets of 1 or 3 channels.
+
+    ``parameterization="pixel"`` (Simonyan et al. 2013, Yosinski et al. 2015): gradient ascent on the
+    pixels, x += learning_rate (default 1.0) * gradient (after undoing a random roll of up to ``jitter``
+    pixels), x *= 1 - decay (L2 decay), a Gaussian blur of ``blur_radius`` every ``blur_every``
+    iterations, pixels whose norm over channels is below the ``clip_norm_percentile``-th percentile set
+    to 0, and, with ``preprocessing``, clipping to the pixels' valid range. ``preset="simonyan"`` or
+    ``"yosinski"`` selects it with the papers' values (explicit arguments do not override a preset).
+    Those regularisers belong to the pixel parameterisation only.
+
+    ``start``: ``"noise"`` (seeded: N(0, 1) pixels, or Lucid's N(0, 0.01) spectrum; the default: from a
+    zero image a ReLU net's gradient can vanish) or ``"zeros"`` (Simonyan's; a grey image in Fourier).
+    Each row's randomness comes from ``default_rng([seed, class])``, so a batch of classes equals the
+    classes one at a time. Cost per iteration: one forward and one backward of K rows. With
+    ``return_scores``, also the (iterations + 1, K) target scores along the way (of the image the net
+    saw at each step; the last of the returned images, untransformed).
     """
     _check_net(net)
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"parameterization must be 'fourier' or 'pixel', got {parameterization!r}")
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        parameterization = "pixel"
         learning_rate, decay, blur_radius, blur_every, jitter = (
             PRESETS[preset][k] for k in ("learning_rate", "decay", "blur_radius", "blur_every", "jitter")
         )
+    fourier = parameterization == "fourier"
     _check_positive_int("iterations", iterations)
+    if learning_rate is None:
+        learning_rate = 0.05 if fourier else 1.0
     learning_rate = _check_number("learning_rate", learning_rate, 0, strict=True)
     decay = _check_number("decay", decay, 0)
     blur_radius = _check_number("blur_radius", blur_radius, 0)
@@ -95,10 +127,78 @@ def visualize_classes(
         raise ValueError("decay must be below 1 and clip_norm_percentile at most 100")
     if start not in ("zeros", "noise"):
         raise ValueError(f"start must be 'zeros' or 'noise', got {start!r}")
+    pixel_only = {"decay": decay, "blur_radius": blur_radius, "blur_every": blur_every, "jitter": jitter}
+    pixel_only["clip_norm_percentile"] = clip_norm_percentile
+    if fourier and any(pixel_only.values()):
+        used = ", ".join(name for name, value in pixel_only.items() if value)
+        raise ValueError(f"{used} apply to parameterization='pixel' (or a preset) only")
+    if not isinstance(transforms, bool):
+        raise TypeError(f"transforms must be True or False, got {transforms!r}")
     engine = Saliency(net, score=score, input=input, batch_size=batch_size)
     ids = engine._classes(classes, 1)[0]  # a flat list of K classes, range-checked
-    k, shape = len(ids), engine.image_shape
     rngs = [np.random.default_rng([seed, int(c)]) for c in ids]
+    if fourier:
+        images, history = _fourier_ascent(
+            engine, ids, rngs, iterations, learning_rate, transforms, start, preprocessing
+        )
+    else:
+        images, history = _pixel_ascent(
+            engine,
+            ids,
+            rngs,
+            iterations,
+            learning_rate,
+            decay,
+            blur_radius,
+            blur_every,
+            jitter,
+            clip_norm_percentile,
+            start,
+            preprocessing,
+        )
+    if return_scores:
+        last = _scores(engine, images)
+        history.append(last[np.arange(len(ids)), ids])
+        return images, np.array(history)
+    return images
+
+
+def _scores(engine: Saliency, images: np.ndarray) -> np.ndarray:
+    scores = np.empty((len(images), engine.num_classes), np.float32)
+    for part in batch_slices(len(images), engine.batch_size):
+        engine._engine.scores(np.ascontiguousarray(images[part], np.float32), scores[part])
+    return scores
+
+
+def _gradients(engine: Saliency, images: np.ndarray, ids: np.ndarray, history: list) -> np.ndarray:
+    """d score(class of row k) / d row k's input, for every row; the scores appended to ``history``."""
+    k = len(ids)
+    out = np.empty((k, 1, *images.shape[1:]), np.float32)
+    scores = np.empty((k, engine.num_classes), np.float32)
+    per_row = ids.reshape(-1, 1)
+    images = np.ascontiguousarray(images, np.float32)
+    for part in batch_slices(k, engine.batch_size):  # normally all K rows in one pass
+        engine._engine.compute(images[part], per_row[part], out[part], reduce="none", scores=scores[part])
+    history.append(scores[np.arange(k), ids].copy())
+    return out[:, 0]
+
+
+def _pixel_ascent(
+    engine,
+    ids,
+    rngs,
+    iterations,
+    learning_rate,
+    decay,
+    blur_radius,
+    blur_every,
+    jitter,
+    clip,
+    start,
+    preprocessing,
+):
+    """Simonyan's and Yosinski's ascent on the pixels, their regularisers after each step."""
+    k, shape = len(ids), engine.image_shape
     x = np.stack(
         [
             rng.standard_normal(shape).astype(np.float32) if start == "noise" else np.zeros(shape, np.float32)
@@ -106,17 +206,12 @@ def visualize_classes(
         ]
     )
     bounds = _valid_range(preprocessing, shape[0])
-    per_row = ids.reshape(-1, 1)
     history = []
-    out = np.empty((k, 1, *shape), np.float32)
-    scores = np.empty((k, engine.num_classes), np.float32)
     for iteration in range(iterations):
         shifts = [tuple(rng.integers(-jitter, jitter + 1, 2)) if jitter else (0, 0) for rng in rngs]
         rolled = np.stack([np.roll(row, s, axis=(1, 2)) for row, s in zip(x, shifts)])
-        for part in batch_slices(k, engine.batch_size):  # normally all K rows in one pass
-            engine._engine.compute(rolled[part], per_row[part], out[part], reduce="none", scores=scores[part])
-        history.append(scores[np.arange(k), ids].copy())
-        gradient = np.stack([np.roll(g, (-s[0], -s[1]), axis=(1, 2)) for g, s in zip(out[:, 0], shifts)])
+        out = _gradients(engine, rolled, ids, history)
+        gradient = np.stack([np.roll(g, (-s[0], -s[1]), axis=(1, 2)) for g, s in zip(out, shifts)])
         x += np.float32(learning_rate) * gradient
         if decay:
             x *= np.float32(1 - decay)
@@ -124,20 +219,99 @@ def visualize_classes(
             from scipy.ndimage import gaussian_filter
 
             x = gaussian_filter(x, sigma=(0, 0, blur_radius, blur_radius)).astype(np.float32)
-        if clip_norm_percentile:
+        if clip:
             norms = np.linalg.norm(x, axis=1)
-            threshold = np.percentile(norms.reshape(k, -1), clip_norm_percentile, axis=1)
+            threshold = np.percentile(norms.reshape(k, -1), clip, axis=1)
             x *= (norms >= threshold[:, None, None])[:, None]
         if bounds is not None:
             x = np.clip(x, bounds[0], bounds[1])
-    if return_scores:
-        final = engine._engine
-        last = np.empty((k, engine.num_classes), np.float32)
-        for part in batch_slices(k, engine.batch_size):
-            final.scores(np.ascontiguousarray(x[part]), last[part])
-        history.append(last[np.arange(k), ids])
-        return x, np.array(history)
-    return x
+    return x, history
+
+
+def _fourier_ascent(engine, ids, rngs, iterations, learning_rate, transforms, start, preprocessing):
+    """Lucid's parameterisation (:class:`_FourierImages`) ascended by Adam, each row its own warps."""
+    images = _FourierImages(engine.image_shape, preprocessing)
+    size = images.spectrum.parameter_shape((engine.image_shape[0],))
+    parameters = np.stack(
+        [rng.standard_normal(size) * 0.01 if start == "noise" else np.zeros(size) for rng in rngs]
+    )
+    adam = _imageparam.Adam(parameters.shape, learning_rate)
+    history = []
+    _, height, width = engine.image_shape
+    for _ in range(iterations):
+        warps = [
+            _imageparam.random_affine(rng, height, width, **TRANSFORMS) if transforms else None
+            for rng in rngs
+        ]
+        rgb, inputs = images.forward(parameters, warps)
+        adam.step(parameters, images.backward(rgb, warps, _gradients(engine, inputs, ids, history)))
+    return images.forward(parameters, [None] * len(ids))[1], history
+
+
+class _FourierImages:
+    """Spectrum -> 1/f image -> decorrelated colour (3 channels) -> sigmoid -> RGB pixels in [0, 1] ->
+    a random affine map per row (or None) -> ``preprocessing`` -> the net's inputs, and back."""
+
+    def __init__(self, image_shape, preprocessing: Preprocessing | None):
+        channels, height, width = image_shape
+        if channels not in (1, 3):
+            raise ValueError(
+                f"parameterization='fourier' makes pictures, for nets of 1 or 3 channels; this net takes "
+                f"{channels}: use parameterization='pixel'"
+            )
+        if preprocessing is None:
+            # classify.py's defaults
+            preprocessing = Preprocessing(
+                (channels, height, width), channel_swap=(2, 1, 0) if channels == 3 else None
+            )
+        elif tuple(preprocessing.input_shape) != (channels, height, width):
+            raise ValueError(
+                f"preprocessing is for input shape {tuple(preprocessing.input_shape)}, the net takes "
+                f"{(channels, height, width)}"
+            )
+        self.preprocessing, self.colour = preprocessing, channels == 3
+        self.spectrum = _imageparam.Spectrum(height, width)
+
+    def pixels(self, parameters: np.ndarray) -> np.ndarray:
+        image = self.spectrum.forward(parameters)
+        return _imageparam.sigmoid(_imageparam.decorrelate(image) if self.colour else image)
+
+    def forward(self, parameters: np.ndarray, warps) -> tuple[np.ndarray, np.ndarray]:
+        """(the RGB pixels, the net's inputs after each row's warp)."""
+        rgb = self.pixels(parameters)
+        seen = np.stack(
+            [p if w is None else _imageparam.apply_affine(w, p - 0.5) + 0.5 for p, w in zip(rgb, warps)]
+        )
+        return rgb, _to_input(self.preprocessing, seen)
+
+    def backward(self, rgb: np.ndarray, warps, input_gradient: np.ndarray) -> np.ndarray:
+        """The gradient wrt the parameters from the one wrt the net's inputs (each map's adjoint)."""
+        gradient = _input_adjoint(self.preprocessing, input_gradient)
+        gradient = np.stack(
+            [
+                g if w is None else _imageparam.apply_affine(w, g, transpose=True)
+                for g, w in zip(gradient, warps)
+            ]
+        )
+        gradient = gradient * rgb * (1 - rgb)  # the sigmoid's derivative
+        if self.colour:
+            gradient = _imageparam.decorrelate_adjoint(gradient)
+        return self.spectrum.adjoint(gradient)
+
+
+def _to_input(preprocessing: Preprocessing, rgb: np.ndarray) -> np.ndarray:
+    """(K, C, H, W) pixels in [0, 1], RGB order, as the net's inputs."""
+    return np.stack([preprocessing.transform(image.transpose(1, 2, 0)) for image in rgb])
+
+
+def _input_adjoint(preprocessing: Preprocessing, gradient: np.ndarray) -> np.ndarray:
+    """A gradient wrt the net's inputs as one wrt the (K, C, H, W) RGB pixels: the preprocessing is a
+    channel permutation times one gain, plus a constant."""
+    gain = (preprocessing.raw_scale or 1.0) * (preprocessing.input_scale or 1.0)
+    order = list(preprocessing.channel_swap) if preprocessing.channel_swap is not None else slice(None)
+    out = np.empty(gradient.shape, np.float64)
+    out[:, order] = gradient * gain
+    return out
 
 
 class _Dreamer:

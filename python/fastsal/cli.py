@@ -196,22 +196,38 @@ def parser() -> argparse.ArgumentParser:
         "--map-side", type=int, default=64, help="largest side of a map in the report, pixels"
     )
 
-    show = command("visualize", "images that maximise class scores, as PNGs")
+    show = command("visualize", "images that maximise class scores, as PNGs and .npy arrays")
     add_model(show)
     show.add_argument("--classes", type=_ints, required=True, help="class ids, e.g. 0,1")
-    show.add_argument("-o", "--output", required=True, help="folder for class_<id>.png")
+    show.add_argument(
+        "-o", "--output", required=True, help="folder for class_<id>.png and class_<id>.npy (the net's input)"
+    )
+    show.add_argument(
+        "--parameterization",
+        choices=["fourier", "pixel"],
+        default="fourier",
+        help="fourier: Lucid's 1/f spectrum in decorrelated colour, Adam; pixel: plain ascent on the pixels",
+    )
+    show.add_argument(
+        "--transforms",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fourier: the net sees the image randomly scaled, rotated and shifted at each step",
+    )
     show.add_argument(
         "--preset",
         choices=["simonyan", "yosinski"],
-        help="the paper's regularisers (override the flags below)",
+        help="the paper's pixel-space regularisers (override the flags below)",
     )
-    show.add_argument("--iterations", type=int, default=200, help="gradient ascent steps")
-    show.add_argument("--learning-rate", type=float, default=1.0, help="step size of each ascent step")
-    show.add_argument("--decay", type=float, default=0.0, help="L2 decay of the image per step")
-    show.add_argument("--blur-radius", type=float, default=0.0, help="Gaussian blur sigma, in pixels")
-    show.add_argument("--blur-every", type=int, default=0, help="blur every N steps (0: never)")
-    show.add_argument("--jitter", type=int, default=0, help="random shift in pixels before each step")
-    show.add_argument("--seed", type=int, default=0, help="seed of the noise start and the jitter")
+    show.add_argument("--iterations", type=int, default=200, help="ascent steps")
+    show.add_argument(
+        "--learning-rate", type=float, help="step size (default: 0.05 for Adam in fourier, 1.0 in pixel)"
+    )
+    show.add_argument("--decay", type=float, default=0.0, help="pixel: L2 decay of the image per step")
+    show.add_argument("--blur-radius", type=float, default=0.0, help="pixel: Gaussian blur sigma, in pixels")
+    show.add_argument("--blur-every", type=int, default=0, help="pixel: blur every N steps (0: never)")
+    show.add_argument("--jitter", type=int, default=0, help="pixel: random shift in pixels before each step")
+    show.add_argument("--seed", type=int, default=0, help="seed of the start and the random transformations")
     add_preprocessing(show)
 
     dream = command("dream", "deep dream of an image, as a PNG")
@@ -337,6 +353,8 @@ def _picture(args) -> int:
             args.classes,
             iterations=args.iterations,
             preset=args.preset,
+            parameterization=args.parameterization,
+            transforms=args.transforms,
             learning_rate=args.learning_rate,
             decay=args.decay,
             blur_radius=args.blur_radius,
@@ -348,7 +366,8 @@ def _picture(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for c, image in zip(args.classes, images):
             Image.fromarray(preprocessing.deprocess(image)).save(out / f"class_{c}.png")
-        print(f"fastsal: {len(images)} class visualisations -> {out}")
+            np.save(out / f"class_{c}.npy", image)  # the float image in the net's input space
+        print(f"fastsal: {len(images)} class visualisations (PNG and .npy) -> {out}")
         return 0
     color = input_shape[0] == 3
     image = preprocessing.transform(load_image(args.image, color))

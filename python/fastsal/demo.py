@@ -115,13 +115,11 @@ def methods_figure(net, images, crops, names, classes, out: Path, colormap, plt)
 
 
 def dream_figure(net, out: Path, plt) -> Path:
-    """open_nsfw's two classes visualised (Yosinski et al.'s regularisers) and a deep dream of a photo."""
+    """open_nsfw's two classes visualised (the default: Lucid's parameterisation) and a deep dream of a photo."""
     from skimage.transform import rescale
 
     preprocessing = fastsal.Preprocessing((3, 224, 224), mean=examples.OPEN_NSFW_MEAN_BGR)
-    classes = fastsal.visualize_classes(
-        net, [0, 1], iterations=100, preset="yosinski", preprocessing=preprocessing
-    )
+    classes = fastsal.visualize_classes(net, [0, 1], iterations=100, preprocessing=preprocessing)
     photo = rescale(examples.sample_photos(["coffee"])["coffee"] / 255.0, 0.6, channel_axis=2)
     dreamt = fastsal.dream(
         net,
