@@ -56,7 +56,7 @@ def library_runner(model, method: str, layer: str | None, images: np.ndarray):
     elif method == "rise":
         masks = torch.from_numpy(rise_masks(0, N_MASKS, images.shape[2:], GRID, P1, 0))
 
-        def every_class(classes):  # RISE's explanations.py: every class from one set of forwards
+        def every_class(_images, classes):  # RISE's explanations.py: every class from one set of forwards
             with torch.no_grad():
                 stack = masks[:, None] * x[0]
                 p = torch.cat([torch.softmax(model(stack[i : i + 16]), dim=1) for i in range(0, N_MASKS, 16)])
@@ -74,7 +74,7 @@ def library_runner(model, method: str, layer: str | None, images: np.ndarray):
         def column(targets):
             return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in targets])
 
-    def per_class(classes):
+    def per_class(_images, classes):  # the images are bound above, as tensors
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return np.stack([column(classes[:, k]) for k in range(classes.shape[1])], axis=1)
