@@ -387,6 +387,33 @@ def test_cli_visualize_and_dream_write_pictures(tmp_path, rng):
         assert image.size == (50, 40)
         assert np.abs(np.asarray(image).astype(int) - photo).max() > 0
     assert cli.main([*args, "-o", str(tmp_path / "x.png"), "--layer", "nowhere"]) == 2
+    # What is already there is the user's: refused before any work, replaced only with --overwrite.
+    before = (tmp_path / "dream.png").read_bytes()
+    assert cli.main([*args, "--mean-value", "100,110,120", "-o", str(tmp_path / "dream.png")]) == 2
+    assert (tmp_path / "dream.png").read_bytes() == before
+    (tmp_path / "cls" / "class_3.npy").write_bytes(b"mine")
+    assert (
+        cli.main(["visualize", *model, "--classes", "3", "--iterations", "2", "-o", str(tmp_path / "cls")])
+        == 2
+    )
+    assert (tmp_path / "cls" / "class_3.npy").read_bytes() == b"mine"
+    assert (
+        cli.main(
+            [
+                "visualize",
+                *model,
+                "--classes",
+                "3",
+                "--iterations",
+                "2",
+                "--overwrite",
+                "-o",
+                str(tmp_path / "cls"),
+            ]
+        )
+        == 0
+    )
+    assert np.load(tmp_path / "cls" / "class_3.npy").shape == (3, 16, 16)
 
 
 def power_slope(picture: np.ndarray) -> float:

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import jobs
 from ._attribution import METHODS
+from ._load import _listed
 
 
 def _ints(text: str) -> list[int]:
@@ -228,6 +229,9 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--blur-every", type=int, default=0, help="pixel: blur every N steps (0: never)")
     show.add_argument("--jitter", type=int, default=0, help="pixel: random shift in pixels before each step")
     show.add_argument("--seed", type=int, default=0, help="seed of the start and the random transformations")
+    show.add_argument(
+        "--overwrite", action="store_true", help="replace class_<id>.png/.npy files already there"
+    )
     add_preprocessing(show)
 
     dream = command("dream", "deep dream of an image, as a PNG")
@@ -235,6 +239,7 @@ def parser() -> argparse.ArgumentParser:
     add_model(dream)
     dream.add_argument("--layer", required=True, help="the blob whose L2 norm is raised")
     dream.add_argument("-o", "--output", required=True, help="the PNG to write")
+    dream.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     dream.add_argument("--octaves", type=int, default=4, help="image scales, smallest first")
     dream.add_argument("--octave-scale", type=float, default=1.4, help="size ratio between octaves")
     dream.add_argument("--iterations", type=int, default=10, help="steps per octave")
@@ -343,10 +348,15 @@ def _picture(args) -> int:
 
     from ._preprocess import load_image
 
+    out = Path(args.output)
+    if args.command == "visualize":
+        files = [out / f"class_{c}.{suffix}" for c in args.classes for suffix in ("png", "npy")]
+    else:
+        files = [out]
+    _refuse_existing(files, args.overwrite)  # before minutes of work, and never a file fastsal did not write
     net = fastsal.load(args.model_def, args.pretrained_model)
     input_shape = net.blobs[net.inputs[0]].data.shape[1:]
     preprocessing = preprocessing_for(args, input_shape, per_channel=args.command == "dream")
-    out = Path(args.output)
     if args.command == "visualize":
         images = fastsal.visualize_classes(
             net,
@@ -389,6 +399,18 @@ def _picture(args) -> int:
     Image.fromarray(preprocessing.deprocess(dreamt)).save(out)
     print(f"fastsal: dream of {args.image} at '{args.layer}' -> {out}")
     return 0
+
+
+def _refuse_existing(files: list[Path], overwrite: bool) -> None:
+    """A picture's output that is already there is the user's: replaced only with --overwrite."""
+    there = [str(f) for f in files if f.exists() or f.is_symlink()]
+    if there and not overwrite:
+        raise jobs.JobError(
+            f"{_listed(there)} already exist{'s' if len(there) == 1 else ''}; add --overwrite to replace"
+        )
+    for f in files:
+        if f.is_dir():
+            raise jobs.JobError(f"{f} is a folder; choose another output")
 
 
 def _status(output: str) -> int:
