@@ -118,7 +118,9 @@ def test_job_matches_the_engine_on_caffes_preprocessing(model, dataset, tmp_path
     net.blobs["data"].reshape(*inputs.shape)
     np.testing.assert_allclose(store["scores"][:][rows], net.forward(data=inputs, end="fc")["fc"], rtol=1e-5)
     # the net's own Softmax (Caffe's "prob" output) on the same inputs
-    np.testing.assert_allclose(store["probabilities"][:][rows], net.forward(data=inputs)["prob"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        store["probabilities"][:][rows], net.forward(data=inputs)["prob"], rtol=1e-4, atol=1e-6
+    )
     bad_rows = [i for i, n in enumerate(names) if n in BAD]
     assert np.isnan(store["maps"][:][bad_rows]).all() and (store["classes"][:][bad_rows] == -1).all()
     assert np.isnan(store["probabilities"][:][bad_rows]).all()

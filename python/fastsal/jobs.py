@@ -1102,7 +1102,9 @@ def _run_local(worker: Worker, todo: list[int], progress) -> None:
             if i + 2 < len(todo):
                 loads.append(loader.submit(worker.load, todo[i + 2]))
             computed = worker.compute(loaded, on_batch)
-            progress.update(len(worker.spec.chunk_range(chunk)) - len(computed[1]))  # the failed ones
+            failed = len(worker.spec.chunk_range(chunk)) - len(computed[1])
+            if failed:
+                progress.update(failed)
             writes.append(writer.submit(worker.write, chunk, computed))
             while len(writes) > 2 or (writes and writes[0].done()):
                 writes.popleft().result()  # a write error (disk full, permissions) stops the job here
