@@ -15,7 +15,7 @@ import zarr
 from PIL import Image
 from test_jobs import photo, run, run_args
 
-from conftest import _input, fc, layer, make_net
+from conftest import _input, conv, fc, layer, make_net
 from fastsal import jobs
 from fastsal._preprocess import Preprocessing
 from fastsal._visualize import OverlayStyle, blend, color_limit, figure_layout, save_overlay
@@ -190,3 +190,33 @@ def test_a_forgotten_mean_warns_once(tmp_path):
             tmp_path / "a.png", *model, tmp_path / "mean.zarr", quiet=True, mean_value=[104, 117, 123]
         )
     assert not [w for w in caught if "no mean given" in str(w.message)]
+
+
+@pytest.mark.parametrize("trained_with_mean", [True, False], ids=["trained_with_mean", "trained_without"])
+def test_a_forgotten_mean_is_told_by_batchnorm_statistics(tmp_path, trained_with_mean):
+    text = (
+        _input((3, 8, 8), batch=1)
+        + conv("conv1", "data", 4)
+        + layer("bn1", "BatchNorm", "conv1", "conv1")
+        + layer("relu1", "ReLU", "conv1", "conv1")
+        + fc("fc", "conv1", 5)
+        + layer("prob", "Softmax", "fc")
+    )
+    net = make_net(tmp_path, text, seed=3)
+    # The recorded means: conv1's response (Caffe's forward) to grey preprocessed as in training.
+    mean = [104.0, 117.0, 123.0] if trained_with_mean else None
+    grey = Preprocessing((3, 8, 8), mean=mean).transform(np.full((8, 8, 3), 0.5, np.float32))
+    net.blobs["data"].data[...] = grey
+    net.forward(end="conv1")
+    net.params["bn1"][0].data[...] = net.blobs["conv1"].data[0].mean(axis=(1, 2))
+    net.params["bn1"][1].data[...] = 4.0
+    net.params["bn1"][2].data[...] = 1.0
+    net.save(str(tmp_path / "net.caffemodel"))
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    model = (str(tmp_path / "net.prototxt"), str(tmp_path / "net.caffemodel"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jobs.run_job(tmp_path / "a.png", *model, tmp_path / "maps.zarr", quiet=True)
+    told = [str(w.message) for w in caught if "no mean given" in str(w.message)]
+    assert len(told) == (1 if trained_with_mean else 0)
+    assert all("BatchNorm 'bn1'" in message for message in told)

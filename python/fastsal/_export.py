@@ -48,7 +48,10 @@ def photo_of(data: bytes) -> np.ndarray:
 def caption(class_id: int, score: float, probability: float | None, style: OverlayStyle, where: str) -> str:
     name = style.name(class_id)
     what = f"class {class_id}" + (f" {name}" if name else "")
-    value = f"score {score:.4g}" + ("" if probability is None else f", p {probability:.3f}")
+    shown = (
+        "" if probability is None else f"{probability:.3f}" if probability >= 1e-3 else f"{probability:.1e}"
+    )
+    value = f"score {score:.4g}" + (f", p {shown}" if shown else "")
     return f"{what}: {value}\n{where}"
 
 

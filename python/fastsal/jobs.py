@@ -584,7 +584,7 @@ def _prepare(
         top_k = None
     _check_model(attribution, preprocessing)
     if preprocessing is not None and mean is None:
-        _check_mean(attribution, preprocessing)
+        _check_mean(net, attribution, preprocessing)
     style = style or OverlayStyle()
     if labels is not None:
         try:
@@ -663,26 +663,73 @@ def _feeds_softmax(net, score: str) -> bool:
 _IMAGENET_MEAN = (104.0, 117.0, 123.0)
 
 
-def _check_mean(attribution, preprocessing) -> None:
-    """Warns once when a run without a mean looks like a forgotten one: a trained classifier should not be
-    sure of a featureless grey picture, so a net that is (top probability > 0.99 on mid-grey) unless a
-    typical ImageNet mean is subtracted was almost surely trained on mean-subtracted inputs."""
+def _check_mean(net, attribution, preprocessing) -> None:
+    """Warns once when a run without a mean looks like a forgotten one, comparing a mid-grey picture
+    without a mean and with a typical ImageNet mean subtracted. A net with BatchNorm recorded its
+    training inputs' statistics: when the grey picture's activations at the first BatchNorm are more
+    than 3x further (in its recorded standard deviations) from its recorded means without the mean than
+    with it, the net was trained on mean-subtracted inputs. Without BatchNorm: a trained classifier
+    should not be sure of a featureless picture, so a net that is (top probability > 0.99) only
+    without the mean was almost surely trained with it."""
     c, h, w = attribution.image_shape
     grey = np.full((h, w, c), 0.5, np.float32)
     mean = np.asarray(_IMAGENET_MEAN if c == 3 else (np.mean(_IMAGENET_MEAN),), np.float32)
-    with_mean = dataclasses.replace(preprocessing, mean=mean)
+    inputs = np.stack(
+        [preprocessing.transform(grey), dataclasses.replace(preprocessing, mean=mean).transform(grey)]
+    )
     try:
-        scores = attribution.scores(np.stack([preprocessing.transform(grey), with_mean.transform(grey)]))
-    except ValueError:
+        distances = _batchnorm_distances(net, inputs)
+        if distances is not None:
+            layer, (without, with_mean) = distances
+            forgotten = without > 3 * with_mean
+            why = (
+                f"a grey picture's activations at its BatchNorm '{layer}' are {without / max(with_mean, 1e-12):.0f}x "
+                "further from the statistics it recorded in training than with the ImageNet mean subtracted"
+            )
+        else:
+            top = softmax(attribution.scores(inputs).astype(np.float64), axis=1).max(axis=1)
+            forgotten = top[0] > 0.99 and top[1] <= 0.99
+            why = (
+                f"the net is {top[0]:.1%} sure of a plain grey picture unless the ImageNet mean is subtracted"
+            )
+    except ValueError:  # the engine's overflow check: _check_model has judged the weights already
         return
-    top = softmax(scores.astype(np.float64), axis=1).max(axis=1)
-    if top[0] > 0.99 and top[1] <= 0.99:
+    if forgotten:
         warnings.warn(
-            f"no mean given, and the net is {top[0]:.1%} sure of a plain grey picture unless the ImageNet mean "
-            f"({', '.join(f'{v:g}' for v in _IMAGENET_MEAN)}) is subtracted: it was probably trained on "
-            "mean-subtracted inputs; give --mean-file or --mean-value (classify.py's --mean_file)",
+            f"no mean given, but {why} ({', '.join(f'{v:g}' for v in _IMAGENET_MEAN)}): it was probably "
+            "trained on mean-subtracted inputs; give --mean-file or --mean-value (classify.py's --mean_file)",
             stacklevel=3,
         )
+
+
+def _batchnorm_distances(net, inputs: np.ndarray):
+    """(the first BatchNorm layer, each input's median over channels of |spatial mean of its bottom -
+    recorded mean| / recorded std), or None when the net has no BatchNorm with recorded statistics."""
+    names = list(net._layer_names)
+    found = [i for i, layer in enumerate(net.layers) if layer.type == "BatchNorm" and len(layer.blobs) == 3]
+    if not found:
+        return None
+    index = found[0]
+    blobs = net.layers[index].blobs
+    factor = float(blobs[2].data.ravel()[0])
+    if factor == 0:
+        return None
+    means, variances = blobs[0].data / factor, blobs[1].data / factor
+    bottom = net.bottom_names[names[index]][0]
+    producers = [i for i in range(index) if bottom in net.top_names[names[i]]]
+    if not producers:
+        return None
+    data = net.blobs[net.inputs[0]]
+    shape = data.data.shape
+    try:
+        data.reshape(*inputs.shape)
+        data.data[...] = inputs
+        net.forward(end=names[producers[-1]])
+        values = net.blobs[bottom].data.reshape(len(inputs), len(means), -1).mean(axis=2)
+    finally:
+        data.reshape(*shape)
+    distance = np.abs(values - means) / np.sqrt(variances + 1e-5)
+    return names[index], tuple(float(d) for d in np.median(distance, axis=1))
 
 
 def _jsonable(value):
@@ -1106,7 +1153,7 @@ def _run_local(worker: Worker, todo: list[int], progress) -> None:
             if failed:
                 progress.update(failed)
             writes.append(writer.submit(worker.write, chunk, computed))
-            while len(writes) > 2 or (writes and writes[0].done()):
+            while len(writes) > 1 or (writes and writes[0].done()):
                 writes.popleft().result()  # a write error (disk full, permissions) stops the job here
         for future in writes:
             future.result()
