@@ -256,8 +256,7 @@ class Worker:
         self._store = None
 
     def load(self, chunk: int):
-        """(inputs (n_ok, C, H, W), indices of those, {index: reason}, photos for overlays (the original
-        pictures, uint8 in colour) or None, {index: file identity})."""
+        """(inputs (n_ok, C, H, W), indices of those, {index: reason}, {index: file identity})."""
         indices = list(self.spec.chunk_range(chunk))
         if self.spec.array is not None:
             if self._array is None:
@@ -266,8 +265,7 @@ class Worker:
             finite = np.isfinite(batch).reshape(len(batch), -1).all(axis=1)
             failed = {i: "contains NaN or Inf" for i, ok in zip(indices, finite) if not ok}
             good = [i for i in indices if i not in failed]
-            photos = [input_picture(x) for x in batch[finite]] if self.spec.overlays else None
-            return batch[finite], good, failed, photos, {}
+            return batch[finite], good, failed, {}
         preprocessing = self.spec.preprocessing
 
         def decode(index):
@@ -281,30 +279,28 @@ class Worker:
                     data = f.read()
                 identity = [stat.st_size, stat.st_mtime_ns, hashlib.sha256(data).hexdigest()]
                 image = decode_image(data, color=preprocessing.input_shape[0] == 3)
-                photo = _export.photo_of(data) if self.spec.overlays else None
-                return preprocessing(image), photo, None, identity
+                return preprocessing(image), None, identity
             except ImageError as error:
-                return None, None, str(error), identity
+                return None, str(error), identity
             except OSError as error:
-                return None, None, f"cannot read: {error.strerror or error}", identity
+                return None, f"cannot read: {error.strerror or error}", identity
 
         results = list(self.decoders.map(decode, indices))
-        failed = {i: r[2] for i, r in zip(indices, results) if r[2] is not None}
-        good = [i for i, r in zip(indices, results) if r[2] is None]
-        inputs = [r[0] for r in results if r[2] is None]
-        photos = [r[1] for r in results if r[2] is None] if self.spec.overlays else None
-        files = {i: r[3] for i, r in zip(indices, results)}
+        failed = {i: r[1] for i, r in zip(indices, results) if r[1] is not None}
+        good = [i for i, r in zip(indices, results) if r[1] is None]
+        inputs = [r[0] for r in results if r[1] is None]
+        files = {i: r[2] for i, r in zip(indices, results)}
         shape = self.attribution.image_shape
         batch = np.stack(inputs) if inputs else np.empty((0, *shape), np.float32)
-        return batch, good, failed, photos, files
+        return batch, good, failed, files
 
     def compute(self, loaded, on_batch=None):
         """Maps, classes and scores of the chunk's good images, a batch (``batch_size`` images) at a
-        time, each batch's results handed to ``on_batch(results, photos)`` as it finishes (progress,
+        time, each batch's results handed to ``on_batch(results, files)`` as it finishes (progress,
         overlays). An image the engine refuses (its activations overflow) is moved to the failed ones
         with the engine's reason. When every image of the chunk fails so, the model is blamed
         (ModelError) and the chunk stays unfinished."""
-        batch, good, failed, photos, files = loaded
+        batch, good, failed, files = loaded
         results, reasons = {}, {}
         for part in batch_slices(len(good), self.attribution._main.batch_size) if len(good) else []:
             indices, done = good[part], {}
@@ -319,11 +315,7 @@ class Worker:
                         reasons[index] = str(error).replace("images[0]", f"image {index}")
             results.update(done)
             if on_batch is not None:
-                kept = [i for i in indices if i in done]
-                shown = (
-                    None if photos is None else [photos[part][j] for j, i in enumerate(indices) if i in done]
-                )
-                on_batch({i: done[i] for i in kept}, dict(zip(kept, shown)) if shown is not None else None)
+                on_batch(done, files)
         if len(good) > 1 and not results and reasons:
             raise ModelError(
                 f"every one of the {len(good)} images of inputs {good[0]}-{good[-1]} failed inside the net "
@@ -369,25 +361,28 @@ class Worker:
         _write_marker(self.spec.output, chunk, summary)  # last: the chunk is finished only now
         return summary
 
-    def write_overlays(self, results: dict, photos: dict | None) -> None:
-        """One overlay per class of each image in results (a batch), on its photo."""
-        if not self.spec.overlays or not photos:
+    def write_overlays(self, results: dict, files: dict) -> None:
+        """One overlay per class of each image in results (a batch), on its photo, read again from its
+        file (a chunk of big photos is not held in memory for this); a file changed meanwhile gets none."""
+        if not self.spec.overlays:
             return
         folder = claim_folder(Path(self.spec.overlays), Path(self.spec.output))
         for index, (maps, ids, scores) in results.items():
-            stem = Path(self.spec.paths[index]).stem if self.spec.paths is not None else "input"
+            if self.spec.paths is None:
+                photo, stem = input_picture(self._array[index]), "input"
+            else:
+                path = self.spec.paths[index]
+                try:
+                    if not _unchanged(path, files.get(index)):
+                        continue
+                    with open(path, "rb") as f:
+                        photo = _export.photo_of(f.read())
+                except (OSError, ImageError):
+                    continue
+                stem = Path(path).stem
             probabilities = softmax(scores.astype(np.float64)) if self.spec.probabilities else None
             _export.save_image_overlays(
-                folder,
-                index,
-                stem,
-                photos[index],
-                maps,
-                ids,
-                scores,
-                probabilities,
-                self.spec.plan,
-                self.spec.style,
+                folder, index, stem, photo, maps, ids, scores, probabilities, self.spec.plan, self.spec.style
             )
 
     def process(self, chunk: int) -> dict:
@@ -1139,9 +1134,9 @@ def _run_local(worker: Worker, todo: list[int], progress) -> None:
         loads = deque(loader.submit(worker.load, c) for c in todo[:2])
         writes = deque()
 
-        def on_batch(results, photos):
-            if photos:
-                writes.append(writer.submit(worker.write_overlays, results, photos))
+        def on_batch(results, files):
+            if worker.spec.overlays and results:
+                writes.append(writer.submit(worker.write_overlays, results, files))
             progress.update(len(results))
 
         for i, chunk in enumerate(todo):
