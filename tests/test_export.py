@@ -155,3 +155,15 @@ def test_a_net_without_softmax_stores_no_probabilities(tmp_path):
     assert run("export", out, "--csv", tmp_path / "t.csv", "--png", tmp_path / "png", "--quiet") == 0
     assert next(csv.reader((tmp_path / "t.csv").read_text().splitlines())) == csv_header(1)
     assert len(list((tmp_path / "png").glob("*.png"))) == 1
+
+
+def test_export_of_an_unfinished_store_lists_pending_images(finished, tmp_path, capsys):
+    out = tmp_path / "part.zarr"
+    shutil.copytree(finished[0], out)
+    (out / ".fastsal" / "chunk-000000.json").unlink()  # its data is there, but no longer claimed
+    assert run("export", out, "--csv", tmp_path / "t.csv", "--png", tmp_path / "png", "--quiet") == 0
+    assert "3 images pending: rerun fastsal run to finish" in capsys.readouterr().out
+    rows = list(csv.DictReader((tmp_path / "t.csv").read_text().splitlines()))
+    assert [r["status"] for r in rows[:3]] == ["pending"] * 3 and all(r["class_1"] == "" for r in rows[:3])
+    assert all(p.name[:6] not in ("000000", "000001", "000002") for p in (tmp_path / "png").glob("*.png"))
+    assert len(list((tmp_path / "png").glob("*.png"))) == 2 * [r["status"] for r in rows].count("ok")

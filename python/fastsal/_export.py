@@ -144,7 +144,9 @@ def _npy_input(out: Path, meta: dict) -> str:
     import hashlib
 
     source = meta.get("array")
-    if source is None or not os.path.isfile(source):
+    if source is None:
+        raise jobs.JobError(f"{out} does not record where its .npy of inputs is (a store from before it did)")
+    if not os.path.isfile(source):
         raise jobs.JobError(f"{out} was computed from a .npy of inputs that is no longer at {source}")
     if hashlib.sha256(jobs._sha256(source).encode()).hexdigest() != meta["plan"]["inputs"]["sha256"]:
         raise jobs.JobError(f"{source} has changed since {out} was computed from it: no overlays on it")
@@ -186,37 +188,38 @@ def write_csv(output, path, labels: tuple[str, ...] | None = None) -> int:
     out = Path(output).resolve()
     info = jobs.status(out)
     group = zarr.open_group(str(out), mode="r")
-    classes, status = group["classes"][:], group["status"][:]
-    scores = group["scores"][:]
-    probabilities = group["probabilities"][:] if "probabilities" in group else None
+    count, size = info["images"], info["plan"]["chunk_size"]
+    done = jobs.done_chunks(str(out), info["chunks"])  # a chunk without its marker claims nothing: pending
+    has_probabilities = "probabilities" in group
     paths = group["paths"][:] if "paths" in group else None
-    header = csv_header(classes.shape[1])
+    header = csv_header(group["classes"].shape[1])
     target = Path(path)
     check_csv(target, header)
     reasons = {f["index"]: f["reason"] for f in info["failed"]}
     text = io.StringIO()
     table = csv.writer(text, lineterminator="\n")
     table.writerow(header)
-    for index in range(len(status)):
-        row = [
-            index,
-            "" if paths is None else str(paths[index]),
-            _STATUS[int(status[index])],
-            reasons.get(index, ""),
-        ]
-        for class_id in classes[index]:
-            if status[index] != jobs.OK:
-                row += ["", "", "", ""]
-                continue
-            class_id = int(class_id)
-            name = labels[class_id] if labels is not None else ""
-            probability = "" if probabilities is None else f"{probabilities[index, class_id]:.6g}"
-            row += [class_id, name, f"{scores[index, class_id]:.6g}", probability]
-        table.writerow(row)
+    for chunk in range(info["chunks"]):  # chunk by chunk: scores are (N, classes), large for big jobs
+        block = slice(chunk * size, min((chunk + 1) * size, count))
+        status = group["status"][block] if chunk in done else np.full(block.stop - block.start, jobs.PENDING)
+        classes, scores = group["classes"][block], group["scores"][block]
+        probabilities = group["probabilities"][block] if has_probabilities else None
+        for row_index, index in enumerate(range(block.start, block.stop)):
+            state = int(status[row_index])
+            row = [index, "" if paths is None else str(paths[index]), _STATUS[state], reasons.get(index, "")]
+            for class_id in classes[row_index]:
+                if state != jobs.OK:
+                    row += ["", "", "", ""]
+                    continue
+                class_id = int(class_id)
+                name = labels[class_id] if labels is not None else ""
+                probability = "" if probabilities is None else f"{probabilities[row_index, class_id]:.6g}"
+                row += [class_id, name, f"{scores[row_index, class_id]:.6g}", probability]
+            table.writerow(row)
     temporary = target.parent / f".{target.name}.fastsal-{os.getpid()}"
     temporary.write_text(text.getvalue(), encoding="utf-8")
     os.replace(temporary, target)
-    return len(status)
+    return count
 
 
 def check_csv(target: Path, header: list[str]) -> None:

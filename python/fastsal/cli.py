@@ -71,7 +71,7 @@ def add_model(command) -> None:
 
 def add_overlay_options(command) -> None:
     look = command.add_argument_group("overlays (one PNG per image and class, at the photo's own size)")
-    look.add_argument("--labels", help="class names for the captions: synset_words.txt or one name a line")
+    look.add_argument("--labels", help="class names (captions, CSV): synset_words.txt or one name a line")
     look.add_argument("--cmap", help="matplotlib colour map (default: inferno, or bwr for signed maps)")
     look.add_argument("--alpha", type=float, default=0.7, help="the map's opacity where it is strongest")
     look.add_argument(
@@ -385,7 +385,9 @@ def _export(args) -> int:
         f"{jobs.plural(done['npy'], 'map file')} -> {args.npy}" if args.npy else "",
         f"{jobs.plural(done['rows'], 'row')} -> {args.csv}" if args.csv else "",
     ]
-    print(f"fastsal: {'; '.join(w for w in wrote if w)}")
+    pending = done["info"]["pending"]
+    later = f" ({jobs.plural(pending, 'image')} pending: rerun fastsal run to finish)" if pending else ""
+    print(f"fastsal: {'; '.join(w for w in wrote if w)}{later}")
     return EXIT_OK
 
 
