@@ -117,9 +117,14 @@ def test_job_matches_the_engine_on_caffes_preprocessing(model, dataset, tmp_path
     np.testing.assert_allclose(store["maps"][:][rows], maps, rtol=1e-5, atol=1e-7)
     net.blobs["data"].reshape(*inputs.shape)
     np.testing.assert_allclose(store["scores"][:][rows], net.forward(data=inputs, end="fc")["fc"], rtol=1e-5)
+    # the net's own Softmax (Caffe's "prob" output) on the same inputs
+    np.testing.assert_allclose(
+        store["probabilities"][:][rows], net.forward(data=inputs)["prob"], rtol=1e-4, atol=1e-6
+    )
     bad_rows = [i for i, n in enumerate(names) if n in BAD]
     assert np.isnan(store["maps"][:][bad_rows]).all() and (store["classes"][:][bad_rows] == -1).all()
-    assert len(list((tmp_path / "overlays").glob("*.png"))) == len(good)
+    assert np.isnan(store["probabilities"][:][bad_rows]).all()
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == 2 * len(good)  # one per image and class
     attributes = store.attrs["fastsal"]
     assert attributes["version"] == fastsal.__version__
     assert attributes["plan"]["preprocessing"]["mean"] == MEAN

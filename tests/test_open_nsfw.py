@@ -51,3 +51,22 @@ def test_demo_writes_its_picture(tmp_path, capsys):
         with Image.open(tmp_path / picture) as image:
             assert image.size[0] > 300 and image.size[1] > 300
             assert np.asarray(image.convert("L")).std() > 10  # not a blank canvas
+
+
+def test_a_job_without_the_mean_warns_on_open_nsfw(tmp_path):
+    """open_nsfw was trained on inputs less (104, 117, 123): a run that forgets the mean is told so."""
+    import warnings
+
+    from PIL import Image
+
+    from fastsal import jobs
+
+    prototxt, weights = examples.open_nsfw_files()
+    Image.fromarray(np.full((64, 80, 3), 120, np.uint8)).save(tmp_path / "a.png")
+    for mean, expected in ((None, 1), ([104, 117, 123], 0)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            jobs.prepare(
+                tmp_path / "a.png", prototxt, weights, tmp_path / f"{expected}.zarr", mean_value=mean
+            )
+        assert len([w for w in caught if "no mean given" in str(w.message)]) == expected

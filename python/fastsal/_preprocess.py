@@ -184,6 +184,24 @@ class Preprocessing:
         top, left = (dims[0] - h) // 2, (dims[1] - w) // 2
         return image[top : top + h, left : left + w]
 
+    def to_original(self, saliency_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """A map of the net's input (H, W) placed on the original picture of ``size`` (height, width): the
+        inverse of :meth:`crop`, sampled bilinearly at each original pixel's centre as skimage's resize
+        (which caffe.io.resize_image calls) places it; NaN outside the centre crop."""
+        from scipy.ndimage import map_coordinates
+
+        _, h, w = self.input_shape
+        dims = self.images_dim or (h, w)
+        top, left = (dims[0] - h) // 2, (dims[1] - w) // 2
+        # pixel centres: original y <-> resized (y + 0.5) * dims / size - 0.5, then the crop's offset
+        rows = (np.arange(size[0]) + 0.5) * dims[0] / size[0] - 0.5 - top
+        cols = (np.arange(size[1]) + 0.5) * dims[1] / size[1] - 0.5 - left
+        grid = np.meshgrid(rows, cols, indexing="ij")
+        values = np.asarray(saliency_map, np.float64)
+        placed = map_coordinates(values, grid, order=1, mode="nearest")
+        inside = (grid[0] >= -0.5) & (grid[0] <= h - 0.5) & (grid[1] >= -0.5) & (grid[1] <= w - 0.5)
+        return np.where(inside, placed, np.nan).astype(np.float32)
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """A decoded (H, W, C) image in [0, 1] (:func:`load_image`, caffe.io.load_image) as the net's
         (C, H, W) float32 input."""

@@ -83,6 +83,22 @@ def add_model(command) -> None:
     command.add_argument("--pretrained-model", required=True, help="the trained .caffemodel")
 
 
+def add_overlay_options(command) -> None:
+    look = command.add_argument_group("overlays (one PNG per image and class, at the photo's own size)")
+    look.add_argument("--labels", help="class names (captions, CSV): synset_words.txt or one name a line")
+    look.add_argument("--cmap", help="matplotlib colour map (default: inferno, or bwr for signed maps)")
+    look.add_argument("--alpha", type=float, default=0.7, help="the map's opacity where it is strongest")
+    look.add_argument(
+        "--outlier-perc", type=float, default=2.0, help="the top percent of |values| saturate the colours"
+    )
+
+
+def overlay_style(args):
+    from ._visualize import OverlayStyle
+
+    return OverlayStyle(cmap=args.cmap, alpha=args.alpha, outlier_perc=args.outlier_perc)
+
+
 def preprocessing_for(args, input_shape, per_channel: bool = False):
     from ._preprocess import Preprocessing, load_mean
 
@@ -107,6 +123,7 @@ Saliency and attribution maps of Caffe models, from a batched C++ engine.
   fastsal run IMAGES --model-def deploy.prototxt --pretrained-model model.caffemodel -o maps.zarr
   fastsal status maps.zarr
   fastsal report maps.zarr [more.zarr ...] --labels synset_words.txt -o report/
+  fastsal export maps.zarr --png overlays/ --npy maps/ --csv results.csv --labels synset_words.txt
   fastsal visualize --model-def ... --pretrained-model ... --classes 0,1 -o classes/
   fastsal dream photo.jpg --model-def ... --pretrained-model ... --layer inception_4c/output -o dream.png
 
@@ -170,6 +187,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--gpu", type=int, help="CUDA device (a CUDA build)")
     run.add_argument("--chunk-size", type=int, default=64, help="images per chunk of work and of the store")
     run.add_argument("--overlays", help="also write PNG heat-map overlays into this folder")
+    add_overlay_options(run)
     spread = run.add_mutually_exclusive_group()
     spread.add_argument(
         "--workers", type=int, help="a Dask LocalCluster of N worker processes (fastsal[dask])"
@@ -196,6 +214,16 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--map-side", type=int, default=64, help="largest side of a map in the report, pixels"
     )
+
+    export = command("export", "a store's results as files: overlays (PNG), maps (NPY), a table (CSV)")
+    export.add_argument("output", metavar="STORE", help="the Zarr store fastsal run wrote")
+    export.add_argument("--png", help="folder for <index>_<name>_class<id>.png overlays, one per class")
+    export.add_argument("--npy", help="folder for <index>_<name>.npy: the image's (K, H, W) maps")
+    export.add_argument(
+        "--csv", help="file: path, status, reason, then each class's id, name, score, probability"
+    )
+    add_overlay_options(export)
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
 
     show = command("visualize", "images that maximise class scores, as PNGs and .npy arrays")
     add_model(show)
@@ -307,6 +335,8 @@ def _command(args) -> int:
         )
         print(f"fastsal: report of {jobs.plural(len(args.stores), 'store')} -> {index}")
         return EXIT_OK
+    if args.command == "export":
+        return _export(args)
     if args.command in ("visualize", "dream"):
         return _picture(args)
     options = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _, _) in METHOD_FLAGS.items()}
@@ -331,6 +361,8 @@ def _command(args) -> int:
         gpu=args.gpu,
         chunk_size=args.chunk_size,
         overlays=args.overlays,
+        labels=args.labels,
+        style=overlay_style(args),
         overwrite=args.overwrite,
         threads=args.threads,
         workers=args.workers,
@@ -411,6 +443,33 @@ def _refuse_existing(files: list[Path], overwrite: bool) -> None:
     for f in files:
         if f.is_dir():
             raise jobs.JobError(f"{f} is a folder; choose another output")
+
+
+def _export(args) -> int:
+    import dataclasses
+
+    import zarr
+
+    from . import _export
+    from ._labels import read_labels
+
+    if not (args.png or args.npy or args.csv):
+        raise jobs.JobError("give --png DIR, --npy DIR or --csv FILE: what to export")
+    style = overlay_style(args)
+    if args.labels:
+        jobs.status(args.output)  # a clear refusal for what is no store, before its arrays are read
+        num_classes = zarr.open_group(args.output, mode="r")["scores"].shape[1]
+        style = dataclasses.replace(style, labels=tuple(read_labels(args.labels, num_classes)))
+    done = _export.export(args.output, args.png, args.npy, args.csv, style, quiet=args.quiet)
+    wrote = [
+        f"{jobs.plural(done['overlays'], 'overlay')} -> {args.png}" if args.png else "",
+        f"{jobs.plural(done['npy'], 'map file')} -> {args.npy}" if args.npy else "",
+        f"{jobs.plural(done['rows'], 'row')} -> {args.csv}" if args.csv else "",
+    ]
+    pending = done["info"]["pending"]
+    later = f" ({jobs.plural(pending, 'image')} pending: rerun fastsal run to finish)" if pending else ""
+    print(f"fastsal: {'; '.join(w for w in wrote if w)}{later}")
+    return EXIT_OK
 
 
 def _status(output: str) -> int:

@@ -19,6 +19,7 @@ claims maps it does not hold, and an interrupted job finishes on a plain rerun.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import glob
@@ -38,11 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.special import softmax
 
-from . import _attribution
+from . import _attribution, _export
+from ._labels import read_labels
 from ._load import _listed
 from ._preprocess import ImageError, Preprocessing, decode_image, load_mean
+from ._saliency import batch_slices
 from ._threads import check_threads, default_threads
+from ._visualize import OverlayStyle, input_picture
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 PENDING, OK, FAILED = 0, 1, 2
@@ -72,7 +77,7 @@ def plural(n: int, noun: str) -> str:
 
 # What a store holds, file by file: fastsal deletes a store on overwrite only when it holds nothing else,
 # and then only these files (zarr's chunks and its interrupted writes, fastsal's markers and lock).
-ARRAYS = ("maps", "classes", "scores", "status", "paths")
+ARRAYS = ("maps", "classes", "scores", "probabilities", "status", "paths")
 _LOCK = "lock"
 _OWN_FILE = re.compile(
     rf"zarr\.json|({'|'.join(ARRAYS)})/(zarr\.json|c(/\d+)+(\.[0-9a-f]+\.partial)?)"
@@ -101,6 +106,8 @@ class JobSpec:
     gpu: int | None
     chunk_size: int
     overlays: str | None = None
+    style: OverlayStyle | None = None  # how overlays look (labels included)
+    probabilities: bool = False  # the score blob feeds the net's Softmax output: store its probabilities
     threads: int | None = None  # per process; None: the process's default (a Dask worker: its nthreads)
     plan: dict = field(default_factory=dict)
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # this run's Dask keys and plugin
@@ -249,8 +256,7 @@ class Worker:
         self._store = None
 
     def load(self, chunk: int):
-        """(inputs (n_ok, C, H, W), indices of those, {index: reason}, crops for overlays, {index: file
-        identity})."""
+        """(inputs (n_ok, C, H, W), indices of those, {index: reason}, {index: file identity})."""
         indices = list(self.spec.chunk_range(chunk))
         if self.spec.array is not None:
             if self._array is None:
@@ -259,7 +265,7 @@ class Worker:
             finite = np.isfinite(batch).reshape(len(batch), -1).all(axis=1)
             failed = {i: "contains NaN or Inf" for i, ok in zip(indices, finite) if not ok}
             good = [i for i in indices if i not in failed]
-            return batch[finite], good, failed, None, {}
+            return batch[finite], good, failed, {}
         preprocessing = self.spec.preprocessing
 
         def decode(index):
@@ -273,51 +279,52 @@ class Worker:
                     data = f.read()
                 identity = [stat.st_size, stat.st_mtime_ns, hashlib.sha256(data).hexdigest()]
                 image = decode_image(data, color=preprocessing.input_shape[0] == 3)
-                crop = preprocessing.crop(image) if self.spec.overlays else None
-                return preprocessing(image), crop, None, identity
+                return preprocessing(image), None, identity
             except ImageError as error:
-                return None, None, str(error), identity
+                return None, str(error), identity
             except OSError as error:
-                return None, None, f"cannot read: {error.strerror or error}", identity
+                return None, f"cannot read: {error.strerror or error}", identity
 
         results = list(self.decoders.map(decode, indices))
-        failed = {i: r[2] for i, r in zip(indices, results) if r[2] is not None}
-        good = [i for i, r in zip(indices, results) if r[2] is None]
-        inputs = [r[0] for r in results if r[2] is None]
-        crops = [r[1] for r in results if r[2] is None]
-        files = {i: r[3] for i, r in zip(indices, results)}
+        failed = {i: r[1] for i, r in zip(indices, results) if r[1] is not None}
+        good = [i for i, r in zip(indices, results) if r[1] is None]
+        inputs = [r[0] for r in results if r[1] is None]
+        files = {i: r[2] for i, r in zip(indices, results)}
         shape = self.attribution.image_shape
         batch = np.stack(inputs) if inputs else np.empty((0, *shape), np.float32)
-        return batch, good, failed, crops, files
+        return batch, good, failed, files
 
-    def compute(self, loaded):
-        """Maps, classes and scores of the chunk's good images; an image the engine refuses (its
-        activations overflow) is moved to the failed ones with the engine's reason. When every image of
-        the chunk fails so, the model is blamed (ModelError) and the chunk stays unfinished."""
-        batch, good, failed, crops, files = loaded
-        classes = None if self.spec.classes is None else self.spec.classes
-        results = {}
-        try:
-            if len(batch):
-                results = dict(zip(good, zip(*self._explain(batch, good, classes))))
-        except ValueError:  # one image's overflow: find it, keep the rest
-            reasons = {}
-            for row, index in enumerate(good):
-                try:
-                    maps, ids, scores = self._explain(batch[row : row + 1], [index], classes)
-                    results[index] = (maps[0], ids[0], scores[0])
-                except ValueError as error:
-                    reasons[index] = str(error).replace("images[0]", f"image {index}")
-            if len(good) > 1 and not results:
-                raise ModelError(
-                    f"every one of the {len(good)} images of inputs {good[0]}-{good[-1]} failed inside the net "
-                    f"({next(iter(reasons.values()))}): the model or the preprocessing is broken, not the "
-                    "images; check the weights and the mean and scale flags"
-                ) from None
-            failed.update(reasons)
+    def compute(self, loaded, on_batch=None):
+        """Maps, classes and scores of the chunk's good images, a batch (``batch_size`` images) at a
+        time, each batch's results handed to ``on_batch(results, files)`` as it finishes (progress,
+        overlays). An image the engine refuses (its activations overflow) is moved to the failed ones
+        with the engine's reason. When every image of the chunk fails so, the model is blamed
+        (ModelError) and the chunk stays unfinished."""
+        batch, good, failed, files = loaded
+        results, reasons = {}, {}
+        for part in batch_slices(len(good), self.attribution._main.batch_size) if len(good) else []:
+            indices, done = good[part], {}
+            try:
+                done = dict(zip(indices, zip(*self._explain(batch[part], indices, self.spec.classes))))
+            except ValueError:  # one image's overflow: find it, keep the rest
+                for row, index in zip(range(part.start, part.stop), indices):
+                    try:
+                        maps, ids, scores = self._explain(batch[row : row + 1], [index], self.spec.classes)
+                        done[index] = (maps[0], ids[0], scores[0])
+                    except ValueError as error:
+                        reasons[index] = str(error).replace("images[0]", f"image {index}")
+            results.update(done)
+            if on_batch is not None:
+                on_batch(done, files)
+        if len(good) > 1 and not results and reasons:
+            raise ModelError(
+                f"every one of the {len(good)} images of inputs {good[0]}-{good[-1]} failed inside the net "
+                f"({next(iter(reasons.values()))}): the model or the preprocessing is broken, not the "
+                "images; check the weights and the mean and scale flags"
+            )
+        failed.update(reasons)
         keep = [i for i in good if i in results]
-        crops = None if crops is None else [c for i, c in zip(good, crops) if i in results]
-        return results, keep, failed, crops, files
+        return results, keep, failed, files
 
     def _explain(self, batch, indices, classes):
         rows = None if classes is None else classes[indices]
@@ -325,7 +332,7 @@ class Worker:
         return self.attribution.explain(batch, rows, self.spec.top_k, image_ids=indices)
 
     def write(self, chunk: int, computed) -> dict:
-        results, keep, failed, crops, files = computed
+        results, keep, failed, files = computed
         if self._store is None:
             self._store = _open_store(self.spec.output, "r+")
         store, span = self._store, self.spec.chunk_range(chunk)
@@ -342,9 +349,9 @@ class Worker:
         store["maps"][block] = maps
         store["classes"][block] = ids
         store["scores"][block] = scores
+        if self.spec.probabilities:  # the net's own Softmax, on the scores it was fed
+            store["probabilities"][block] = softmax(scores.astype(np.float64), axis=1).astype(np.float32)
         store["status"][block] = state
-        if self.spec.overlays and crops:
-            self._write_overlays(keep, crops, results)
         summary = {
             "chunk": chunk,
             "ok": len(keep),
@@ -354,30 +361,32 @@ class Worker:
         _write_marker(self.spec.output, chunk, summary)  # last: the chunk is finished only now
         return summary
 
-    def _write_overlays(self, keep, crops, results):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from ._visualize import overlay
-
-        folder = Path(self.spec.overlays)
-        folder.mkdir(parents=True, exist_ok=True)
-        marker = folder / OVERLAYS_MARKER
-        if not marker.exists():  # first: the folder is this store's from now on
-            marker.write_text(self.spec.output)
-        colormap = plt.get_cmap("inferno")
-        for index, crop in zip(keep, crops):
-            maps, ids, _ = results[index]
-            photo = (np.clip(crop, 0, 1) * 255).astype(np.uint8)
-            if photo.shape[2] == 1:
-                photo = np.repeat(photo, 3, axis=2)
-            name = overlay_name(index, Path(self.spec.paths[index]).stem, int(ids[0]))
-            plt.imsave(folder / name, overlay(photo, maps[0], colormap))
+    def write_overlays(self, results: dict, files: dict) -> None:
+        """One overlay per class of each image in results (a batch), on its photo, read again from its
+        file (a chunk of big photos is not held in memory for this); a file changed meanwhile gets none."""
+        if not self.spec.overlays:
+            return
+        folder = claim_folder(Path(self.spec.overlays), Path(self.spec.output))
+        for index, (maps, ids, scores) in results.items():
+            if self.spec.paths is None:
+                photo, stem = input_picture(self._array[index]), "input"
+            else:
+                path = self.spec.paths[index]
+                try:
+                    if not _unchanged(path, files.get(index)):
+                        continue
+                    with open(path, "rb") as f:
+                        photo = _export.photo_of(f.read())
+                except (OSError, ImageError):
+                    continue
+                stem = Path(path).stem
+            probabilities = softmax(scores.astype(np.float64)) if self.spec.probabilities else None
+            _export.save_image_overlays(
+                folder, index, stem, photo, maps, ids, scores, probabilities, self.spec.plan, self.spec.style
+            )
 
     def process(self, chunk: int) -> dict:
-        return self.write(chunk, self.compute(self.load(chunk)))
+        return self.write(chunk, self.compute(self.load(chunk), self.write_overlays))
 
 
 def overlay_name(index: int, stem: str, class_id: int, limit: int = 255) -> str:
@@ -490,11 +499,14 @@ def _prepare(
     overlays=None,
     overwrite=False,
     threads=None,
+    labels=None,
+    style=None,
 ):
     """Checks everything and writes the plan: the store exists, whole, empty or partly done, and is
     locked for this job when it returns. Raises JobError (or FileNotFoundError) before any work for a bad
-    model, mean, classes, inputs or output. Returns the spec, the checked model's Attribution, which the
-    local run reuses, and the store's lock (held until closed)."""
+    model, mean, classes, inputs or output. ``labels``: a class-names file for the overlays' captions;
+    ``style``: an OverlayStyle for the overlays. Returns the spec, the checked model's Attribution, which
+    the local run reuses, and the store's lock (held until closed)."""
     import fastsal
 
     options = dict(method_options or {})
@@ -566,6 +578,15 @@ def _prepare(
             )
         top_k = None
     _check_model(attribution, preprocessing)
+    if preprocessing is not None and mean is None:
+        _check_mean(net, attribution, preprocessing)
+    style = style or OverlayStyle()
+    if labels is not None:
+        try:
+            names = read_labels(labels, attribution.num_classes)
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise JobError(f"cannot use the labels file {labels}: {error}") from None
+        style = dataclasses.replace(style, labels=tuple(names))
     k = top_k or per_image.shape[1]
     inputs_hash = hashlib.sha256(
         ("\n".join(paths) if paths is not None else _sha256(array)).encode()
@@ -590,6 +611,9 @@ def _prepare(
         "score": attribution._main.score,
         "chunk_size": chunk_size,
     }
+    probabilities = _feeds_softmax(net, attribution._main.score)
+    if probabilities:  # only then: a plan without the key is an older store's, which resumes as it was
+        plan["probabilities"] = True
     spec = JobSpec(
         output=str(out),
         model_def=str(Path(model_def).resolve()),
@@ -607,11 +631,100 @@ def _prepare(
         gpu=gpu,
         chunk_size=chunk_size,
         overlays=None if overlays is None else str(Path(overlays).resolve()),
+        style=style,
+        probabilities=probabilities,
         threads=threads,
         plan=plan,
     )
     lock = _claim_store(spec, attribution.num_classes, overwrite)
     return spec, attribution, lock
+
+
+def _feeds_softmax(net, score: str) -> bool:
+    """Whether the score blob feeds a Softmax layer whose output is the net's (as the engine's default
+    score blob is found): the store then holds probabilities, that Softmax applied to the scores."""
+    for name, layer in zip(net._layer_names, net.layers):
+        tops = list(net.top_names[name])
+        if (
+            layer.type == "Softmax"
+            and list(net.bottom_names[name]) == [score]
+            and set(tops) & set(net.outputs)
+        ):
+            return True
+    return False
+
+
+# A typical ImageNet mean (BGR) for the check below: what Caffe's ImageNet models subtract.
+_IMAGENET_MEAN = (104.0, 117.0, 123.0)
+
+
+def _check_mean(net, attribution, preprocessing) -> None:
+    """Warns once when a run without a mean looks like a forgotten one, comparing a mid-grey picture
+    without a mean and with a typical ImageNet mean subtracted. A net with BatchNorm recorded its
+    training inputs' statistics: when the grey picture's activations at the first BatchNorm are more
+    than 3x further (in its recorded standard deviations) from its recorded means without the mean than
+    with it, the net was trained on mean-subtracted inputs. Without BatchNorm: a trained classifier
+    should not be sure of a featureless picture, so a net that is (top probability > 0.99) only
+    without the mean was almost surely trained with it."""
+    c, h, w = attribution.image_shape
+    grey = np.full((h, w, c), 0.5, np.float32)
+    mean = np.asarray(_IMAGENET_MEAN if c == 3 else (np.mean(_IMAGENET_MEAN),), np.float32)
+    inputs = np.stack(
+        [preprocessing.transform(grey), dataclasses.replace(preprocessing, mean=mean).transform(grey)]
+    )
+    try:
+        distances = _batchnorm_distances(net, inputs)
+        if distances is not None:
+            layer, (without, with_mean) = distances
+            forgotten = without > 3 * with_mean
+            why = (
+                f"a grey picture's activations at its BatchNorm '{layer}' are {without / max(with_mean, 1e-12):.0f}x "
+                "further from the statistics it recorded in training than with the ImageNet mean subtracted"
+            )
+        else:
+            top = softmax(attribution.scores(inputs).astype(np.float64), axis=1).max(axis=1)
+            forgotten = top[0] > 0.99 and top[1] <= 0.99
+            why = (
+                f"the net is {top[0]:.1%} sure of a plain grey picture unless the ImageNet mean is subtracted"
+            )
+    except ValueError:  # the engine's overflow check: _check_model has judged the weights already
+        return
+    if forgotten:
+        warnings.warn(
+            f"no mean given, but {why} ({', '.join(f'{v:g}' for v in _IMAGENET_MEAN)}): it was probably "
+            "trained on mean-subtracted inputs; give --mean-file or --mean-value (classify.py's --mean_file)",
+            stacklevel=3,
+        )
+
+
+def _batchnorm_distances(net, inputs: np.ndarray):
+    """(the first BatchNorm layer, each input's median over channels of |spatial mean of its bottom -
+    recorded mean| / recorded std), or None when the net has no BatchNorm with recorded statistics."""
+    names = list(net._layer_names)
+    found = [i for i, layer in enumerate(net.layers) if layer.type == "BatchNorm" and len(layer.blobs) == 3]
+    if not found:
+        return None
+    index = found[0]
+    blobs = net.layers[index].blobs
+    factor = float(blobs[2].data.ravel()[0])
+    if factor == 0:
+        return None
+    means, variances = blobs[0].data / factor, blobs[1].data / factor
+    bottom = net.bottom_names[names[index]][0]
+    producers = [i for i in range(index) if bottom in net.top_names[names[i]]]
+    if not producers:
+        return None
+    data = net.blobs[net.inputs[0]]
+    shape = data.data.shape
+    try:
+        data.reshape(*inputs.shape)
+        data.data[...] = inputs
+        net.forward(end=names[producers[-1]])
+        values = net.blobs[bottom].data.reshape(len(inputs), len(means), -1).mean(axis=2)
+    finally:
+        data.reshape(*shape)
+    distance = np.abs(values - means) / np.sqrt(variances + 1e-5)
+    return names[index], tuple(float(d) for d in np.median(distance, axis=1))
 
 
 def _jsonable(value):
@@ -674,12 +787,12 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 
 def _check_overlays(folder: Path, out: Path) -> None:
-    """An overlays folder is new, empty, or the one this store's job wrote before: fastsal never
-    overwrites pictures it did not make."""
+    """An overlays (or export) folder is new, empty, or one fastsal wrote for this store before: fastsal
+    never overwrites pictures it did not make."""
     if not (folder.exists() or folder.is_symlink()):
         return
     if not folder.is_dir():
-        raise JobError(f"the overlays folder {folder} is a file; choose another")
+        raise JobError(f"the folder {folder} is a file; choose another")
     if not any(folder.iterdir()):
         return
     try:
@@ -688,9 +801,19 @@ def _check_overlays(folder: Path, out: Path) -> None:
         owner = None
     if owner != str(out):
         raise JobError(
-            f"the overlays folder {folder} holds files that this job did not write; fastsal overwrites "
-            "nothing it did not make: choose a new or empty folder"
+            f"the folder {folder} holds files that fastsal did not write for this store; fastsal "
+            "overwrites nothing it did not make: choose a new or empty folder"
         )
+
+
+def claim_folder(folder: Path, out: Path) -> Path:
+    """Creates an output folder checked by _check_overlays and marks it as this store's (first: the
+    folder is fastsal's from now on)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / OVERLAYS_MARKER
+    if not marker.exists():
+        marker.write_text(str(out))
+    return folder
 
 
 def _lock(out: Path):
@@ -765,6 +888,10 @@ def _claim_store(spec: JobSpec, num_classes: int, overwrite: bool):
             new_lock = _replace_store(spec, num_classes, out)
             lock.close()
             return new_lock
+        if "probabilities" not in existing["plan"] and spec.probabilities:
+            # a store from before probabilities were stored resumes as it was made: scores only
+            spec.probabilities = False
+            del spec.plan["probabilities"]
         if existing["plan"] != spec.plan:
             changed = sorted(key for key in spec.plan if existing["plan"].get(key) != spec.plan[key])
             raise JobError(
@@ -786,6 +913,8 @@ def _expected_shapes(spec: JobSpec, num_classes: int) -> dict[str, tuple]:
         else np.load(spec.array, mmap_mode="r").shape[2:]
     )
     shapes = {"maps": (n, k, h, w), "classes": (n, k), "scores": (n, num_classes), "status": (n,)}
+    if spec.probabilities:
+        shapes["probabilities"] = (n, num_classes)
     if spec.paths is not None:
         shapes["paths"] = (n,)
     return shapes
@@ -863,8 +992,11 @@ def _build_store(spec: JobSpec, num_classes: int, folder: Path, out: Path) -> No
         ("maps", ("image", "class", "y", "x"), "float32", np.nan),
         ("classes", ("image", "class"), "int32", -1),
         ("scores", ("image", "label"), "float32", np.nan),
+        ("probabilities", ("image", "label"), "float32", np.nan),
         ("status", ("image",), "int8", PENDING),
     ):
+        if name not in shapes:
+            continue
         shape = shapes[name]
         array = group.create_array(
             name, shape=shape, chunks=(chunk, *shape[1:]), dtype=dtype, fill_value=fill, dimension_names=dims
@@ -878,7 +1010,8 @@ def _build_store(spec: JobSpec, num_classes: int, folder: Path, out: Path) -> No
                 "paths", shape=(n,), chunks=(max(1, n),), dtype=str, dimension_names=("image",)
             )
             paths[:] = np.array(spec.paths, dtype=object)
-    group.attrs["fastsal"] = {"plan": spec.plan, "version": fastsal.__version__}
+    # The .npy's path beside the plan (not in it: the plan names inputs by content), for export's overlays.
+    group.attrs["fastsal"] = {"plan": spec.plan, "version": fastsal.__version__, "array": spec.array}
     with warnings.catch_warnings():  # zarr: consolidated metadata is not in the v3 spec yet
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(str(folder))  # readers need not list the folder (.fastsal is no array)
@@ -978,6 +1111,8 @@ def run_job(
         except KeyboardInterrupt:
             raise JobInterrupted(len(done_chunks(spec.output, spec.chunks)), spec.chunks) from None
         seconds = time.perf_counter() - start
+        if spec.overlays and done:  # the chunks finished before this run have overlays too
+            _export.write_store_overlays(spec.output, spec.overlays, spec.style, chunks=sorted(done))
         finished = done_chunks(spec.output, spec.chunks)
     missing = spec.chunks - len(finished)
     if missing:
@@ -993,23 +1128,30 @@ def run_job(
 
 def _run_local(worker: Worker, todo: list[int], progress) -> None:
     """Decoding runs ahead of the engine (two chunks) and writing behind it, in threads: the engine
-    releases the GIL, so they overlap with it."""
+    releases the GIL, so they overlap with it. Progress moves per batch; each batch's overlays are drawn
+    in the writer thread as the batch finishes."""
     with ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as writer:
         loads = deque(loader.submit(worker.load, c) for c in todo[:2])
         writes = deque()
+
+        def on_batch(results, files):
+            if worker.spec.overlays and results:
+                writes.append(writer.submit(worker.write_overlays, results, files))
+            progress.update(len(results))
+
         for i, chunk in enumerate(todo):
             loaded = loads.popleft().result()
             if i + 2 < len(todo):
                 loads.append(loader.submit(worker.load, todo[i + 2]))
-            computed = worker.compute(loaded)
-            writes.append((writer.submit(worker.write, chunk, computed), len(worker.spec.chunk_range(chunk))))
-            while len(writes) > 1 or (writes and writes[0][0].done()):
-                future, size = writes.popleft()
-                future.result()  # a write error (disk full, permissions) stops the job here
-                progress.update(size)
-        for future, size in writes:
+            computed = worker.compute(loaded, on_batch)
+            failed = len(worker.spec.chunk_range(chunk)) - len(computed[1])
+            if failed:
+                progress.update(failed)
+            writes.append(writer.submit(worker.write, chunk, computed))
+            while len(writes) > 1 or (writes and writes[0].done()):
+                writes.popleft().result()  # a write error (disk full, permissions) stops the job here
+        for future in writes:
             future.result()
-            progress.update(size)
 
 
 def _run_dask(spec: JobSpec, todo: list[int], workers, scheduler, progress) -> None:
