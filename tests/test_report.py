@@ -35,7 +35,8 @@ def photo(rng, h, w):
 @pytest.fixture(scope="module")
 def stores(model, tmp_path_factory):
     """Two real stores of one image list (saliency, and integrated gradients summed over channels: signed
-    maps), with overlays; one gets probabilities and a metric by hand, as later fastsal versions add."""
+    maps), with overlays; one gets a metric by hand, as an evaluation adds it, the other loses its
+    probabilities, as stores made before fastsal wrote them."""
     folder = tmp_path_factory.mktemp("report")
     images = folder / "images"
     images.mkdir()
@@ -66,13 +67,8 @@ def stores(model, tmp_path_factory):
         assert code == 1  # broken.jpg failed
         made[method] = (out, overlays)
     group = zarr.open_group(str(made["saliency"][0]), mode="r+")
-    scores = group["scores"][:]
-    ok = group["status"][:] == jobs.OK
-    shifted = np.full_like(scores, np.nan)  # a failed image has no scores, so no probabilities
-    shifted[ok] = np.exp(scores[ok] - scores[ok].max(axis=1, keepdims=True))
-    group.create_array(
-        "probabilities", data=(shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
-    )
+    assert "probabilities" in group  # fastsal run writes them beside the scores
+    del zarr.open_group(str(made["integrated_gradients"][0]), mode="r+")["probabilities"]  # as older stores
     deletion = rng.uniform(0, 1, group["classes"].shape).astype(np.float32)
     deletion[group["status"][:] != jobs.OK] = np.nan  # an evaluation has nothing to say of a failed image
     group.create_array("metrics/deletion", data=deletion)
