@@ -1,0 +1,326 @@
+"""Are the maps any good? Faithfulness and randomisation metrics of attribution maps (issue 23), one
+class per metric with its paper's parameters as keyword arguments (as Quantus keeps them); every
+perturbed copy of an image is built on demand and streamed through fastsal's forward-only engine."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import caffe
+import numpy as np
+import scipy.ndimage
+import scipy.sparse
+import scipy.sparse.linalg
+
+from ._attribution import Attribution
+from ._forward import Forward, softmax
+
+ENGINE_OPTIONS = ("score", "input", "batch_size", "fast_layers", "exact", "device", "threads")
+
+
+# ---- shared pieces ----
+
+
+def ranking(maps: np.ndarray) -> np.ndarray:
+    """Each map's pixels in decreasing order of value, (..., H * W) int64. Ties keep raster order (the
+    lower flat index first): a stable sort of the negated map. RISE's np.flip(np.argsort(...)) leaves
+    ties to quicksort; only maps with tied values (a constant region, a ReLU's zeros) can differ."""
+    flat = maps.reshape(*maps.shape[:-2], -1)
+    return np.argsort(-flat, axis=-1, kind="stable")
+
+
+def positions(order: np.ndarray) -> np.ndarray:
+    """The inverse of a ranking: each pixel's place in it, (..., H * W) int32."""
+    places = np.empty(order.shape, np.int32)
+    np.put_along_axis(places, order, np.arange(order.shape[-1], dtype=np.int32), axis=-1)
+    return places
+
+
+def trapezoid_auc(curve: np.ndarray) -> np.ndarray:
+    """RISE's normalised area under a curve of n equally spaced points over [0, 1], last axis:
+    (sum - first / 2 - last / 2) / (n - 1)."""
+    curve = np.asarray(curve, np.float64)
+    return (curve.sum(axis=-1) - curve[..., 0] / 2 - curve[..., -1] / 2) / (curve.shape[-1] - 1)
+
+
+def gaussian_kernel(klen: int = 11, sigma: float = 5.0) -> np.ndarray:
+    """RISE's ``gkern``: a klen x klen delta smoothed by scipy.ndimage.gaussian_filter(sigma) (its
+    default reflecting edges, truncated at 4 sigma), so the weights sum to 1."""
+    delta = np.zeros((klen, klen))
+    delta[klen // 2, klen // 2] = 1
+    return scipy.ndimage.gaussian_filter(delta, sigma)
+
+
+def blur(images: np.ndarray, klen: int = 11, sigma: float = 5.0) -> np.ndarray:
+    """Each channel convolved with :func:`gaussian_kernel`, zeros beyond the edge (RISE's insertion
+    substrate: torch's conv2d with padding klen // 2). (N, C, H, W) float32."""
+    kernel = gaussian_kernel(klen, sigma)[None, None]
+    out = scipy.ndimage.correlate(images.astype(np.float64), kernel, mode="constant", cval=0.0)
+    return out.astype(np.float32)
+
+
+def _check_number(name: str, value, low: float | None = None, integer: bool = False) -> None:
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+        raise TypeError(f"{name} must be {'an integer' if integer else 'a finite number'}, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
+
+
+@dataclass
+class _Context:
+    """What every metric may need for one evaluation: the inputs, the maps, and how to recompute them."""
+
+    net: caffe.Net
+    images: np.ndarray  # (N, C, H, W) float32
+    classes: np.ndarray  # (N, K) int32
+    maps: np.ndarray  # (N, K, H, W) float32
+    method: str | None
+    options: dict
+    engine: dict
+    forward: Forward
+
+    def pixel_maps(self) -> np.ndarray:
+        """The maps as one value per pixel: (N, K, C, H, W) maps are summed over channels."""
+        return self.maps.sum(axis=2) if self.maps.ndim == 5 else self.maps
+
+    def probabilities(self, scores: np.ndarray, softmax_scores: bool) -> np.ndarray:
+        return softmax(scores) if softmax_scores else scores
+
+
+class Metric:
+    """A metric of attribution maps; :func:`evaluate` runs it. ``name`` keys its results."""
+
+    name = ""
+    needs_method = False  # recomputes the maps (of perturbed inputs or randomised nets)
+
+    def run(self, context: _Context) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+# ---- deletion and insertion (RISE) ----
+
+
+class _Causal(Metric):
+    def __init__(self, *, step: int | None = None, softmax: bool = True):
+        if step is not None:
+            _check_number("step", step, 1, integer=True)
+        if not isinstance(softmax, bool):
+            raise TypeError(f"softmax must be True or False, got {softmax!r}")
+        self.step = step
+        self.softmax = softmax
+
+    def substrate(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(start, finish): the image at step 0 and what each ranked pixel becomes."""
+        raise NotImplementedError
+
+    def run(self, context):
+        return causal_curves(context, [self])[self.name]
+
+
+class Deletion(_Causal):
+    """Deletion (Petsiuk et al., RISE, BMVC 2018, section 4.1): the map's pixels, most important
+    first, ``step`` at a time, set to ``baseline`` in every channel; after each step, the class
+    probability p_c = softmax(scores)_c. The curve has ceil(H * W / step) + 1 points (the untouched
+    image first, the fully deleted one last); the score is its area by the trapezoid rule over [0, 1]
+    (RISE's ``auc``). Lower is better. ``baseline`` (default 0.0, RISE's zero substrate) is in the
+    net's preprocessed input space (after mean subtraction and scaling: 0 is the mean image); a
+    scalar or a (C, H, W) or (N, C, H, W) array. ``step`` defaults to the image width (RISE: 224 on
+    224 x 224 images). Ties in the map: see :func:`ranking`. ``softmax=False`` takes the raw scores.
+    """
+
+    name = "deletion"
+
+    def __init__(self, *, step: int | None = None, baseline=0.0, softmax: bool = True):
+        super().__init__(step=step, softmax=softmax)
+        self.baseline = np.asarray(baseline, np.float32)
+        if not np.isfinite(self.baseline).all():
+            raise ValueError("baseline contains NaN or Inf")
+
+    def substrate(self, images):
+        b = self.baseline
+        if b.ndim not in (0, 3, 4) or (b.ndim and b.shape[-3:] != images.shape[1:]):
+            raise ValueError(f"baseline must be a scalar or {images.shape[1:]} images, got shape {b.shape}")
+        if b.ndim == 4 and len(b) != len(images):
+            raise ValueError(f"baseline has {len(b)} images but there are {len(images)}")
+        return images, np.broadcast_to(b, images.shape)
+
+
+class Insertion(_Causal):
+    """Insertion (Petsiuk et al., RISE, BMVC 2018, section 4.1): start from a blurred copy of the
+    image and put the map's pixels back, most important first, ``step`` at a time; the class
+    probability after each step, its curve (ceil(H * W / step) + 1 points, the blurred image first)
+    and area (trapezoid). Higher is better. The blur is RISE's: each channel convolved with a
+    ``klen`` x ``klen`` (11) Gaussian of ``sigma`` (5) (:func:`gaussian_kernel`), zeros beyond the
+    edge, in the net's preprocessed input space. ``step``, ``softmax``: as :class:`Deletion`.
+    """
+
+    name = "insertion"
+
+    def __init__(self, *, step: int | None = None, klen: int = 11, sigma: float = 5.0, softmax: bool = True):
+        super().__init__(step=step, softmax=softmax)
+        _check_number("klen", klen, 1, integer=True)
+        _check_number("sigma", sigma, 0)
+        self.klen, self.sigma = klen, sigma
+
+    def substrate(self, images):
+        return blur(images, self.klen, self.sigma), images
+
+
+def causal_curves(context: _Context, metrics: list[_Causal]) -> dict[str, dict[str, np.ndarray]]:
+    """Deletion and insertion curves of every (image, class) pair and metric, all rows in one stream:
+    row (metric m, pair p, step i) is built when its batch comes, from the pair's pixel ranking."""
+    images, classes = context.images, context.classes
+    n, k = classes.shape
+    h, w = images.shape[-2:]
+    pixels = h * w
+    places = positions(ranking(context.pixel_maps())).reshape(n * k, pixels)
+    plans = []  # (metric, first row, points, step, start, finish)
+    first = 0
+    for metric in metrics:
+        step = metric.step or w
+        points = -(-pixels // step) + 1
+        start, finish = metric.substrate(images)
+        plans.append((metric, first, points, step, start, finish))
+        first += n * k * points
+    curves = [np.empty((n * k, plan[2]), np.float64) for plan in plans]
+    bounds = np.array([plan[1] for plan in plans] + [first])
+
+    def rows(begin, end):
+        row = np.arange(begin, end)
+        which = np.searchsorted(bounds, row, side="right") - 1
+        out = np.empty((len(row), *images.shape[1:]), np.float32)
+        for m in np.unique(which):
+            _, base, points, step, start, finish = plans[m]
+            local = row[which == m] - base
+            pair, i = local // points, local % points
+            image = pair // k
+            changed = places[pair] < (step * i)[:, None]
+            out[which == m] = np.where(changed.reshape(-1, 1, h, w), finish[image], start[image])
+        return out
+
+    def consume(begin, end, scores):
+        row = np.arange(begin, end)
+        which = np.searchsorted(bounds, row, side="right") - 1
+        for m in np.unique(which):
+            metric, base, points, _, _, _ = plans[m]
+            local = row[which == m] - base
+            pair, i = local // points, local % points
+            values = context.probabilities(scores[which == m], metric.softmax)
+            curves[m][pair, i] = values[np.arange(len(pair)), classes.reshape(-1)[pair]]
+
+    context.forward.stream(first, rows, consume)
+    return {
+        plan[0].name: {plan[0].name: trapezoid_auc(c).reshape(n, k), "curve": c.reshape(n, k, -1)}
+        for plan, c in zip(plans, curves)
+    }
+
+
+# ---- evaluate ----
+
+METRICS = {"deletion": Deletion, "insertion": Insertion}
+
+
+def _metric(item) -> Metric:
+    if isinstance(item, Metric):
+        return item
+    if isinstance(item, str) and item in METRICS:
+        return METRICS[item]()
+    raise ValueError(
+        f"unknown metric {item!r}; fastsal has: {', '.join(METRICS)} (or a fastsal.metrics object)"
+    )
+
+
+def evaluate(
+    net: caffe.Net,
+    images,
+    classes,
+    metrics=("deletion", "insertion"),
+    *,
+    method: str | None = "saliency",
+    maps=None,
+    convergence_delta: bool = False,
+    **options,
+) -> dict[str, np.ndarray]:
+    """Scores of attribution maps for ``images`` and ``classes`` (every form :meth:`Saliency.compute`
+    takes). ``metrics``: names (``"deletion"``, ``"insertion"``, ...) for their defaults, or metric
+    objects (``fastsal.metrics.Deletion(step=56)``). The maps are ``method``'s (any of
+    ``fastsal.METHODS``, with its ``**options``; the engine's options ``score``, ``input``,
+    ``batch_size``, ``exact``, ``device``, ``threads`` apply to every forward pass), or precomputed
+    ``maps`` ((N, K, H, W), or (N, K, C, H, W) summed over channels where a metric ranks pixels).
+
+    Returns a dict: each metric's name -> (N, K) float64 scores, and ``name + "_curve"`` -> its
+    curves where it has them ((N, K, points)). ``convergence_delta=True`` (integrated_gradients)
+    adds ``"convergence_delta"``: |sum of the attributions - (F(x) - F(baseline))| / |F(x) -
+    F(baseline)| per (image, class), F the class score (Captum's delta, relative).
+    """
+    chosen = [_metric(item) for item in ([metrics] if isinstance(metrics, (str, Metric)) else metrics)]
+    names = [metric.name for metric in chosen]
+    if len(set(names)) != len(names):
+        raise ValueError(f"each metric may appear once, got {names}")
+    engine = {key: options.pop(key) for key in ENGINE_OPTIONS if key in options}
+    if maps is not None and convergence_delta:
+        raise ValueError("convergence_delta needs method='integrated_gradients', not precomputed maps")
+    forward = Forward(net, **engine)
+    batch, single = forward._engine._images(images)
+    if single:
+        raise ValueError("evaluate takes (N, C, H, W) images; add the N axis to one image")
+    ids = forward._engine._classes(classes, len(batch))
+    results: dict[str, np.ndarray] = {}
+    if maps is None:
+        if method is None:
+            raise ValueError("give a method or precomputed maps")
+        attribution = Attribution(net, method, **engine, **options)
+        if convergence_delta:
+            maps, delta = attribution.compute(batch, ids, return_convergence_delta=True)
+            results["convergence_delta"] = _relative_delta(attribution, forward, batch, ids, delta)
+        else:
+            maps = attribution.compute(batch, ids)
+    else:
+        if options:
+            raise TypeError(f"options {sorted(options)} are a method's, but maps were given")
+        maps = _check_maps(maps, batch.shape, ids.shape)
+        needing = [metric.name for metric in chosen if metric.needs_method]
+        if needing:
+            raise ValueError(f"{', '.join(needing)} recompute the maps: give method=, not maps=")
+        method = None
+    context = _Context(net, np.asarray(batch, np.float32), ids, maps, method, options, engine, forward)
+    causal = [metric for metric in chosen if isinstance(metric, _Causal)]
+    done = causal_curves(context, causal) if causal else {}
+    for metric in chosen:
+        out = done[metric.name] if metric.name in done else metric.run(context)
+        for key, value in out.items():
+            results[metric.name if key == metric.name else f"{metric.name}_{key}"] = value
+    return results
+
+
+def _check_maps(maps, image_shape, class_shape) -> np.ndarray:
+    maps = np.asarray(maps)
+    if maps.dtype == np.bool_ or not np.issubdtype(maps.dtype, np.number) or np.iscomplexobj(maps):
+        raise TypeError(f"maps must hold real numbers, got dtype {maps.dtype}")
+    n, c, h, w = image_shape
+    allowed = ((*class_shape, h, w), (*class_shape, c, h, w))
+    if maps.shape not in allowed:
+        raise ValueError(
+            f"maps must be {allowed[0]} or {allowed[1]} for these images and classes, got {maps.shape}"
+        )
+    maps = maps.astype(np.float32)
+    if not np.isfinite(maps).all():
+        raise ValueError("maps contain NaN or Inf")
+    return maps
+
+
+def _relative_delta(attribution, forward, images, classes, delta) -> np.ndarray:
+    baselines = (
+        np.concatenate([attribution._baseline_for(s, 1) for s in range(len(images))])
+        if len(images)
+        else images
+    )
+    rows = np.arange(len(images))[:, None]
+    change = (
+        forward.scores(images)[rows, classes].astype(np.float64) - forward.scores(baselines)[rows, classes]
+    )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.abs(delta) / np.abs(change)
