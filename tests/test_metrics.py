@@ -145,3 +145,81 @@ def test_refusals(case):
         )
     with pytest.raises(ValueError, match="once"):
         fastsal.evaluate(net, images, classes, ["deletion", "deletion"], maps=maps, score=score)
+
+
+# ---- ROAD: the imputation against Quantus 0.6.0's noisy_linear_imputation, the curves through pycaffe ----
+
+
+def documented_noise(road, image, column, index, shape):
+    """fastsal's documented ROAD noise, drawn here from its definition rather than through fastsal."""
+    return road.noise * np.random.default_rng([road.seed, image, column, index]).standard_normal(shape)
+
+
+def quantus_imputation(monkeypatch, image, indices, noise):
+    """Quantus's noisy_linear_imputation of one image, its np.random.randn replaced by the given noise
+    (Quantus draws from NumPy's global state; fastsal draws per image, class and percentage)."""
+    perturb = pytest.importorskip("quantus.functions.perturb_func")
+    monkeypatch.setattr(np.random, "randn", lambda *shape: noise.reshape(shape))
+    return perturb.noisy_linear_imputation(arr=image, indices=indices, noise=1.0)
+
+
+@pytest.mark.parametrize("road_class", ["RoadMoRF", "RoadLeRF"])
+def test_road_matches_quantus_imputation_through_pycaffe(case, monkeypatch, road_class):
+    net, score, images, classes, maps = case
+    road = getattr(fastsal.metrics, road_class)(percentages=[0, 10, 55, 99], noise=0.05, seed=7)
+    got = fastsal.evaluate(net, images, classes, road, maps=maps, score=score, batch_size=3)
+    hw = maps.shape[-2] * maps.shape[-1]
+    curves = np.empty(got[f"{road.name}_curve"].shape)
+    for i, image in enumerate(images):
+        for k, label in enumerate(classes[i]):
+            flat = maps[i, k].reshape(-1)
+            order = np.argsort(-flat if road_class == "RoadMoRF" else flat, kind="stable")
+            for j, p in enumerate(road.percentages):
+                indices = order[: int(hw * p / 100)]
+                perturbed = image
+                if len(indices):
+                    noise = documented_noise(road, i, k, j, (image.shape[0], len(indices)))
+                    perturbed = quantus_imputation(monkeypatch, image, indices, noise).astype(np.float32)
+                curves[i, k, j] = probabilities(net, score, perturbed)[label]
+    np.testing.assert_allclose(got[f"{road.name}_curve"], curves, atol=TOL)
+    np.testing.assert_allclose(got[road.name], curves.mean(axis=2), atol=TOL)
+
+
+def test_road_accuracy_matches_quantus_road(tmp_path, rng, monkeypatch):
+    """Quantus 0.6.0's ROAD itself, on the same weights through fastsal.torch_port: its per-image
+    accuracy at each percentage. Quantus ranks the map broadcast to the image's shape but imputes by
+    pixel, so it runs on one-channel images only (three channels: an IndexError in Quantus)."""
+    torch = pytest.importorskip("torch")
+    quantus = pytest.importorskip("quantus")
+    from conftest import _input, conv, fc, layer, make_net
+    from fastsal.torch_port import to_torch
+
+    text = (
+        _input((1, 10, 10))
+        + conv("conv1", "data", 6)
+        + layer("relu1", "ReLU", "conv1", "conv1")
+        + layer("pool1", "Pooling", "conv1", params="pooling_param { pool: MAX kernel_size: 2 stride: 2 }")
+        + fc("fc", "pool1", 4)
+        + layer("prob", "Softmax", "fc")
+    )
+    net = make_net(tmp_path, text, seed=3)
+    model = to_torch(net, str(tmp_path / "net.prototxt"), "fc").eval()
+    images = rng.standard_normal((6, 1, 10, 10)).astype(np.float32)
+    labels = model(torch.from_numpy(images)).argmax(1).numpy()
+    maps = rng.standard_normal((6, 1, 10, 10)).astype(np.float32)
+    road = fastsal.metrics.RoadMoRF(percentages=[10, 30, 50, 70, 90], noise=0.5, seed=2, output="accuracy")
+    got = fastsal.evaluate(net, images, labels[:, None], road, maps=maps[:, 0, None], score="fc")
+    draws = iter(
+        documented_noise(road, i, 0, j, (1, int(100 * p / 100)))
+        for j, p in enumerate(road.percentages)  # Quantus: percentages outside, images inside
+        for i in range(len(images))
+    )
+    monkeypatch.setattr(np.random, "randn", lambda *shape: next(draws).reshape(shape) / road.noise)
+    metric = quantus.ROAD(
+        percentages=road.percentages, noise=road.noise, normalise=False, abs=False, disable_warnings=True
+    )
+    wrapped = quantus.helpers.utils.get_wrapped_model(model, channel_first=True, softmax=True, device="cpu")
+    metric.a_size = 100
+    (expected,) = metric.evaluate_batch(model=wrapped, x_batch=images, y_batch=labels, a_batch=maps)
+    np.testing.assert_array_equal(got["road_morf_curve"][:, 0], expected)
+    assert 0 < got["road_morf_curve"].mean() < 1  # some predictions change: the check has teeth

@@ -218,9 +218,142 @@ def causal_curves(context: _Context, metrics: list[_Causal]) -> dict[str, dict[s
     }
 
 
+# ---- ROAD (remove and debias) ----
+
+# Rong et al.'s noisy linear imputation: each removed pixel is the weighted mean of its 8 neighbours
+# (1/6 beside, 1/12 diagonal; those beyond the edge left out), solved jointly for all removed pixels.
+_NEIGHBOURS = (
+    (1, 1, 1 / 12),
+    (0, 1, 1 / 6),
+    (-1, 1, 1 / 12),
+    (1, -1, 1 / 12),
+    (0, -1, 1 / 6),
+    (-1, -1, 1 / 12),
+    (1, 0, 1 / 6),
+    (-1, 0, 1 / 6),
+)
+
+
+def linear_imputation(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """The removed pixels' values (C, len(removed)) of a (C, H, W) image under noisy linear imputation
+    without its noise: for each removed pixel i, S_i x_i - sum_{j removed} w_ij x_j = sum_{j kept}
+    w_ij x_j, S_i the sum of its in-image neighbours' weights; one sparse solve per image and set."""
+    c, h, w = image.shape
+    flat = image.reshape(c, h * w).astype(np.float64)
+    count = len(removed)
+    unknown = np.full(h * w, -1, np.int64)
+    unknown[removed] = np.arange(count)
+    rows_, cols, weights = [np.arange(count)], [np.arange(count)], [np.zeros(count)]
+    rhs = np.zeros((count, c))
+    total = np.zeros(count)
+    y, x = np.divmod(removed, w)
+    for dy, dx, weight in _NEIGHBOURS:
+        ny, nx = y + dy, x + dx
+        valid = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+        neighbour = ny[valid] * w + nx[valid]
+        ids = np.flatnonzero(valid)
+        total[ids] += weight
+        var = unknown[neighbour]
+        inside = var >= 0
+        rows_.append(ids[inside])
+        cols.append(var[inside])
+        weights.append(np.full(inside.sum(), -weight))
+        rhs[ids[~inside]] += weight * flat[:, neighbour[~inside]].T
+    weights[0] = total
+    matrix = scipy.sparse.csc_matrix(
+        (np.concatenate(weights), (np.concatenate(rows_), np.concatenate(cols))), shape=(count, count)
+    )
+    return np.atleast_2d(scipy.sparse.linalg.spsolve(matrix, rhs)).reshape(count, c).T
+
+
+class _Road(Metric):
+    order = ""
+
+    def __init__(self, *, percentages=None, noise: float = 0.01, seed: int = 0, output: str = "probability"):
+        self.percentages = list(range(1, 100, 2)) if percentages is None else list(percentages)
+        if not self.percentages:
+            raise ValueError("percentages is empty")
+        for p in self.percentages:
+            _check_number("percentages", p, 0)
+            if p > 100:
+                raise ValueError(f"percentages must lie in [0, 100], got {p}")
+        _check_number("noise", noise, 0)
+        _check_number("seed", seed, 0, integer=True)
+        if output not in ("probability", "accuracy"):
+            raise ValueError(f"output must be 'probability' or 'accuracy', got {output!r}")
+        self.noise, self.seed, self.output = noise, seed, output
+
+    def noise_for(self, image: int, column: int, index: int, shape) -> np.ndarray:
+        """The noise added to the imputed values, (C, k) for the k removed pixels in ranking order."""
+        return self.noise * np.random.default_rng([self.seed, image, column, index]).standard_normal(shape)
+
+    def removed(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the pixel order, (P,) how many pixels each percentage removes: int(H * W * p / 100))."""
+        pixels = maps.shape[-1] * maps.shape[-2]
+        order = ranking(maps if self.order == "morf" else -maps)
+        return order, np.array([int(pixels * p / 100) for p in self.percentages])
+
+    def run(self, context):
+        images, classes = context.images, context.classes
+        n, k = classes.shape
+        c, h, w = images.shape[1:]
+        order, counts = self.removed(context.pixel_maps())
+        order = order.reshape(n * k, h * w)
+        points = len(counts)
+        curve = np.empty((n * k, points), np.float64)
+
+        def rows(begin, end):
+            out = np.empty((end - begin, c, h, w), np.float32)
+            for r, row in enumerate(range(begin, end)):
+                pair, j = divmod(row, points)
+                image = images[pair // k]
+                removed = order[pair, : counts[j]]
+                flat = image.reshape(c, h * w).astype(np.float64)
+                if len(removed):
+                    values = linear_imputation(image, removed)
+                    flat[:, removed] = values + self.noise_for(pair // k, pair % k, j, values.shape)
+                out[r] = flat.reshape(c, h, w)
+            return out
+
+        def consume(begin, end, scores):
+            pair, j = np.divmod(np.arange(begin, end), points)
+            target = classes.reshape(-1)[pair]
+            if self.output == "accuracy":
+                curve[pair, j] = scores.argmax(axis=1) == target
+            else:
+                curve[pair, j] = softmax(scores)[np.arange(len(pair)), target]
+
+        context.forward.stream(n * k * points, rows, consume)
+        return {self.name: curve.mean(axis=1).reshape(n, k), "curve": curve.reshape(n, k, points)}
+
+
+class RoadMoRF(_Road):
+    """ROAD, most relevant first (Rong, Leemann et al., ICML 2022; Quantus ``ROAD``,
+    pytorch-grad-cam ``ROADMostRelevantFirst``): for each of ``percentages`` (default 1, 3, ..., 99,
+    Quantus's), the int(H * W * p / 100) pixels the map ranks highest (:func:`ranking`) are removed
+    and filled by noisy linear imputation (:func:`linear_imputation` plus ``noise`` (0.01, Quantus's)
+    times N(0, 1) per channel and pixel, drawn from numpy.random.default_rng([seed, image, class
+    column, percentage index]), in ranking order), in the net's preprocessed input space. The curve
+    holds, per percentage, the class probability (``output="probability"``, softmax of the scores)
+    or whether the class is still the top one (``"accuracy"``, Quantus's); the score is the curve's
+    mean over the percentages. Lower is better.
+    """
+
+    name = "road_morf"
+    order = "morf"
+
+
+class RoadLeRF(_Road):
+    """ROAD, least relevant first: :class:`RoadMoRF` with the pixels the map ranks lowest removed
+    first (ascending order; ties: the lower flat index first). Higher is better."""
+
+    name = "road_lerf"
+    order = "lerf"
+
+
 # ---- evaluate ----
 
-METRICS = {"deletion": Deletion, "insertion": Insertion}
+METRICS = {"deletion": Deletion, "insertion": Insertion, "road_morf": RoadMoRF, "road_lerf": RoadLeRF}
 
 
 def _metric(item) -> Metric:
