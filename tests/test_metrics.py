@@ -223,3 +223,101 @@ def test_road_accuracy_matches_quantus_road(tmp_path, rng, monkeypatch):
     (expected,) = metric.evaluate_batch(model=wrapped, x_batch=images, y_batch=labels, a_batch=maps)
     np.testing.assert_array_equal(got["road_morf_curve"][:, 0], expected)
     assert 0 < got["road_morf_curve"].mean() < 1  # some predictions change: the check has teeth
+
+
+# ---- MPRT: the randomised nets built by hand from the documented scheme, the similarities from scipy/skimage ----
+
+
+def randomised_by_hand(net, path, layers, seed, cascading_upto):
+    """A fresh pycaffe net from the prototxt with the trained weights, the given layers re-drawn as
+    fastsal.metrics.random_weights documents it (written here from that text)."""
+    import caffe
+
+    copy = caffe.Net(path, caffe.TEST)
+    for name, blobs in net.params.items():
+        for i, blob in enumerate(blobs):
+            copy.params[name][i].data[...] = blob.data
+    names = list(net.params)
+    for name in layers[:cascading_upto]:
+        kind = net.layers[list(net._layer_names).index(name)].type
+        rng = np.random.default_rng([seed, names.index(name)])
+        for i, blob in enumerate(net.params[name]):
+            if kind == "BatchNorm":
+                copy.params[name][i].data[...] = 0.0 if i == 0 else 1.0
+            elif kind == "Scale":
+                copy.params[name][i].data[...] = 1.0 if i == 0 else 0.0
+            else:
+                copy.params[name][i].data[...] = rng.normal(0.0, float(blob.data.std()), blob.data.shape)
+    return copy
+
+
+def test_mprt_cascading_matches_hand_randomised_nets(small_net, rng):
+    from scipy.stats import spearmanr
+    from skimage.metrics import structural_similarity
+
+    net, path, score = small_net
+    images = random_images(rng, net, 2)
+    classes = np.array([[0, 1], [2, 0]])
+    trained = {name: [np.copy(b.data) for b in blobs] for name, blobs in net.params.items()}
+    got = fastsal.evaluate(net, images, classes, fastsal.metrics.MPRT(seed=5), method="saliency", score=score)
+    for name, blobs in net.params.items():  # the user's weights never change
+        for blob, before in zip(blobs, trained[name]):
+            np.testing.assert_array_equal(blob.data, before)
+    layers = list(net.params)[::-1]
+    assert list(got["mprt_layers"]) == layers
+    original = fastsal.attribute(net, images, classes, "saliency", score=score)
+    for t in range(len(layers)):
+        copy = randomised_by_hand(net, path, layers, 5, t + 1)
+        maps = fastsal.attribute(copy, images, classes, "saliency", score=score)
+        for i in range(2):
+            for k in range(2):
+                a, b = original[i, k], maps[i, k]
+                expected = spearmanr(a.ravel(), b.ravel()).statistic
+                np.testing.assert_allclose(got["mprt_spearman_abs"][i, k, t], expected, atol=TOL)
+                na, nb = a / a.max(), b / b.max()
+                window = min(7, *(d - 1 + d % 2 for d in a.shape))
+                lo, hi = min(na.min(), nb.min()), max(na.max(), nb.max())
+                expected = structural_similarity(na, nb, win_size=window, data_range=hi - lo)
+                np.testing.assert_allclose(got["mprt_ssim"][i, k, t], expected, atol=TOL)
+    np.testing.assert_array_equal(got["mprt"], got["mprt_spearman_abs"][..., -1])
+
+
+def test_mprt_independent_and_final_only(small_net, rng):
+    from scipy.stats import spearmanr
+
+    net, path, score = small_net
+    images = random_images(rng, net, 2)
+    classes = np.array([[0], [1]])
+    layers = list(net.params)[::-1]
+    got = fastsal.evaluate(
+        net,
+        images,
+        classes,
+        fastsal.metrics.MPRT(order="independent", seed=1),
+        method="input_x_gradient",
+        score=score,
+    )
+    original = fastsal.attribute(net, images, classes, "input_x_gradient", score=score)
+    for t, layer_name in enumerate(layers):
+        copy = randomised_by_hand(net, path, [layer_name], 1, 1)
+        maps = fastsal.attribute(copy, images, classes, "input_x_gradient", score=score)
+        for i in range(2):
+            expected = spearmanr(original[i, 0].ravel(), maps[i, 0].ravel()).statistic
+            np.testing.assert_allclose(got["mprt_spearman_abs"][i, 0, t], expected, atol=TOL)
+    np.testing.assert_allclose(got["mprt"], got["mprt_spearman_abs"].mean(axis=2))
+    final = fastsal.evaluate(
+        net,
+        images,
+        classes,
+        fastsal.metrics.MPRT(final_only=True, seed=1),
+        method="input_x_gradient",
+        score=score,
+    )
+    full = fastsal.evaluate(
+        net, images, classes, fastsal.metrics.MPRT(seed=1), method="input_x_gradient", score=score
+    )
+    np.testing.assert_array_equal(final["mprt_spearman_abs"][..., 0], full["mprt_spearman_abs"][..., -1])
+    with pytest.raises(ValueError, match="recompute the maps"):
+        fastsal.evaluate(net, images, classes, "mprt", maps=original, score=score)
+    with pytest.raises(ValueError, match="layers must name"):
+        fastsal.evaluate(net, images, classes, fastsal.metrics.MPRT(layers=["nope"]), score=score)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import tempfile
 from dataclasses import dataclass
 
 import caffe
@@ -13,7 +15,11 @@ import numpy as np
 import scipy.ndimage
 import scipy.sparse
 import scipy.sparse.linalg
+import scipy.stats
+import skimage.feature
+import skimage.metrics
 
+from . import _core
 from ._attribution import Attribution
 from ._forward import Forward, softmax
 
@@ -351,9 +357,159 @@ class RoadLeRF(_Road):
     order = "lerf"
 
 
+# ---- MPRT (model parameter randomisation) ----
+
+
+def net_copy(net: caffe.Net) -> caffe.Net:
+    """A new caffe.Net of the same definition (``_core.net_prototxt``) and input shapes, holding copies
+    of the weights: it shares no memory with ``net``, so randomising it leaves ``net`` as it was."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "net.prototxt")
+        with open(path, "w") as f:
+            f.write(_core.net_prototxt(net))
+        copy = caffe.Net(path, caffe.TEST)
+    for name in net.inputs:
+        copy.blobs[name].reshape(*net.blobs[name].data.shape)
+    copy.reshape()
+    for name, blobs in net.params.items():
+        for source, target in zip(blobs, copy.params[name]):
+            target.data[...] = np.copy(source.data)
+    return copy
+
+
+def random_weights(net: caffe.Net, layer: str, seed: int) -> list[np.ndarray]:
+    """The re-initialised parameter blobs of ``layer``: BatchNorm's statistics reset to mean 0 and
+    variance 1, Scale to gamma 1 and beta 0 (what torch's reset_parameters does to BatchNorm, as in
+    Quantus); every other blob (convolution, inner product, PReLU weights and biases) drawn from
+    N(0, s^2), s the standard deviation of the blob's trained values (Adebayo et al. re-draw from the
+    training initialiser's scale), from numpy.random.default_rng([seed, i]), i the layer's index
+    among the layers with parameters, bottom up: the same draws in either order."""
+    index = list(net.params).index(layer)
+    kind = net.layers[list(net._layer_names).index(layer)].type
+    blobs = [b.data for b in net.params[layer]]
+    if kind == "BatchNorm":
+        return [np.zeros_like(blobs[0]), np.ones_like(blobs[1]), np.ones_like(blobs[2])]
+    if kind == "Scale":
+        return [np.ones_like(blobs[0]), *(np.zeros_like(b) for b in blobs[1:])]
+    rng = np.random.default_rng([seed, index])
+    return [rng.normal(0.0, float(b.std()), b.shape).astype(np.float32) for b in blobs]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation of two maps, ties given their average rank (scipy's, Quantus's);
+    NaN where a map is constant."""
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(scipy.stats.spearmanr(a.ravel(), b.ravel()).statistic)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM (scikit-image) of two (H, W) maps as Quantus 0.6.0 computes it: the data range is that of
+    both maps together, the window 7 (or the largest odd size the map allows)."""
+    window = min(7, *(d - 1 + d % 2 for d in a.shape))
+    data_range = float(max(a.max(), b.max()) - min(a.min(), b.min()))
+    if data_range == 0:
+        return 1.0
+    return float(skimage.metrics.structural_similarity(a, b, win_size=window, data_range=data_range))
+
+
+def hog_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of the two maps' HOG features (Adebayo et al.), scikit-image's ``hog`` with
+    9 orientations, cells of min(8, H // 4, W // 4) pixels (at least 2), 2 x 2 cell blocks."""
+    cell = max(2, min(8, a.shape[0] // 4, a.shape[1] // 4))
+    features = [
+        skimage.feature.hog(m, orientations=9, pixels_per_cell=(cell, cell), cells_per_block=(2, 2))
+        for m in (a, b)
+    ]
+    if np.ptp(features[0]) == 0 or np.ptp(features[1]) == 0:
+        return float("nan")
+    return float(np.corrcoef(*features)[0, 1])
+
+
+class MPRT(Metric):
+    """Model parameter randomisation test (Adebayo et al., "Sanity Checks for Saliency Maps", NeurIPS
+    2018; Quantus ``MPRT``). The layers with parameters are re-initialised (:func:`random_weights`)
+    from the top down, one more at each step (``order="cascading"``, Quantus's ``"top_down"``), or one
+    at a time with the others trained (``"independent"``), in a fastsal-internal copy of the net
+    (:func:`net_copy`: the user's weights never change); at each step the method is recomputed with
+    the same options (and noise seed) and compared with the original map, per (image, class):
+
+    - ``spearman_abs``: Spearman rank correlation of |map| (the paper's; Quantus's default, abs=True),
+    - ``spearman``: of the signed maps,
+    - ``ssim``: SSIM of |map| / max |map| (Quantus's abs and normalise_by_max; :func:`ssim`),
+    - ``hog``: Pearson correlation of the HOG features of |map| / max |map| (:func:`hog_similarity`).
+
+    ``layers``: the layers to randomise (default: every layer with parameters), taken top down;
+    ``final_only`` (Quantus's ``skip_layers``) compares only after the last step. The score is
+    ``spearman_abs`` after the last step for cascading, its mean over the layers for independent; a
+    map that stays similar as the net loses its training fails the test. ``seed`` (42, Quantus's).
+    Results: ``mprt`` (N, K), and per similarity (N, K, steps), ``mprt_layers`` the layer names.
+    """
+
+    name = "mprt"
+    needs_method = True
+    SIMILARITIES = ("spearman_abs", "spearman", "ssim", "hog")
+
+    def __init__(self, *, order: str = "cascading", layers=None, seed: int = 42, final_only: bool = False):
+        if order not in ("cascading", "independent"):
+            raise ValueError(f"order must be 'cascading' or 'independent', got {order!r}")
+        _check_number("seed", seed, 0, integer=True)
+        if not isinstance(final_only, bool):
+            raise TypeError(f"final_only must be True or False, got {final_only!r}")
+        self.order, self.layers, self.seed, self.final_only = order, layers, seed, final_only
+
+    def steps(self, net: caffe.Net) -> list[str]:
+        names = list(net.params)
+        chosen = names if self.layers is None else list(self.layers)
+        unknown = [name for name in chosen if name not in names]
+        if unknown or not chosen:
+            raise ValueError(f"layers must name layers with parameters ({', '.join(names)}), got {chosen}")
+        return sorted(set(chosen), key=names.index, reverse=True)
+
+    def run(self, context):
+        steps = self.steps(context.net)
+        copy = net_copy(context.net)
+        original = np.abs(context.pixel_maps())
+        signed = context.maps
+        n, k = context.classes.shape
+        shown = [t for t in range(len(steps)) if not self.final_only or t == len(steps) - 1]
+        out = {name: np.full((n, k, len(shown)), np.nan) for name in self.SIMILARITIES}
+        column = 0
+        for t, layer in enumerate(steps):
+            if self.order == "independent" and t:
+                for blob, trained in zip(copy.params[steps[t - 1]], context.net.params[steps[t - 1]]):
+                    blob.data[...] = trained.data
+            for blob, values in zip(copy.params[layer], random_weights(context.net, layer, self.seed)):
+                blob.data[...] = values
+            if t not in shown:
+                continue
+            attribution = Attribution(copy, context.method, **context.engine, **context.options)
+            maps = attribution.compute(context.images, context.classes)
+            pixel = np.abs(maps.sum(axis=2) if maps.ndim == 5 else maps)
+            for i in range(n):
+                for j in range(k):
+                    a, b = original[i, j], pixel[i, j]
+                    na, nb = (m / m.max() if m.max() > 0 else m for m in (a, b))
+                    out["spearman_abs"][i, j, column] = spearman(np.abs(signed[i, j]), np.abs(maps[i, j]))
+                    out["spearman"][i, j, column] = spearman(signed[i, j], maps[i, j])
+                    out["ssim"][i, j, column] = ssim(na, nb)
+                    out["hog"][i, j, column] = hog_similarity(na, nb)
+            column += 1
+        score = (
+            out["spearman_abs"][..., -1] if self.order == "cascading" else out["spearman_abs"].mean(axis=2)
+        )
+        return {self.name: score, **out, "layers": np.array([steps[t] for t in shown])}
+
+
 # ---- evaluate ----
 
-METRICS = {"deletion": Deletion, "insertion": Insertion, "road_morf": RoadMoRF, "road_lerf": RoadLeRF}
+METRICS = {
+    "deletion": Deletion,
+    "insertion": Insertion,
+    "road_morf": RoadMoRF,
+    "road_lerf": RoadLeRF,
+    "mprt": MPRT,
+}
 
 
 def _metric(item) -> Metric:
