@@ -321,3 +321,58 @@ def test_mprt_independent_and_final_only(small_net, rng):
         fastsal.evaluate(net, images, classes, "mprt", maps=original, score=score)
     with pytest.raises(ValueError, match="layers must name"):
         fastsal.evaluate(net, images, classes, fastsal.metrics.MPRT(layers=["nope"]), score=score)
+
+
+def test_mprt_matches_quantus_on_the_same_randomised_weights(tmp_path, rng):
+    """Quantus 0.6.0's MPRT (top_down) on the same weights through fastsal.torch_port, its explanations
+    Captum's Saliency (max of |gradient| over channels, fastsal's "saliency"). Quantus re-draws a layer
+    with torch's reset_parameters; here each module's reset loads fastsal's documented draws instead,
+    so the comparison is of the tests, not of two random generators."""
+    torch = pytest.importorskip("torch")
+    quantus = pytest.importorskip("quantus")
+    captum = pytest.importorskip("captum.attr")
+    import types
+
+    from conftest import NETS, make_net
+    from fastsal.torch_port import to_torch
+
+    text, score = NETS["conv_maxpool_fc_softmax"]
+    net = make_net(tmp_path, text, seed=8)
+    model = to_torch(net, str(tmp_path / "net.prototxt"), score).eval()
+    for name, module in model.named_modules():
+        layer_name = name.split(".")[1] if name.count(".") else None
+        if hasattr(module, "reset_parameters") and layer_name in net.params:
+
+            def reset(self, layer_name=layer_name):  # bound: Quantus's deepcopy rebinds it to the copy
+                weights = fastsal.metrics.random_weights(net, layer_name, 3)
+                for parameter, values in zip(self.parameters(), weights):
+                    parameter.data[...] = torch.from_numpy(values.reshape(parameter.shape))
+
+            module.reset_parameters = types.MethodType(reset, module)
+    images = random_images(rng, net, 4)
+    labels = np.array([0, 3, 5, 6])
+
+    def explain(model, inputs, targets, **kwargs):
+        x = torch.from_numpy(np.asarray(inputs, np.float32)).requires_grad_()
+        grads = captum.Saliency(model).attribute(x, target=torch.from_numpy(np.asarray(targets)), abs=True)
+        return grads.detach().numpy().max(axis=1, keepdims=True)
+
+    maps = fastsal.attribute(net, images, labels[:, None], "saliency", score=score)
+    metric = quantus.MPRT(layer_order="top_down", seed=3, disable_warnings=True)
+    expected = metric(
+        model=model,
+        x_batch=images,
+        y_batch=labels,
+        a_batch=maps[:, 0, None],
+        explain_func=explain,
+        channel_first=True,
+        device="cpu",
+    )
+    got = fastsal.evaluate(
+        net, images, labels[:, None], fastsal.metrics.MPRT(seed=3), method="saliency", score=score
+    )
+    layers = [name for name in expected if name != "original"]
+    assert [name.split(".")[1] for name in layers] == list(got["mprt_layers"])
+    quantus_scores = np.array([expected[name] for name in layers]).T  # (N, layers)
+    np.testing.assert_allclose(got["mprt_spearman_abs"][:, 0], quantus_scores, atol=TOL)
+    assert quantus_scores.min() < 0.9  # randomisation changed the maps: the check has teeth
