@@ -376,3 +376,99 @@ def test_mprt_matches_quantus_on_the_same_randomised_weights(tmp_path, rng):
     quantus_scores = np.array([expected[name] for name in layers]).T  # (N, layers)
     np.testing.assert_allclose(got["mprt_spearman_abs"][:, 0], quantus_scores, atol=TOL)
     assert quantus_scores.min() < 0.9  # randomisation changed the maps: the check has teeth
+
+
+# ---- infidelity and max-sensitivity against Captum's, fed fastsal's documented perturbations ----
+
+
+@pytest.fixture
+def translated_case(case, small_net):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("captum")
+    from fastsal.torch_port import to_torch
+
+    net, score, images, classes, _ = case
+    torch.set_num_threads(2)
+    return (*case[:4], to_torch(net, small_net[1], score))
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
+def test_infidelity_matches_captum(translated_case, rng, normalize):
+    import torch
+    from captum.metrics import infidelity
+
+    net, score, images, classes, model = translated_case
+    metric = fastsal.metrics.Infidelity(samples=4, stdev=0.1, seed=3, normalize=normalize)
+    attributions = rng.standard_normal((*classes.shape, *images.shape[1:])).astype(np.float32)
+    got = fastsal.evaluate(net, images, classes, metric, maps=attributions, score=score, batch_size=5)
+
+    def perturb(inputs):  # Captum's rows: each image's samples in turn; the noise as fastsal documents it
+        noise = np.stack(
+            [
+                0.1 * np.random.default_rng([3, i, s]).standard_normal(images.shape[1:])
+                for i in range(len(images))
+                for s in range(4)
+            ]
+        ).astype(np.float32)
+        noise = torch.from_numpy(noise)
+        return noise, inputs - noise
+
+    expected = np.stack(
+        [
+            infidelity(
+                model,
+                perturb,
+                torch.from_numpy(images),
+                torch.from_numpy(attributions[:, k]),
+                target=torch.from_numpy(classes[:, k]),
+                n_perturb_samples=4,
+                normalize=normalize,
+            ).numpy()
+            for k in range(classes.shape[1])
+        ],
+        axis=1,
+    )
+    np.testing.assert_allclose(got["infidelity"], expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+    assert np.abs(expected).max() > 0
+
+
+def test_max_sensitivity_matches_captum(translated_case):
+    import torch
+    from captum.attr import Saliency
+    from captum.metrics import sensitivity_max
+
+    net, score, images, classes, model = translated_case
+    metric = fastsal.metrics.MaxSensitivity(samples=3, radius=0.3, seed=2)
+    got = fastsal.evaluate(net, images, classes, metric, method="saliency", reduce="none", score=score)
+
+    def perturb(inputs, perturb_radius):
+        delta = np.stack(
+            [
+                np.random.default_rng([2, i, s]).uniform(-0.3, 0.3, images.shape[1:])
+                for i in range(len(images))
+                for s in range(3)
+            ]
+        ).astype(np.float32)
+        return inputs + torch.from_numpy(delta)
+
+    saliency = Saliency(model)
+
+    def explain(x, target):  # Captum hands over a tensor or a tuple of one, and wants a tuple back
+        x = x[0] if isinstance(x, tuple) else x
+        return (saliency.attribute(x.clone().requires_grad_(), target=target, abs=False),)
+
+    expected = np.stack(
+        [
+            sensitivity_max(
+                explain,
+                torch.from_numpy(images),
+                perturb_func=perturb,
+                n_perturb_samples=3,
+                target=torch.from_numpy(classes[:, k]),
+            ).numpy()
+            for k in range(classes.shape[1])
+        ],
+        axis=1,
+    )
+    np.testing.assert_allclose(got["max_sensitivity"], expected, rtol=1e-4, atol=1e-6)
+    assert expected.max() > 0

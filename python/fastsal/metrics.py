@@ -501,6 +501,130 @@ class MPRT(Metric):
         return {self.name: score, **out, "layers": np.array([steps[t] for t in shown])}
 
 
+# ---- infidelity and max-sensitivity (Captum's) ----
+
+
+def _per_element(maps: np.ndarray, image_shape) -> np.ndarray:
+    """(N, K, C, H, W) attributions; (N, K, H, W) maps broadcast over the channels."""
+    return maps if maps.ndim == 5 else np.broadcast_to(maps[:, :, None], (*maps.shape[:2], *image_shape))
+
+
+class Infidelity(Metric):
+    """Infidelity (Yeh et al., "On the (In)fidelity and Sensitivity of Explanations", NeurIPS 2019;
+    Captum ``captum.metrics.infidelity``): for ``samples`` (10, Captum's n_perturb_samples)
+    perturbations I_s of each image, the mean over s of (sum(I_s * a) - (f(x) - f(x - I_s)))^2, f
+    the class score (the score blob, as Captum's forward_func returns the model's output; ``softmax``
+    for probabilities) and a the attributions ((N, K, H, W) maps are broadcast over the channels: use
+    ``reduce="none"`` for per-element attributions). I_s ~ N(0, ``stdev``^2) per input element
+    (``stdev`` 0.003, Captum's documented perturb_fn), drawn from numpy.random.default_rng([seed,
+    image, s]), in the preprocessed input space, one perturbed copy per (image, sample) shared by the
+    image's classes. ``normalize`` (False, Captum's): the attributions scaled first by beta = sum_s
+    (a . I_s) d_s / sum_s (a . I_s)^2, d_s = f(x) - f(x - I_s). Lower is better.
+    """
+
+    name = "infidelity"
+
+    def __init__(
+        self,
+        *,
+        samples: int = 10,
+        stdev: float = 0.003,
+        seed: int = 0,
+        normalize: bool = False,
+        softmax: bool = False,
+    ):
+        _check_number("samples", samples, 1, integer=True)
+        _check_number("stdev", stdev, 0)
+        _check_number("seed", seed, 0, integer=True)
+        for name, value in (("normalize", normalize), ("softmax", softmax)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+        self.samples, self.stdev, self.seed, self.normalize, self.softmax = (
+            samples,
+            stdev,
+            seed,
+            normalize,
+            softmax,
+        )
+
+    def perturbation(self, image: int, sample: int, shape) -> np.ndarray:
+        return (self.stdev * np.random.default_rng([self.seed, image, sample]).standard_normal(shape)).astype(
+            np.float32
+        )
+
+    def run(self, context):
+        images, classes = context.images, context.classes
+        n, k = classes.shape
+        samples = self.samples
+        attributions = _per_element(context.maps, images.shape[1:])
+        dots = np.empty((n, samples, k))
+        values = np.empty((n, samples, k))
+
+        def rows(begin, end):
+            out = np.empty((end - begin, *images.shape[1:]), np.float32)
+            for r, row in enumerate(range(begin, end)):
+                i, s = divmod(row, samples)
+                noise = self.perturbation(i, s, images.shape[1:])
+                dots[i, s] = (attributions[i].astype(np.float64) * noise).reshape(k, -1).sum(axis=1)
+                out[r] = images[i] - noise
+            return out
+
+        def consume(begin, end, scores):
+            i, s = np.divmod(np.arange(begin, end), samples)
+            f = softmax(scores) if self.softmax else scores
+            values[i, s] = f[np.arange(len(i))[:, None], classes[i]]
+
+        context.forward.stream(n * samples, rows, consume)
+        clean = context.forward.scores(images)
+        clean = softmax(clean) if self.softmax else clean
+        difference = (
+            clean[np.arange(n)[:, None], classes].astype(np.float64)[:, None] - values
+        )  # (n, samples, k)
+        if self.normalize:
+            a2, ab, b2 = (dots**2).sum(axis=1), (dots * difference).sum(axis=1), (difference**2).sum(axis=1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                beta = np.where(a2 == 0, ab, ab / np.where(a2 == 0, 1, a2))  # Captum's safe_div
+            return {self.name: (beta**2 * a2 - 2 * beta * ab + b2) / samples}
+        return {self.name: ((dots - difference) ** 2).mean(axis=1)}
+
+
+class MaxSensitivity(Metric):
+    """Max-sensitivity (Yeh et al., NeurIPS 2019; Captum ``captum.metrics.sensitivity_max``): the
+    method recomputed on ``samples`` (10) copies x + d_s of each image, d_s uniform in
+    [-``radius``, ``radius``] per input element (0.02, Captum's L-infinity ball; from
+    numpy.random.default_rng([seed, image, s]), in the preprocessed input space), and the largest
+    ||e(x + d_s) - e(x)|| / ||e(x)|| over s, per (image, class), the Frobenius norm over the map (a
+    zero ||e(x)|| counts as 1, as Captum). Lower is better.
+    """
+
+    name = "max_sensitivity"
+    needs_method = True
+
+    def __init__(self, *, samples: int = 10, radius: float = 0.02, seed: int = 0):
+        _check_number("samples", samples, 1, integer=True)
+        _check_number("radius", radius, 0)
+        _check_number("seed", seed, 0, integer=True)
+        self.samples, self.radius, self.seed = samples, radius, seed
+
+    def perturbation(self, image: int, sample: int, shape) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, image, sample])
+        return rng.uniform(-self.radius, self.radius, shape).astype(np.float32)
+
+    def run(self, context):
+        images, classes = context.images, context.classes
+        n, k = classes.shape
+        attribution = Attribution(context.net, context.method, **context.engine, **context.options)
+        original = context.maps.reshape(n, k, -1).astype(np.float64)
+        norm = np.linalg.norm(original, axis=2)
+        norm[norm == 0] = 1.0
+        worst = np.zeros((n, k))
+        for s in range(self.samples):  # one sample of every image at a time: memory of one set of maps
+            noisy = images + np.stack([self.perturbation(i, s, images.shape[1:]) for i in range(n)])
+            maps = attribution.compute(noisy, classes).reshape(n, k, -1)
+            worst = np.maximum(worst, np.linalg.norm(maps - original, axis=2) / norm)
+        return {self.name: worst}
+
+
 # ---- evaluate ----
 
 METRICS = {
@@ -509,6 +633,8 @@ METRICS = {
     "road_morf": RoadMoRF,
     "road_lerf": RoadLeRF,
     "mprt": MPRT,
+    "infidelity": Infidelity,
+    "max_sensitivity": MaxSensitivity,
 }
 
 
