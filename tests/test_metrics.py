@@ -472,3 +472,59 @@ def test_max_sensitivity_matches_captum(translated_case):
     )
     np.testing.assert_allclose(got["max_sensitivity"], expected, rtol=1e-4, atol=1e-6)
     assert expected.max() > 0
+
+
+# ---- the real model: open_nsfw on real photos (slow) ----
+
+
+@pytest.fixture(scope="module")
+def open_nsfw():
+    from fastsal import examples
+
+    prototxt, weights = examples.open_nsfw_files()
+    net = fastsal.load(prototxt, weights)
+    images, _, _ = examples.open_nsfw_batch()
+    return net, images[:2]
+
+
+@pytest.mark.slow
+def test_open_nsfw_deletion_and_insertion_match_the_rise_reference(open_nsfw):
+    net, images = open_nsfw
+    classes = np.array([[1], [0]])
+    step = 224 * 56  # coarse: 5 points per curve
+    got = fastsal.evaluate(
+        net,
+        images,
+        classes,
+        [fastsal.metrics.Deletion(step=step), fastsal.metrics.Insertion(step=step)],
+        method="saliency",
+    )
+    maps = fastsal.compute(net, images, classes)
+    for mode in ("deletion", "insertion"):
+        auc, curves = causal_reference(net, "fc_nsfw", images, classes, maps, mode, step)
+        np.testing.assert_allclose(got[f"{mode}_curve"], curves, atol=1e-3)  # probabilities: range 1
+        np.testing.assert_allclose(got[mode], auc, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_open_nsfw_cascading_randomisation_decorrelates_gradients_not_guided_backprop(open_nsfw):
+    """Adebayo et al.'s finding: with every layer re-drawn, the gradient's and SmoothGrad's maps no
+    longer rank pixels as before, while guided backprop's keep more of their structure."""
+    net, images = open_nsfw
+    before = {name: np.copy(blobs[0].data) for name, blobs in net.params.items()}
+    similarity = {}
+    for method, options in (
+        ("saliency", {}),
+        ("smoothgrad", {"samples": 5, "seed": 0}),
+        ("guided_backprop", {}),
+    ):
+        got = fastsal.evaluate(
+            net, images, [[1]] * 2, fastsal.metrics.MPRT(final_only=True), method=method, **options
+        )
+        similarity[method] = float(np.mean(got["mprt"]))
+    assert abs(similarity["saliency"]) < 0.1 and abs(similarity["smoothgrad"]) < 0.15, similarity
+    assert similarity["guided_backprop"] > max(similarity["saliency"], similarity["smoothgrad"]) + 0.05, (
+        similarity
+    )
+    for name, blobs in net.params.items():
+        np.testing.assert_array_equal(blobs[0].data, before[name])
