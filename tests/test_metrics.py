@@ -147,6 +147,16 @@ def test_refusals(case):
         fastsal.evaluate(net, images, classes, ["deletion", "deletion"], maps=maps, score=score)
 
 
+def test_layer_sized_maps_are_refused(tmp_path, rng):
+    from conftest import NETS, make_net
+
+    text, score = NETS["conv_maxpool_fc_softmax"]  # Grad-CAM's layer: pool2, 3 x 3
+    net = make_net(tmp_path, text)
+    images = random_images(rng, net, 2)
+    with pytest.raises(ValueError, match="input's size"):
+        fastsal.evaluate(net, images, 0, "deletion", method="gradcam", upsample=False, score=score)
+
+
 # ---- ROAD: the imputation against Quantus 0.6.0's noisy_linear_imputation, the curves through pycaffe ----
 
 

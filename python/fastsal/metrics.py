@@ -693,6 +693,11 @@ def evaluate(
             results["convergence_delta"] = _relative_delta(attribution, forward, batch, ids, delta)
         else:
             maps = attribution.compute(batch, ids)
+        if maps.shape[-2:] != batch.shape[-2:]:
+            raise ValueError(
+                f"the metrics take maps of the input's size {batch.shape[-2:]}, {method!r} gave {maps.shape[-2:]} "
+                "(upsample=False keeps the layer's size)"
+            )
     else:
         if options:
             raise TypeError(f"options {sorted(options)} are a method's, but maps were given")
