@@ -15,9 +15,6 @@ import numpy as np
 import scipy.ndimage
 import scipy.sparse
 import scipy.sparse.linalg
-import scipy.stats
-import skimage.feature
-import skimage.metrics
 
 from . import _core
 from ._attribution import Attribution
@@ -398,6 +395,8 @@ def random_weights(net: caffe.Net, layer: str, seed: int) -> list[np.ndarray]:
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rank correlation of two maps, ties given their average rank (scipy's, Quantus's);
     NaN where a map is constant."""
+    import scipy.stats  # here: it costs `import fastsal` half a second
+
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
     return float(scipy.stats.spearmanr(a.ravel(), b.ravel()).statistic)
@@ -406,6 +405,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """SSIM (scikit-image) of two (H, W) maps as Quantus 0.6.0 computes it: the data range is that of
     both maps together, the window 7 (or the largest odd size the map allows)."""
+    import skimage.metrics
+
     window = min(7, *(d - 1 + d % 2 for d in a.shape))
     data_range = float(max(a.max(), b.max()) - min(a.min(), b.min()))
     if data_range == 0:
@@ -416,6 +417,8 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 def hog_similarity(a: np.ndarray, b: np.ndarray) -> float:
     """Pearson correlation of the two maps' HOG features (Adebayo et al.), scikit-image's ``hog`` with
     9 orientations, cells of min(8, H // 4, W // 4) pixels (at least 2), 2 x 2 cell blocks."""
+    import skimage.feature
+
     cell = max(2, min(8, a.shape[0] // 4, a.shape[1] // 4))
     features = [
         skimage.feature.hog(m, orientations=9, pixels_per_cell=(cell, cell), cells_per_block=(2, 2))
