@@ -3,6 +3,7 @@ Integrated Gradients, Grad-CAM, guided backprop) for Caffe models, computed by a
 
 maps = fastsal.compute(net, images, classes)   # net: a caffe.Net; maps: (N, K, H, W) float32
 maps = fastsal.attribute(net, images, classes, method="smoothgrad")
+scores = fastsal.evaluate(net, images, classes, ["deletion", "insertion"], method="smoothgrad")  # fastsal.metrics
 """
 
 # pycaffe first: fastsal._core finds caffe.Net through the Boost.Python types pycaffe registers.
