@@ -7,6 +7,8 @@
 #include <pybind11/stl.h>
 
 // Boost.Python after pybind11: both define Python macros, and this order compiles cleanly.
+#include <google/protobuf/text_format.h>
+
 #include <boost/python.hpp>
 #include <caffe/caffe.hpp>
 #include <sstream>
@@ -322,6 +324,22 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "default_score_blob", [](py::handle net) { return fastsal::default_score_blob(pycaffe_net(net)); },
       "The score blob fastsal differentiates when score= is not given.", py::arg("net"));
+
+  m.def(
+      "net_prototxt",
+      [](py::handle net) {
+        caffe::NetParameter param;
+        pycaffe_net(net).ToProto(&param, false);
+        // The definition only: the weights are copied blob by blob, not through text.
+        for (int i = 0; i < param.layer_size(); ++i) param.mutable_layer(i)->clear_blobs();
+        std::string text;
+        if (!google::protobuf::TextFormat::PrintToString(param, &text))
+          throw std::runtime_error("could not write the net's definition as prototxt text");
+        return text;
+      },
+      "The net's definition as prototxt text (Net::ToProto without its weights), to build a copy; "
+      "pycaffe keeps no prototxt.",
+      py::arg("net"));
 
   m.def(
       "check_blob",

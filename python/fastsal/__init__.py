@@ -3,6 +3,7 @@ Integrated Gradients, Grad-CAM, guided backprop) for Caffe models, computed by a
 
 maps = fastsal.compute(net, images, classes)   # net: a caffe.Net; maps: (N, K, H, W) float32
 maps = fastsal.attribute(net, images, classes, method="smoothgrad")
+scores = fastsal.evaluate(net, images, classes, ["deletion", "insertion"], method="smoothgrad")  # fastsal.metrics
 """
 
 # pycaffe first: fastsal._core finds caffe.Net through the Boost.Python types pycaffe registers.
@@ -13,12 +14,14 @@ from . import _threads
 with _threads.bounded_spinning():  # while fastsal._core loads libgomp
     from . import _core  # noqa: F401
 
+from . import metrics
 from ._attribution import METHODS, Attribution, attribute
 from ._build import SlowBlasWarning, build_info, cuda_device_count, has_cuda, set_caffe_log_level
 from ._dream import dream, visualize_classes
 from ._load import MissingWeightsWarning, load
 from ._preprocess import Preprocessing, load_image
 from ._saliency import Saliency, compute, compute_top_k
+from .metrics import evaluate
 
 __all__ = [
     "METHODS",
@@ -32,6 +35,8 @@ __all__ = [
     "compute",
     "compute_top_k",
     "dream",
+    "evaluate",
+    "metrics",
     "cuda_device_count",
     "has_cuda",
     "load",
