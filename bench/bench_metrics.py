@@ -10,7 +10,8 @@ explains each image's top class), on the Caffe net translated by fastsal.torch_p
 MPRT (cascading, every layer, saliency maps) against Quantus 0.6.0's MPRT (top_down) with Captum's
 Saliency as its explain_func. ROAD: fastsal's time alone; Quantus 0.6.0's ROAD raises IndexError on
 three-channel images (it ranks the map broadcast over the channels but imputes by pixel), so it has
-no ratio. Alternating, best of ``--repeats``; the curves' largest difference is reported too.
+no ratio. Both sides warmed up first; alternating, best of ``--repeats``; the curves' largest
+difference is reported too.
 """
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ def run(models, repeats: int, step: int, workdir: Path) -> list[dict]:
     for name in models:
         prototxt, net, score, images = load_model(name, MODELS[name], workdir)
         model = to_torch(net, str(prototxt), score).eval()
+        warm = np.zeros((1, 1), np.int64)  # warm up both sides: memory, oneDNN's kernels, torch's
+        pixels = images.shape[2] * images.shape[3]
+        warm_maps = fastsal.compute(net, images[:1], warm)
+        fastsal.evaluate(net, images[:1], warm, [fastsal.metrics.Deletion(step=pixels)], maps=warm_maps)
+        rise_pytorch(model, images[:1], warm, warm_maps, pixels)
         for k in (1, 2):
             classes = np.tile(np.arange(k), (len(images), 1))
             maps = fastsal.compute(net, images, classes)
