@@ -464,7 +464,9 @@ def test_io_errors_get_their_own_exit_code_and_one_line(model, images, tmp_path,
 
 def test_ctrl_c_says_how_to_resume(model, images, tmp_path):
     out = tmp_path / "maps.zarr"
-    slow = ("--chunk-size", 1, "--method", "integrated_gradients", "--n-steps", 300, "--classes", "0,1")
+    # Each chunk takes long enough (a third of a second idle) that the job cannot finish while a loaded
+    # machine delays this test between seeing the first chunk and sending the signal.
+    slow = ("--chunk-size", 1, "--method", "integrated_gradients", "--n-steps", 1000, "--classes", "0,1")
     words = run_args(model, images, out, "--mean-value", "104,117,123", "--quiet", *slow)
     job = subprocess.Popen(
         [sys.executable, "-m", "fastsal.cli", *words],
