@@ -541,3 +541,17 @@ def test_version_and_help(capsys):
     with pytest.raises(SystemExit):
         cli.main(["visualize", "--help"])
     assert "(default: 200)" in capsys.readouterr().out
+
+
+def test_a_one_channel_net_runs_with_the_default_flags(tmp_path):
+    """classify.py's default channel swap (2,1,0) is for RGB nets: a grey net was refused without
+    --channel-swap 0."""
+    from conftest import _input, conv, fc, layer, make_net
+
+    text = _input((1, 20, 16), batch=1) + conv("conv1", "data", 4) + layer("relu1", "ReLU", "conv1", "conv1")
+    net = make_net(tmp_path, text + fc("fc", "conv1", 3) + layer("prob", "Softmax", "fc"))
+    net.save(str(tmp_path / "grey.caffemodel"))
+    folder = photos(tmp_path / "photos", 2, bad=False)
+    words = ["run", folder, "--model-def", tmp_path / "net.prototxt", "--pretrained-model"]
+    assert run(*words, tmp_path / "grey.caffemodel", "-o", tmp_path / "grey.zarr", "--quiet") == 0
+    assert zarr.open_group(str(tmp_path / "grey.zarr"))["maps"].shape == (2, 1, 20, 16)

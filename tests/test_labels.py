@@ -25,3 +25,12 @@ def test_bad_label_files_are_refused(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
         read_labels(path, 2)
+
+
+def test_a_folder_or_binary_file_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="is a folder"):
+        read_labels(tmp_path)
+    path = tmp_path / "labels.bin"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match=f"the labels file {path} is not UTF-8 text"):
+        read_labels(path)

@@ -220,3 +220,13 @@ def test_a_forgotten_mean_is_told_by_batchnorm_statistics(tmp_path, trained_with
     told = [str(w.message) for w in caught if "no mean given" in str(w.message)]
     assert len(told) == (1 if trained_with_mean else 0)
     assert all("BatchNorm 'bn1'" in message for message in told)
+
+
+def test_a_one_pixel_wide_photo_is_not_enlarged_past_the_limit(tmp_path):
+    """A 2000 x 1 photo was enlarged 360 times each way: a 5.8 GiB array, then the OOM killer."""
+    scale, _, total = figure_layout(2000, 1)
+    assert 2000 * scale <= 4096 and total < 5000
+    photo_ = np.zeros((2000, 1, 3), np.uint8)
+    save_overlay(tmp_path / "tall.png", photo_, np.ones((2000, 1), np.float32), "tall", OverlayStyle(), False)
+    with Image.open(tmp_path / "tall.png") as image:
+        assert image.size[1] < 5000

@@ -96,6 +96,14 @@ def test_rise_masks_follow_the_paper(rng):
     assert not np.array_equal(rise_masks(0, 5, (20, 28), 5, 0.3, seed=4), masks[:5])
 
 
+def test_rise_with_fewer_masks_than_a_batch_has_rows(case):
+    """A batch of 16 rows over 2 masks wraps around them several times (it raised a broadcast error)."""
+    net, score, images, classes = case
+    masks = rise_masks(0, 2, images.shape[2:], 3, 0.5, seed=5)
+    got = fastsal.attribute(net, images, classes, "rise", score=score, n_masks=2, grid_size=3, seed=5)
+    assert_close_to_reference(got, rise_reference(net, score, images, classes, masks, 0.5))
+
+
 def test_rise_seed_makes_maps_reproducible_whatever_the_batch(case):
     net, score, images, classes = case
     one = fastsal.attribute(
@@ -234,6 +242,21 @@ def test_bad_options_are_refused(tmp_path, method, options, error, match):
         fastsal.Attribution(net, method, score="fc", **options)
 
 
+def test_cams_refuse_undefined_maps(tmp_path, rng):
+    """A one-pixel layer gave striped rounding noise (Score-CAM); a class score of exactly 0 gave NaN
+    maps (Ablation-CAM's weights divide by it). Both are refused, naming what is wrong."""
+    net = make_net(tmp_path, NETS["resnet_block_bn_scale_eltwise"][0])
+    with pytest.raises(
+        ValueError, match="'pool' has one pixel per channel: Score-CAM's maps would be constant"
+    ):
+        fastsal.Attribution(net, "scorecam", score="fc", layer="pool")
+    net.params["fc"][0].data[...] = 0
+    net.params["fc"][1].data[...] = 0
+    images = random_images(rng, net, 2)
+    with pytest.raises(ValueError, match=r"images\[0\] scores exactly 0 for class 1: Ablation-CAM's weights"):
+        fastsal.attribute(net, images, 1, "ablationcam", score="fc")
+
+
 def test_ablationcam_refuses_a_layer_a_residual_bypasses(tmp_path):
     net = make_net(tmp_path, NETS["resnet_block_bn_scale_eltwise"][0])
     with pytest.raises(ValueError, match="layer 'sum' above layer blob 'branch_a' also reads blob 'conv1"):
@@ -257,6 +280,10 @@ def test_run_jobs_with_perturbation_methods(model, tmp_path, rng):
         )
         == 0
     )
+    occlusion = [*common, "-o", str(tmp_path / "occ.zarr"), "--method", "occlusion", "--window", "8,8"]
+    assert (
+        cli.main([*occlusion, "--stride", "4", "--classes", "1,3", "--quiet"]) == 0
+    )  # a tuple option resumes
     expected = fastsal.attribute(net, inputs, [1, 3], "occlusion", sliding_window_shapes=(8, 8), strides=4)
     np.testing.assert_allclose(
         zarr.open_group(str(tmp_path / "occ.zarr"))["maps"][:], expected, rtol=1e-5, atol=1e-6

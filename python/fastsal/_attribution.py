@@ -274,6 +274,11 @@ class Attribution:
                 f"layer blob '{layer}' has shape {tuple(engine._engine.gradient_shape)} per image; "
                 f"{name} needs a 4-D (N, C, H, W) blob"
             )
+        if self.method in PERTURBATION_METHODS and np.prod(engine._engine.gradient_shape[1:]) == 1:
+            raise ValueError(
+                f"layer blob '{layer}' has one pixel per channel: {name}'s maps would be constant "
+                "(its masks and ablations need a spatial extent); choose an earlier blob"
+            )
 
     @property
     def _main(self) -> Saliency:
@@ -500,6 +505,11 @@ class Attribution:
             baselines = self._baselines
             if baselines.ndim == 4 and len(baselines) != len(images):
                 raise ValueError(f"baselines has {len(baselines)} images but there are {len(images)}")
+            if baselines.ndim and baselines.shape[-3:] != self.image_shape:
+                raise ValueError(
+                    f"baselines are {baselines.shape[-3:]} images, but the net now takes {self.image_shape} "
+                    "(after net.reshape()); make an Attribution with baselines of that size"
+                )
             raw = occlusion(self._forward, images, classes, clean, baselines, options)
             maps = (
                 raw.mean(axis=2, dtype=np.float32)

@@ -15,8 +15,13 @@ def read_labels(path: str | os.PathLike, num_classes: int | None = None) -> list
     dropped ("n01440764 tench, Tinca tinca" -> "tench, Tinca tinca"); blank lines at the end are
     ignored. With ``num_classes``, a file naming another number of classes raises ValueError, since
     every name after the first missing or extra line would be another class's."""
-    with open(path, encoding="utf-8") as file:
-        lines = file.read().splitlines()
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except IsADirectoryError:
+        raise ValueError(f"the labels file {os.fspath(path)} is a folder") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"the labels file {os.fspath(path)} is not UTF-8 text ({error.reason})") from None
     while lines and not lines[-1].strip():
         lines.pop()
     names = [_SYNSET.sub("", line.strip()) for line in lines]

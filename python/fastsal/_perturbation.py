@@ -130,17 +130,16 @@ def rise(forward: Forward, images, classes, options) -> np.ndarray:
     out = np.zeros((n, k, *size), np.float64)
     cache = {}
 
-    def masks_of(start, stop):  # each batch's masks, drawn once for both rows() and consume()
+    def masks_of(
+        start, stop
+    ):  # each batch's masks (row r is mask r % count), drawn once for rows and consume
         if (start, stop) not in cache:
             cache.clear()
-            first, last = start % count, (stop - 1) % count
-            spans = [(first, last + 1)] if last >= first else [(first, count), (0, last + 1)]
-            cache[(start, stop)] = np.concatenate(
-                [
-                    rise_masks(a, b - a, size, options["grid_size"], options["p1"], options["seed"])
-                    for a, b in spans
-                ]
-            )
+            index = np.arange(start, stop) % count
+            unique = np.unique(index)  # a batch may wrap around the masks, even several times
+            grid, p1, seed = options["grid_size"], options["p1"], options["seed"]
+            drawn = np.concatenate([rise_masks(int(i), 1, size, grid, p1, seed) for i in unique])
+            cache[(start, stop)] = drawn[np.searchsorted(unique, index)]
         return cache[(start, stop)]
 
     def rows(start, stop):
@@ -223,7 +222,13 @@ def ablationcam(forward: Forward, images, classes, options) -> np.ndarray:
         owners, channel = np.divmod(np.arange(start, stop), channels)
         scores[owners, channel] = _pick(batch_scores, classes[owners])
 
-    forward.stream(n * channels, rows, consume, from_layer=True)
     original = _pick(clean, classes)[:, None, :]
+    if (original == 0).any():  # the weights (y - y_c) / y are undefined; refused before any work
+        image, _, k = np.argwhere(original == 0)[0]
+        raise ValueError(
+            f"images[{image}] scores exactly 0 for class {classes[image, k]}: Ablation-CAM's weights "
+            "(y - y_c) / y are undefined there"
+        )
+    forward.stream(n * channels, rows, consume, from_layer=True)
     weights = ((original - scores) / original).transpose(0, 2, 1)
     return _cam(weights, activations, images.shape[2:], options)

@@ -11,6 +11,7 @@ import numpy as np
 
 SEQUENTIAL, DIVERGING = "inferno", "bwr"  # unsigned maps: 0 dark; signed maps: 0 white, centred
 _MIN_WIDTH = 360  # small photos are enlarged (whole pixels) so that the caption and colour bar fit
+_MAX_SIDE = 4096  # pixels: the tallest an enlarged photo may get
 _CAPTION_PX, _BAR_PX, _DPI = 44, 46, 100
 
 
@@ -80,8 +81,9 @@ def overlay(photo: np.ndarray, saliency_map: np.ndarray, colormap) -> np.ndarray
 
 def figure_layout(height: int, width: int) -> tuple[int, int, int]:
     """(scale, photo_top, figure_height) in pixels: the photo enlarged by whole pixels to
-    _MIN_WIDTH at least, under the caption, above the colour bar."""
-    scale = max(1, math.ceil(_MIN_WIDTH / width))
+    _MIN_WIDTH at least (never past _MAX_SIDE tall: a 1 x 2000 photo would need 720,000 rows),
+    under the caption, above the colour bar."""
+    scale = max(1, min(math.ceil(_MIN_WIDTH / width), _MAX_SIDE // max(height, 1)))
     return scale, _CAPTION_PX, _CAPTION_PX + height * scale + _BAR_PX
 
 

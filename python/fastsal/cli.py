@@ -74,7 +74,11 @@ def add_preprocessing(command) -> None:
         "--mean-value", type=_floats, help="per-channel mean, after channel swap, e.g. 104,117,123"
     )
     prep.add_argument("--raw-scale", type=float, default=255.0, help="scale of [0, 1] pixels")
-    prep.add_argument("--channel-swap", type=_ints, default="2,1,0", help="channel order (2,1,0: RGB to BGR)")
+    prep.add_argument(
+        "--channel-swap",
+        type=_ints,
+        help="channel order (default: 2,1,0, RGB to BGR, for 3-channel nets; none else)",
+    )
     prep.add_argument("--input-scale", type=float, help="scale after mean subtraction")
 
 
@@ -112,7 +116,9 @@ def preprocessing_for(args, input_shape, per_channel: bool = False):
         images_dim=args.images_dim,
         mean=None if mean is None else np.asarray(mean, np.float32),
         raw_scale=args.raw_scale,
-        channel_swap=tuple(args.channel_swap) if args.channel_swap else None,
+        channel_swap=tuple(args.channel_swap)
+        if args.channel_swap
+        else ((2, 1, 0) if input_shape[0] == 3 else None),  # classify.py's default, where it applies
         input_scale=args.input_scale,
     )
 

@@ -728,8 +728,14 @@ def _batchnorm_distances(net, inputs: np.ndarray):
 
 
 def _jsonable(value):
+    """An option as the plan records it, and as it reads back from JSON: tuples become lists (else
+    a tuple-valued option such as occlusion's window would never equal its stored self)."""
     if isinstance(value, np.ndarray):
         return {"array_sha256": hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
     return value
 
 
