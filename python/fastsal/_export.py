@@ -66,6 +66,8 @@ def save_image_overlays(folder, index, stem, photo, maps, ids, scores, probabili
         signed = signed_maps(plan) or bool(np.nanmin(placed) < 0)
         probability = None if probabilities is None else float(probabilities[class_id])
         text = caption(class_id, float(scores[class_id]), probability, style, where)
+        if not np.nanmax(np.abs(placed), initial=0) > 0:  # a Grad-CAM whose ReLU removed everything
+            text = text.replace("\n", "; the map is zero everywhere\n", 1)
         save_overlay(
             Path(folder) / jobs.overlay_name(index, stem, class_id), photo, placed, text, style, signed
         )

@@ -1048,10 +1048,12 @@ class JobSummary:
         )
         redone = f", {plural(self.redone, 'chunk')} redone (files changed)" if self.redone else ""
         rate = self.computed / self.seconds if self.seconds > 0 else 0.0
+        # A slow method (occlusion, RISE) reads better as seconds per image than as "0.0 images/s".
+        speed = f"{rate:.1f} images/s" if rate >= 1 or rate == 0 else f"{1 / rate:.1f} s/image"
         spread = f" on {self.spread}" if self.spread else ""
         return (
             f"{counts}{resumed}{redone}; {plural(self.computed, 'image')} in {self.seconds:.1f} s{spread}, "
-            f"{rate:.1f} images/s -> {output}"
+            f"{speed} -> {output}"
         )
 
 
