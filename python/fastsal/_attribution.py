@@ -12,7 +12,7 @@ import weakref
 import caffe
 import numpy as np
 
-from . import _core
+from . import _core, lrp
 from ._forward import Forward
 from ._perturbation import ablationcam, occlusion, occlusion_windows, rise, scorecam
 from ._resample import upsample
@@ -35,6 +35,7 @@ METHODS = (
     "rise",
     "scorecam",
     "ablationcam",
+    "lrp",
 )
 PERTURBATION_METHODS = ("occlusion", "rise", "scorecam", "ablationcam")  # forward passes only
 NOISE_METHODS = {"smoothgrad": "sum", "smoothgrad_sq": "squares", "vargrad": "variance"}
@@ -67,6 +68,8 @@ _OPTIONS = {
     "rise": {"n_masks": 4000, "grid_size": 8, "p1": 0.5, "seed": None, "probabilities": True},
     "scorecam": {"layer": None, "upsample": "bilinear", "normalize": True},
     "ablationcam": {"layer": None, "upsample": "bilinear", "normalize": True},
+    "lrp": {"composite": "epsilon_plus", "reduce": "sum", "epsilon": 1e-6, "gamma": 0.25, "stabilizer": 1e-6}
+    | {"low": None, "high": None},
 }
 for _name in NOISE_METHODS:
     _OPTIONS[_name] = {"reduce": "absmax", "samples": 25, "stdev": None, "noise_level": None, "seed": None}
@@ -232,6 +235,8 @@ class Attribution:
             self._check_layer_shape(layer, self._forward._engine)
             if method == "ablationcam":  # refuses a layer a later layer bypasses, before any work
                 self._forward.stream(0, None, None, from_layer=True)
+        elif method == "lrp":
+            self._input = lrp_engine(net, engine, self.options)
         elif method not in CAM_METHODS:
             self._input = Saliency(net, **engine, _relu_rule=RULES.get(method, "gradient"))
         if method in CAM_METHODS or method == "guided_gradcam":
@@ -359,7 +364,7 @@ class Attribution:
             raise ValueError("guided_gradcam multiplies by the input-sized map: upsample cannot be False")
         if "relu" in merged and not isinstance(merged["relu"], bool):
             raise TypeError(f"relu must be True or False, got {merged['relu']!r}")
-        return merged
+        return lrp.check_options(merged) if method == "lrp" else merged
 
     def _check_baselines(self, baselines) -> np.ndarray:
         array = np.asarray(baselines)
@@ -684,6 +689,15 @@ class Attribution:
                 cams = np.maximum(cams, 0)
             out[part] = upsample(cams, size, mode) if mode else cams
         return out, (classes if top is None else top).astype(np.int64), scores
+
+
+def lrp_engine(net: caffe.Net, engine: dict, options: dict) -> Saliency:
+    """LRP's engine: the input gradient's, with each layer's backward replaced by its rule (lrp.py)."""
+    if engine["device"] is not None:
+        raise ValueError("method='lrp' runs on the CPU only (its rules are CPU layers); leave device unset")
+    _check_blob_name("input", engine["input"])
+    image_shape = net.blobs[engine["input"] or net.inputs[0]].data.shape[1:]  # zbox's bounds fit it
+    return Saliency(net, **engine, _layer_rules=lrp.layer_rules(net, options, tuple(image_shape)))
 
 
 def _reduce(raw: np.ndarray, reduce: str) -> np.ndarray:

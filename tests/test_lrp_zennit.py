@@ -1,0 +1,173 @@
+"""LRP against zennit on the same weights (fastsal.torch_port): every named composite and every rule, on the
+small test nets, to 1e-4 of each map's largest relevance. zennit's composites apply to torch_port's plain
+modules; two things are set up as fastsal's canonizers see them: the Eltwise sum becomes zennit's Sum (its
+Norm rule), and BatchNorm + Scale are merged into the convolution before them in the torch model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+zennit = pytest.importorskip("zennit")
+
+from torch import nn  # noqa: E402
+from zennit.attribution import Gradient  # noqa: E402
+from zennit.composites import (  # noqa: E402
+    EpsilonAlpha2Beta1,
+    EpsilonAlpha2Beta1Flat,
+    EpsilonGammaBox,
+    EpsilonPlus,
+    EpsilonPlusFlat,
+    ExcitationBackprop,
+    NameMapComposite,
+)
+from zennit.layer import Sum  # noqa: E402
+from zennit.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, WSquare, ZBox, ZPlus  # noqa: E402
+
+import fastsal  # noqa: E402
+from fastsal import lrp  # noqa: E402
+from fastsal.torch_port import to_torch  # noqa: E402
+
+from conftest import random_images  # noqa: E402
+
+LOW, HIGH = -2.5, 2.5  # zbox's bounds; the test images are standard normal, mostly inside them
+
+
+class _StackedSum(nn.Module):
+    """Caffe's Eltwise SUM as zennit's canonizers write a residual sum: a Sum over stacked inputs."""
+
+    def __init__(self, coefficients):
+        super().__init__()
+        self.coefficients = list(coefficients)
+        self.sum = Sum()
+
+    def forward(self, *inputs):
+        coefficients = self.coefficients or [1.0] * len(inputs)
+        return self.sum(torch.stack([c * x for c, x in zip(coefficients, inputs)], dim=-1))
+
+
+def zennit_model(net, path, score):
+    """torch_port's model, with zennit's Sum for Eltwise SUM and BatchNorm + Scale merged into the
+    convolution before them (zennit's SequentialMergeBatchNorm needs an nn.Sequential)."""
+    model = to_torch(net, path, score)
+    keys = [key for key, _, _ in model.steps]
+    for index, key in enumerate(keys):
+        module = model.layers[key]
+        if type(module).__name__ == "_Eltwise" and module.operation == 1:
+            model.layers[key] = _StackedSum(module.coefficients)
+        if isinstance(module, nn.BatchNorm2d) and isinstance(model.layers[keys[index - 1]], nn.Conv2d):
+            conv = model.layers[keys[index - 1]]
+            a = 1 / torch.sqrt(module.running_var + module.eps)
+            c = -module.running_mean * a
+            after = model.layers[keys[index + 1]] if index + 1 < len(keys) else None
+            if type(after).__name__ == "_Affine":
+                a, c = a * after.scale, c * after.scale + (0 if after.bias is None else after.bias)
+                model.layers[keys[index + 1]] = nn.Identity()
+            with torch.no_grad():
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(a)
+                conv.weight.mul_(a.view(-1, 1, 1, 1))
+                conv.bias = nn.Parameter(bias * a + c, requires_grad=False)
+            model.layers[key] = nn.Identity()
+    return model
+
+
+def zennit_relevance(model, composite, images, classes, num_classes):
+    """(N, K, C, H, W): zennit's Gradient attributor, relevance starting at each class's one-hot."""
+    out = []
+    with Gradient(model, composite) as attributor:
+        for k in range(classes.shape[1]):
+            x = torch.from_numpy(images.copy())
+            _, relevance = attributor(x, torch.eye(num_classes)[torch.from_numpy(classes[:, k])])
+            out.append(relevance.detach().numpy())
+    return np.stack(out, axis=1)
+
+
+def assert_close_per_map(actual, expected, rtol=1e-4):
+    for n in range(expected.shape[0]):
+        for k in range(expected.shape[1]):
+            scale = float(np.abs(expected[n, k]).max())
+            assert scale > 0
+            np.testing.assert_allclose(actual[n, k], expected[n, k], rtol=0, atol=rtol * scale)
+
+
+EXTRA = [(nn.LocalResponseNorm, Pass())]  # fastsal passes relevance through LRN (zennit has no rule for it)
+COMPOSITES = {
+    "epsilon_plus": lambda: EpsilonPlus(layer_map=EXTRA),
+    "epsilon_plus_flat": lambda: EpsilonPlusFlat(layer_map=EXTRA),
+    "epsilon_alpha2_beta1": lambda: EpsilonAlpha2Beta1(layer_map=EXTRA),
+    "epsilon_alpha2_beta1_flat": lambda: EpsilonAlpha2Beta1Flat(layer_map=EXTRA),
+    "epsilon_gamma_box": lambda: EpsilonGammaBox(low=LOW, high=HIGH, layer_map=EXTRA),
+    "excitation_backprop": lambda: ExcitationBackprop(),
+}
+
+
+@pytest.fixture
+def case(small_net, rng):
+    net, path, score = small_net
+    images = random_images(rng, net, 2)
+    num_classes = net.blobs[score].data[0].size
+    classes = rng.integers(0, num_classes, size=(2, 3))
+    return net, path, score, images, classes, num_classes
+
+
+@pytest.mark.parametrize("composite", sorted(COMPOSITES))
+def test_composites_match_zennit(case, composite):
+    net, path, score, images, classes, num_classes = case
+    options = {"low": LOW, "high": HIGH} if composite == "epsilon_gamma_box" else {}
+    ours = fastsal.attribute(
+        net, images, classes, method="lrp", composite=composite, score=score, reduce="none", **options
+    )
+    expected = zennit_relevance(
+        zennit_model(net, path, score), COMPOSITES[composite](), images, classes, num_classes
+    )
+    assert_close_per_map(ours, expected)
+
+
+# Each rule on every convolution and fully connected layer, Pass on the activations, Norm on sums and
+# average poolings: (fastsal's rule, zennit's rule).
+RULES = {
+    "epsilon": (lrp.epsilon(0.01), lambda: Epsilon(0.01)),
+    "gamma": (lrp.gamma(0.5), lambda: Gamma(0.5)),
+    "alpha_beta": (lrp.alpha_beta(2, 1), lambda: AlphaBeta(2, 1)),
+    "alpha1_beta0": (lrp.alpha_beta(1, 0), lambda: AlphaBeta(1, 0)),
+    "zplus": (lrp.zplus(), ZPlus),
+    "zbox": (lrp.zbox(LOW, HIGH), lambda: ZBox(LOW, HIGH)),
+    "flat": (lrp.flat(), Flat),
+    "wsquare": (lrp.wsquare(), WSquare),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_rules_match_zennit(case, rule):
+    net, path, score, images, classes, num_classes = case
+    ours_rule, theirs = RULES[rule]
+    model = zennit_model(net, path, score)
+    names = list(net._layer_names)
+    types = {name: net.layers[i].type for i, name in enumerate(names)}
+    if rule == "zbox":  # bounds of the input: the layers that read it
+        linear = [n for n in names if types[n] in lrp.LINEAR and "data" in net.bottom_names[n]]
+    else:
+        linear = [n for n in names if types[n] in lrp.LINEAR]
+    mapping = {name: ours_rule for name in linear}
+    mapping.update({t: "pass" for t in ("ReLU", "PReLU", "Sigmoid", "TanH", "LRN", "Dropout")})
+    mapping.update({"Eltwise": "norm", "Pooling": "norm"})
+    ours = fastsal.attribute(
+        net, images, classes, method="lrp", composite=mapping, score=score, reduce="none"
+    )
+
+    def module_name(layer):
+        module = model.layers[layer]
+        return f"layers.{layer}" + (".1" if isinstance(module, nn.Sequential) else "")
+
+    name_map = [((module_name(n),), theirs()) for n in linear]
+    for key, _, _ in model.steps:
+        module = model.layers[key]
+        if isinstance(module, (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Sigmoid, nn.Tanh, nn.LocalResponseNorm)):
+            name_map.append(((f"layers.{key}",), Pass()))
+        if isinstance(module, nn.AvgPool2d):
+            name_map.append(((f"layers.{key}",), Norm()))
+        if isinstance(module, _StackedSum):
+            name_map.append(((f"layers.{key}.sum",), Norm()))
+    expected = zennit_relevance(model, NameMapComposite(name_map), images, classes, num_classes)
+    assert_close_per_map(ours, expected)
