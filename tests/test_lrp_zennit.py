@@ -26,10 +26,9 @@ from zennit.layer import Sum  # noqa: E402
 from zennit.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, WSquare, ZBox, ZPlus  # noqa: E402
 
 import fastsal  # noqa: E402
+from conftest import random_images  # noqa: E402
 from fastsal import lrp  # noqa: E402
 from fastsal.torch_port import to_torch  # noqa: E402
-
-from conftest import random_images  # noqa: E402
 
 LOW, HIGH = -2.5, 2.5  # zbox's bounds; the test images are standard normal, mostly inside them
 
