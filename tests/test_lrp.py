@@ -247,3 +247,34 @@ def test_zbox_bounds_per_channel_and_image_shaped(tmp_path, rng):
     np.testing.assert_array_equal(per_channel, image_shaped)
     scalar = fastsal.attribute(net, images, [1], low=-3.0, high=3.5, **options)
     assert not np.allclose(per_channel, scalar)  # the bounds reach the rule
+
+
+def test_cli_epsilon_gamma_box_takes_its_bounds_from_the_preprocessing(model, tmp_path, rng):
+    """fastsal run --method lrp --composite epsilon_gamma_box: z-box's bounds are black and white pixels
+    after --raw-scale and --mean-value (per channel), so the store holds what attribute() gives with them."""
+    from PIL import Image
+
+    from fastsal import cli
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "maps.zarr"
+    prototxt, weights = model
+    mean = [104.0, 117.0, 123.0]
+    words = ["run", str(folder), "--model-def", prototxt, "--pretrained-model", weights, "-o", str(out)]
+    words += ["--method", "lrp", "--composite", "epsilon_gamma_box", "--mean-value", "104,117,123", "--quiet"]
+    assert cli.main(words) == 0
+    import zarr
+
+    store = zarr.open_group(str(out), mode="r")
+    paths = [str(p) for p in store["paths"][:]]
+    preprocessing = fastsal.Preprocessing((3, 32, 32), mean=np.array(mean, np.float32))
+    inputs = np.stack([preprocessing(fastsal.load_image(p)) for p in paths])
+    net = fastsal.load(prototxt, weights)
+    low, high = -np.array(mean), 255 - np.array(mean)
+    expected = fastsal.attribute(
+        net, inputs, store["classes"][:], method="lrp", composite="epsilon_gamma_box", low=low, high=high
+    )
+    np.testing.assert_allclose(store["maps"][:], expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
