@@ -161,6 +161,26 @@ class Attribution:
     - ``"guided_gradcam"``: guided backprop times the upsampled Grad-CAM at ``layer``, per channel
       (Captum ``GuidedGradCam``), then ``reduce``. ``layer``, ``upsample``.
 
+    - ``"lrp"``: layer-wise relevance propagation, rule by rule as zennit 0.5.1 defines them (formulas:
+      :mod:`fastsal.lrp`). Relevance flows as the diff, from the one-hot of each class at the score
+      (below the Softmax), as zennit's attributors start it; Captum's ``LRP`` starts at the score
+      itself, so its maps are these times each (image, class)'s score. ``composite``: a name,
+      zennit's composite of the same name (``"epsilon_plus"``, the default: z+ on convolutions,
+      epsilon on fully connected layers; ``"epsilon_plus_flat"``, ``"epsilon_alpha2_beta1"``,
+      ``"epsilon_alpha2_beta1_flat"``: the first linear layer flat; ``"epsilon_gamma_box"``: z-box on
+      the first convolution with bounds ``low``/``high`` (scalars, one per channel, or image-shaped:
+      the preprocessed values of black and white pixels, ``Preprocessing.valid_range()``), gamma on
+      convolutions; ``"excitation_backprop"``: z+ on every linear layer, ReLU keeps its gradient), or
+      a mapping from layer names or types to rules (``fastsal.lrp.epsilon(0.1)``, ``"zplus"``,
+      ``"pass"``, ...; a name wins over a type; unmapped layers keep their gradient). The named
+      composites pass relevance through activations, LRN, Dropout and BatchNorm, and split it by
+      zennit's Norm at Eltwise sums and average poolings; max pooling is the gradient (winner takes
+      all). A BatchNorm (+ Scale) applied in place after a convolution with a rule is merged into its
+      weights, as zennit's canonizer merges it. ``epsilon`` (1e-6), ``gamma`` (0.25), ``stabilizer``
+      (1e-6) as zennit's. ``reduce``: ``"sum"`` by default (relevance is signed and conserved).
+      CPU only: ``device=`` is refused. One forward per batch serves all K classes, the rules'
+      modified weights are built once per engine.
+
     Perturbation methods need no gradient: forward passes only, one forward serving every class of an
     image (so K classes cost what one does), through an internal net built without force_backward.
 
