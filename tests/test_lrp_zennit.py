@@ -5,6 +5,8 @@ Norm rule), and BatchNorm + Scale are merged into the convolution before them in
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -26,7 +28,7 @@ from zennit.layer import Sum  # noqa: E402
 from zennit.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, WSquare, ZBox, ZPlus  # noqa: E402
 
 import fastsal  # noqa: E402
-from conftest import random_images  # noqa: E402
+from conftest import random_images, spearman  # noqa: E402
 from fastsal import lrp  # noqa: E402
 from fastsal.torch_port import to_torch  # noqa: E402
 
@@ -170,3 +172,50 @@ def test_rules_match_zennit(case, rule):
             name_map.append(((f"layers.{key}.sum",), Norm()))
     expected = zennit_relevance(model, NameMapComposite(name_map), images, classes, num_classes)
     assert_close_per_map(ours, expected)
+
+
+def _big_model(name):
+    import caffe
+
+    from fastsal import examples
+
+    photos = examples.open_nsfw_batch()[0][:1]  # 224 x 224 BGR minus the ImageNet mean: both nets' input
+    if name == "open_nsfw":
+        prototxt, weights = examples.open_nsfw_files()
+        return fastsal.load(prototxt, weights), str(prototxt), "fc_nsfw", photos
+    prototxt = str(Path(__file__).parent.parent / "bench" / "vgg16_deploy.prototxt")
+    caffe.set_random_seed(0)  # seeded weights from Caffe's own fillers, as the benchmarks use
+    return caffe.Net(prototxt, caffe.TEST), prototxt, "fc8", photos
+
+
+MEAN = np.array([104.0, 117.0, 123.0])
+BIG = [("open_nsfw", c) for c in sorted(COMPOSITES)] + [
+    ("vgg16", "epsilon_gamma_box"),
+    ("vgg16", "epsilon_alpha2_beta1_flat"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "composite"), BIG, ids=[f"{n}-{c}" for n, c in BIG])
+def test_real_nets_match_zennit(name, composite):
+    """Spearman >= 0.999 per map and 99% of values within 1e-3 of the map's max (the float32 forwards of
+    Caffe and PyTorch round differently); z-box's bounds: black and white pixels after the mean."""
+    net, prototxt, score, images = _big_model(name)
+    classes = np.array([[0, 1]])
+    low, high = -MEAN, 255 - MEAN
+    options = {"low": low, "high": high} if composite == "epsilon_gamma_box" else {}
+    ours = fastsal.attribute(
+        net, images, classes, method="lrp", composite=composite, score=score, reduce="none", **options
+    )
+    if composite == "epsilon_gamma_box":
+        bounds = [torch.tensor(b, dtype=torch.float32).view(1, 3, 1, 1) for b in (low, high)]
+        theirs = EpsilonGammaBox(low=bounds[0], high=bounds[1])
+    else:
+        theirs = COMPOSITES[composite]()
+    expected = zennit_relevance(
+        zennit_model(net, prototxt, score), theirs, images, classes, net.blobs[score].data[0].size
+    )
+    for k in range(classes.shape[1]):
+        a, b = ours[0, k], expected[0, k]
+        assert spearman(a, b) >= 0.999
+        assert np.mean(np.abs(a - b) <= 1e-3 * np.abs(b).max()) >= 0.99
