@@ -78,7 +78,7 @@ def zennit_relevance(model, composite, images, classes, num_classes):
     out = []
     with Gradient(model, composite) as attributor:
         for k in range(classes.shape[1]):
-            x = torch.from_numpy(images.copy())
+            x = torch.from_numpy(images.copy()).requires_grad_()
             _, relevance = attributor(x, torch.eye(num_classes)[torch.from_numpy(classes[:, k])])
             out.append(relevance.detach().numpy())
     return np.stack(out, axis=1)
@@ -219,3 +219,48 @@ def test_real_nets_match_zennit(name, composite):
         a, b = ours[0, k], expected[0, k]
         assert spearman(a, b) >= 0.999
         assert np.mean(np.abs(a - b) <= 1e-3 * np.abs(b).max()) >= 0.99
+
+
+CAPTUM_RULES = ["epsilon", "gamma", "alpha1_beta0"]
+
+
+@pytest.mark.parametrize("rule", CAPTUM_RULES)
+def test_captum_lrp_on_a_sequential_net(tmp_path, rng, rule):
+    """Captum's LRP (sequential nets; its relevance starts at the score, so its maps are fastsal's times
+    the score). Its gamma and alpha1-beta0 rules keep the bias and one set of weights for every input, so
+    they are zennit's where the inputs are >= 0 and the biases 0: pictures in [0, 1], biases zeroed. Its
+    pooling layers take its epsilon rule (1e-9): the winner takes all at max pooling, Norm at average."""
+    captum_lrp = pytest.importorskip("captum.attr")
+    from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule
+
+    from conftest import NETS, make_net, write
+
+    text, score = NETS["conv_maxpool_fc_softmax"]
+    net = make_net(tmp_path, text, seed=5)
+    for blobs in net.params.values():
+        blobs[1].data[...] = 0
+    model = to_torch(net, write(tmp_path, text, "same.prototxt"), score)
+    images = rng.uniform(0, 1, (2, 3, 12, 12)).astype(np.float32)
+    classes = np.array([[0, 3], [1, 6]])
+    conv_rule = {"epsilon": (lrp.epsilon(1e-9), EpsilonRule), "gamma": (lrp.gamma(0.25), GammaRule)}
+    conv_rule["alpha1_beta0"] = (lrp.alpha_beta(1, 0), Alpha1_Beta0_Rule)
+    ours_rule, theirs_rule = conv_rule[rule]
+    composite = {"Convolution": ours_rule, "InnerProduct": lrp.epsilon(1e-9), "ReLU": "pass"}
+    composite["Pooling"] = lrp.norm(1e-9)
+    ours = fastsal.attribute(
+        net, images, classes, method="lrp", composite=composite, score=score, reduce="none"
+    )
+    columns = []
+    for k in range(classes.shape[1]):
+        for module in model.modules():  # Captum removes the rules after each call
+            if isinstance(module, nn.Conv2d):
+                module.rule = theirs_rule()
+            elif type(module).__name__ in ("_Flatten", "Softmax"):  # reshapes; the Softmax never runs
+                module.rule = EpsilonRule(1e-9)
+        x = torch.from_numpy(images.copy()).requires_grad_()
+        columns.append(
+            captum_lrp.LRP(model).attribute(x, target=torch.from_numpy(classes[:, k])).detach().numpy()
+        )
+    theirs = np.stack(columns, axis=1)
+    scores = model(torch.from_numpy(images)).detach().numpy()[np.arange(2)[:, None], classes]
+    assert_close_per_map(ours * scores[:, :, None, None, None], theirs)
