@@ -1,7 +1,11 @@
 #include "layers/convolution_layer.hpp"
 
+#include <caffe/util/im2col.hpp>
 #include <cmath>
 #include <stdexcept>
+#include <vector>
+
+#include "gemm.hpp"
 
 namespace fastsal::layers {
 
@@ -36,18 +40,63 @@ LinearOps RuleConvolutionLayer::ops(const caffe::Blob<float>& bottom, const caff
   const int images = this->num_;
   const std::int64_t bottom_dim = this->bottom_dim_, top_dim = this->top_dim_;
   const std::int64_t spatial = this->out_spatial_dim_;
-  ops.forward = [this, images, bottom_dim, top_dim, spatial](const float* x, const float* w, const float* b,
-                                                             float* z) {
+  if (this->num_spatial_axes_ != 2 || this->force_nd_im2col_) {  // Caffe's own products (N-d im2col)
+    ops.forward = [this, images, bottom_dim, top_dim, spatial](const float* x, const float* w, const float* b,
+                                                               float* z) {
+      for (int n = 0; n < images; ++n) {
+        float* out = z + n * top_dim;
+        this->forward_cpu_gemm(x + n * bottom_dim, w, out);
+        if (b)
+          for (int o = 0; o < this->num_output_; ++o)
+            for (std::int64_t p = 0; p < spatial; ++p) out[o * spatial + p] += b[o];
+      }
+    };
+    ops.backward_data = [this, images, bottom_dim, top_dim](const float* s, const float* w, float* c) {
+      for (int n = 0; n < images; ++n) this->backward_cpu_gemm(s + n * top_dim, w, c + n * bottom_dim);
+    };
+    return ops;
+  }
+  // 2-D: Caffe's im2col and col2im around fastsal's GEMM (gemm.hpp: on fastsal's threads, Caffe's sums).
+  const int groups = this->group_, outputs = this->num_output_ / groups;
+  const int kernel_dim = this->blobs_[0]->count(1);
+  const int* input_shape = this->conv_input_shape_.cpu_data();
+  const int* kernel = this->kernel_shape_.cpu_data();
+  const int* pad = this->pad_.cpu_data();
+  const int* stride = this->stride_.cpu_data();
+  const int* dilation = this->dilation_.cpu_data();
+  const int channels = this->channels_, height = input_shape[1], width = input_shape[2];
+  const bool one_by_one = this->is_1x1_;
+  const std::int64_t column_floats = std::int64_t(kernel_dim) * groups * spatial;
+  columns_.resize(one_by_one ? 0 : column_floats);
+  float* columns = columns_.data();
+  const auto im2col = [=](const float* data) {
+    caffe::im2col_cpu(data, channels, height, width, kernel[0], kernel[1], pad[0], pad[1], stride[0],
+                      stride[1], dilation[0], dilation[1], columns);
+  };
+  ops.forward = [=](const float* x, const float* w, const float* b, float* z) {
     for (int n = 0; n < images; ++n) {
+      const float* col = x + n * bottom_dim;
+      if (!one_by_one) im2col(col), col = columns;
       float* out = z + n * top_dim;
-      this->forward_cpu_gemm(x + n * bottom_dim, w, out);
-      if (!b) continue;
-      for (int o = 0; o < this->num_output_; ++o)
-        for (std::int64_t p = 0; p < spatial; ++p) out[o * spatial + p] += b[o];
+      for (int g = 0; g < groups; ++g)
+        gemm(false, false, outputs, spatial, kernel_dim, 1.f, w + std::int64_t(g) * outputs * kernel_dim,
+             col + std::int64_t(g) * kernel_dim * spatial, 0.f, out + std::int64_t(g) * outputs * spatial);
+      if (b)
+        for (int o = 0; o < groups * outputs; ++o)
+          for (std::int64_t p = 0; p < spatial; ++p) out[o * spatial + p] += b[o];
     }
   };
-  ops.backward_data = [this, images, bottom_dim, top_dim](const float* s, const float* w, float* c) {
-    for (int n = 0; n < images; ++n) this->backward_cpu_gemm(s + n * top_dim, w, c + n * bottom_dim);
+  ops.backward_data = [=](const float* s, const float* w, float* c) {
+    for (int n = 0; n < images; ++n) {
+      float* col = one_by_one ? c + n * bottom_dim : columns;
+      for (int g = 0; g < groups; ++g)
+        gemm(true, false, kernel_dim, spatial, outputs, 1.f, w + std::int64_t(g) * outputs * kernel_dim,
+             s + n * top_dim + std::int64_t(g) * outputs * spatial, 0.f,
+             col + std::int64_t(g) * kernel_dim * spatial);
+      if (!one_by_one)
+        caffe::col2im_cpu(columns, channels, height, width, kernel[0], kernel[1], pad[0], pad[1], stride[0],
+                          stride[1], dilation[0], dilation[1], c + n * bottom_dim);
+    }
   };
   return ops;
 }

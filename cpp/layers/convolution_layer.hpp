@@ -30,6 +30,7 @@ class RuleConvolutionLayer : public caffe::ConvolutionLayer<float> {
  private:
   LinearOps ops(const caffe::Blob<float>& bottom, const caffe::Blob<float>& top);
   LinearRule rule_;
+  std::vector<float> columns_;  // one image's im2col
   caffe::Layer<float>* norm_ = nullptr;
   caffe::Layer<float>* scale_ = nullptr;
 };

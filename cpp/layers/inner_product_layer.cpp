@@ -1,6 +1,5 @@
 #include "layers/inner_product_layer.hpp"
 
-#include <caffe/util/math_functions.hpp>
 #include <vector>
 
 #include "gemm.hpp"
@@ -47,15 +46,13 @@ LinearOps RuleInnerProductLayer::ops() const {
   ops.out_count = std::int64_t(m) * n;
   ops.in_per_image = k;
   ops.forward = [m, k, n, transposed](const float* x, const float* w, const float* b, float* z) {
-    caffe::caffe_cpu_gemm<float>(CblasNoTrans, transposed ? CblasNoTrans : CblasTrans, m, n, k, 1.f, x, w,
-                                 0.f, z);
+    gemm(false, !transposed, m, n, k, 1.f, x, w, 0.f, z);
     if (b)
       for (int r = 0; r < m; ++r)
         for (int j = 0; j < n; ++j) z[std::int64_t(r) * n + j] += b[j];
   };
   ops.backward_data = [m, k, n, transposed](const float* s, const float* w, float* c) {
-    caffe::caffe_cpu_gemm<float>(CblasNoTrans, transposed ? CblasTrans : CblasNoTrans, m, k, n, 1.f, s, w,
-                                 0.f, c);
+    gemm(false, transposed, m, k, n, 1.f, s, w, 0.f, c);
   };
   return ops;
 }

@@ -97,6 +97,7 @@ void LinearRule::forward(const LinearOps& ops, const float* x) {
   nonnegative_ = std::all_of(x, x + n_in, [](float v) { return v >= 0.f; });
   const auto split_input = [&] {
     positive_.resize(n_in), negative_.resize(n_in);
+#pragma omp parallel for simd schedule(static) if (n_in >= (1 << 16))
     for (std::int64_t i = 0; i < n_in; ++i)
       positive_[i] = std::max(x[i], 0.f), negative_[i] = std::min(x[i], 0.f);
   };
@@ -106,6 +107,7 @@ void LinearRule::forward(const LinearOps& ops, const float* x) {
     ops.forward(nonnegative_ ? x : positive_.data(), w_pos.data(), data_or_null(b_pos), out);
     if (nonnegative_) return;
     ops.forward(negative_.data(), w_neg.data(), nullptr, t_.data());
+#pragma omp parallel for simd schedule(static) if (n_out >= (1 << 16))
     for (std::int64_t i = 0; i < n_out; ++i) out[i] += t_[i];
   };
   float* d = denominator_.data();
@@ -132,6 +134,7 @@ void LinearRule::forward(const LinearOps& ops, const float* x) {
       ops.forward(x, w_.data(), data_or_null(b_), s_.data());  // the layer's own output selects the term
       // A term the output's sign switches off gets an infinite denominator: its share R / inf is 0.
       const float inf = std::numeric_limits<float>::infinity();
+#pragma omp parallel for simd schedule(static) if (n_out >= (1 << 16))
       for (std::int64_t i = 0; i < n_out; ++i) {
         d[i] = s_[i] > 0.f ? stabilize(d[i], eps) : inf;
         d2[i] = s_[i] < 0.f ? stabilize(d2[i], eps) : inf;
@@ -149,6 +152,7 @@ void LinearRule::forward(const LinearOps& ops, const float* x) {
       ops.forward(x, w_.data(), data_or_null(b_), d);
       ops.forward(low_.data(), w_plus_.data(), data_or_null(b_plus_), s_.data());
       ops.forward(high_.data(), w_minus_.data(), data_or_null(b_minus_), t_.data());
+#pragma omp parallel for simd schedule(static) if (n_out >= (1 << 16))
       for (std::int64_t i = 0; i < n_out; ++i) d[i] = d[i] - (s_[i] + t_[i]);
       break;
     }
@@ -163,6 +167,7 @@ void LinearRule::forward(const LinearOps& ops, const float* x) {
     default:
       throw std::logic_error("not a linear layer's rule");
   }
+#pragma omp parallel for simd schedule(static) if (n_out >= (1 << 16))
   for (std::int64_t i = 0; i < n_out; ++i) d[i] = stabilize(d[i], eps);
   if (rule_.kind == RuleKind::kAlphaBeta)
     for (float& v : second_denominator_) v = stabilize(v, eps);
@@ -171,8 +176,10 @@ void LinearRule::forward(const LinearOps& ops, const float* x) {
 void LinearRule::backward(const LinearOps& ops, const float* x, const float* r_out, float* r_in) {
   const std::int64_t n_in = ops.in_count, n_out = ops.out_count;
   s_.resize(n_out), t_.resize(n_out), c_.resize(n_in), d_.resize(n_in);
+#pragma omp parallel for simd schedule(static) if (n_out >= (1 << 16))
   for (std::int64_t i = 0; i < n_out; ++i) s_[i] = r_out[i] / denominator_[i];
   if (!second_denominator_.empty() && (rule_.kind == RuleKind::kGamma || rule_.kind == RuleKind::kAlphaBeta))
+#pragma omp parallel for simd schedule(static) if (n_out >= (1 << 16))
     for (std::int64_t i = 0; i < n_out; ++i) t_[i] = r_out[i] / second_denominator_[i];
   float* c = c_.data();
   float* d = d_.data();
@@ -181,6 +188,7 @@ void LinearRule::backward(const LinearOps& ops, const float* x, const float* r_o
   switch (rule_.kind) {
     case RuleKind::kEpsilon:
       ops.backward_data(s_.data(), w_.data(), c);
+#pragma omp parallel for simd schedule(static) if (n_in >= (1 << 16))
       for (std::int64_t i = 0; i < n_in; ++i) r_in[i] = x[i] * c[i];
       return;
     case RuleKind::kFlat:
@@ -191,9 +199,11 @@ void LinearRule::backward(const LinearOps& ops, const float* x, const float* r_o
       return;
     case RuleKind::kZBox:
       ops.backward_data(s_.data(), w_.data(), c);
+#pragma omp parallel for simd schedule(static) if (n_in >= (1 << 16))
       for (std::int64_t i = 0; i < n_in; ++i) r_in[i] = x[i] * c[i];
       ops.backward_data(s_.data(), w_plus_.data(), c);
       ops.backward_data(s_.data(), w_minus_.data(), d);
+#pragma omp parallel for simd schedule(static) if (n_in >= (1 << 16))
       for (std::int64_t i = 0; i < n_in; ++i) r_in[i] = r_in[i] - (low_[i] * c[i] + high_[i] * d[i]);
       return;
     default:
@@ -203,9 +213,11 @@ void LinearRule::backward(const LinearOps& ops, const float* x, const float* r_o
   const auto term = [&](const float* signal, const std::vector<float>& w_for_pos,
                         const std::vector<float>& w_for_neg, float factor) {
     ops.backward_data(signal, w_for_pos.data(), c);
+#pragma omp parallel for simd schedule(static) if (n_in >= (1 << 16))
     for (std::int64_t i = 0; i < n_in; ++i) r_in[i] += factor * (xp[i] * c[i]);
     if (nonnegative_) return;
     ops.backward_data(signal, w_for_neg.data(), c);
+#pragma omp parallel for simd schedule(static) if (n_in >= (1 << 16))
     for (std::int64_t i = 0; i < n_in; ++i) r_in[i] += factor * (xn[i] * c[i]);
   };
   std::fill_n(r_in, n_in, 0.f);

@@ -127,6 +127,8 @@ def zplus(stabilizer: float = 1e-6) -> Rule:
 def zbox(low, high, stabilizer: float = 1e-6) -> Rule:
     """For an input in [low, high] (scalars, one value per channel, or image-shaped): R = x W^T s - low W+^T s
     - high W-^T s, s = R / stabilize(W x + b - (W+ low + b+) - (W- high + b-))."""
+    # As lists: their repr is exact, so fastsal.attribute's engine cache tells any two bounds apart.
+    low, high = (np.asarray(b, np.float64).tolist() for b in (low, high))
     return Rule("zbox", epsilon=_number("stabilizer", stabilizer), low=low, high=high)
 
 
