@@ -103,16 +103,19 @@ LinearOps RuleConvolutionLayer::ops(const caffe::Blob<float>& bottom, const caff
 
 void RuleConvolutionLayer::Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
                                        const std::vector<caffe::Blob<float>*>& top) {
-  caffe::ConvolutionLayer<float>::Forward_cpu(bottom, top);
   if (bottom.size() != 1) throw std::invalid_argument("an LRP rule needs a convolution with one input");
   const LinearOps o = ops(*bottom[0], *top[0]);
+  // Caffe's forward through the same products (gemm.hpp gives Caffe's sums, bit for bit, on fastsal's
+  // threads: OpenBLAS's own pool would fight them); its output is also the rule's z unless BN is merged.
+  const float* w = this->blobs_[0]->cpu_data();
+  o.forward(bottom[0]->cpu_data(), w, this->bias_term_ ? this->blobs_[1]->cpu_data() : nullptr,
+            top[0]->mutable_cpu_data());
   if (!rule_.prepared()) {  // once: the weights the rule uses
     std::vector<float> scale, shift;
     if (norm_) batch_norm_affine(*norm_, scale_, &scale, &shift);
-    rule_.prepare(o, this->blobs_[0]->cpu_data(), this->bias_term_ ? this->blobs_[1]->cpu_data() : nullptr,
-                  scale, shift);
+    rule_.prepare(o, w, this->bias_term_ ? this->blobs_[1]->cpu_data() : nullptr, scale, shift);
   }
-  rule_.forward(o, bottom[0]->cpu_data());
+  rule_.forward(o, bottom[0]->cpu_data(), norm_ ? nullptr : top[0]->cpu_data());
 }
 
 void RuleConvolutionLayer::Backward_cpu(const std::vector<caffe::Blob<float>*>& top,

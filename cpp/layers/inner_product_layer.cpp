@@ -64,7 +64,7 @@ void RuleInnerProductLayer::Forward_cpu(const std::vector<caffe::Blob<float>*>& 
   if (!rule_.prepared())  // once: the weights the rule uses
     rule_.prepare(o, this->blobs_[0]->cpu_data(), this->bias_term_ ? this->blobs_[1]->cpu_data() : nullptr,
                   {}, {});
-  rule_.forward(o, bottom[0]->cpu_data());
+  rule_.forward(o, bottom[0]->cpu_data(), top[0]->cpu_data());
 }
 
 void RuleInnerProductLayer::Backward_cpu(const std::vector<caffe::Blob<float>*>& top,

@@ -89,7 +89,13 @@ namespace {
 const float* data_or_null(const std::vector<float>& v) { return v.empty() ? nullptr : v.data(); }
 }  // namespace
 
-void LinearRule::forward(const LinearOps& ops, const float* x) {
+void LinearRule::forward(const LinearOps& ops, const float* x, const float* z) {
+  const auto own_output = [&](float* out) {  // W x + b: the layer's, or computed again
+    if (z)
+      std::copy_n(z, ops.out_count, out);
+    else
+      ops.forward(x, w_.data(), data_or_null(b_), out);
+  };
   const std::int64_t n_in = ops.in_count, n_out = ops.out_count;
   const float eps = rule_.epsilon;
   denominator_.resize(n_out);
@@ -113,7 +119,7 @@ void LinearRule::forward(const LinearOps& ops, const float* x) {
   float* d = denominator_.data();
   switch (rule_.kind) {
     case RuleKind::kEpsilon:
-      ops.forward(x, w_.data(), data_or_null(b_), d);
+      own_output(d);
       break;
     case RuleKind::kZPlus:
       if (!nonnegative_) split_input();
@@ -131,7 +137,7 @@ void LinearRule::forward(const LinearOps& ops, const float* x) {
       float* d2 = second_denominator_.data();
       two_sided(w_gamma_plus_, b_gamma_plus_, w_gamma_minus_, d);
       two_sided(w_gamma_minus_, b_gamma_minus_, w_gamma_plus_, d2);
-      ops.forward(x, w_.data(), data_or_null(b_), s_.data());  // the layer's own output selects the term
+      own_output(s_.data());  // the layer's own output selects the term
       // A term the output's sign switches off gets an infinite denominator: its share R / inf is 0.
       const float inf = std::numeric_limits<float>::infinity();
 #pragma omp parallel for simd schedule(static) if (n_out >= (1 << 16))
@@ -149,7 +155,7 @@ void LinearRule::forward(const LinearOps& ops, const float* x) {
           low_[n * ops.in_per_image + i] = rule_.low[rule_.low.size() == 1 ? 0 : i];
           high_[n * ops.in_per_image + i] = rule_.high[rule_.high.size() == 1 ? 0 : i];
         }
-      ops.forward(x, w_.data(), data_or_null(b_), d);
+      own_output(d);
       ops.forward(low_.data(), w_plus_.data(), data_or_null(b_plus_), s_.data());
       ops.forward(high_.data(), w_minus_.data(), data_or_null(b_minus_), t_.data());
 #pragma omp parallel for simd schedule(static) if (n_out >= (1 << 16))

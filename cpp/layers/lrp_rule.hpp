@@ -52,7 +52,8 @@ class LinearRule {
   void prepare(const LinearOps& ops, const float* w, const float* b, const std::vector<float>& scale,
                const std::vector<float>& shift);
   bool prepared() const { return prepared_; }
-  void forward(const LinearOps& ops, const float* x);
+  // z: the layer's own output W x + b for this x (before any in-place layer after it), or null.
+  void forward(const LinearOps& ops, const float* x, const float* z);
   void backward(const LinearOps& ops, const float* x, const float* r_out, float* r_in);
   // Floats kept per image between the forward and the backward passes, and used in them.
   std::int64_t floats_per_image(std::int64_t in_per_image, std::int64_t out_per_image) const;
