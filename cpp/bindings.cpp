@@ -13,6 +13,7 @@
 #include <caffe/caffe.hpp>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "gemm.hpp"
@@ -107,6 +108,35 @@ fastsal::ReLURule relu_rule(const std::string& name) {
                            {"deconvnet", ReLURule::kDeconvnet}});
 }
 
+// LRP's per-layer rules, as _attribution.py resolves them: (layer, rule, epsilon, gamma, alpha, beta, low,
+// high).
+using RuleEntry =
+    std::tuple<std::string, std::string, float, float, float, float, std::vector<float>, std::vector<float>>;
+
+std::vector<std::pair<std::string, fastsal::layers::Rule>> layer_rules(
+    const std::vector<RuleEntry>& entries) {
+  using fastsal::layers::RuleKind;
+  std::vector<std::pair<std::string, fastsal::layers::Rule>> rules;
+  for (const auto& [name, kind, epsilon, gamma, alpha, beta, low, high] : entries) {
+    fastsal::layers::Rule rule;
+    rule.kind = choice<RuleKind>("rule", kind,
+                                 {{"gradient", RuleKind::kGradient},
+                                  {"pass", RuleKind::kPass},
+                                  {"norm", RuleKind::kNorm},
+                                  {"epsilon", RuleKind::kEpsilon},
+                                  {"gamma", RuleKind::kGamma},
+                                  {"alpha_beta", RuleKind::kAlphaBeta},
+                                  {"zplus", RuleKind::kZPlus},
+                                  {"zbox", RuleKind::kZBox},
+                                  {"flat", RuleKind::kFlat},
+                                  {"wsquare", RuleKind::kWSquare}});
+    rule.epsilon = epsilon, rule.gamma = gamma, rule.alpha = alpha, rule.beta = beta;
+    rule.low = low, rule.high = high;
+    rules.emplace_back(name, rule);
+  }
+  return rules;
+}
+
 // Every buffer's shape follows from images (N * samples rows), out (N, K, ...) and the engine's shapes.
 fastsal::SaliencyRequest make_request(const fastsal::SaliencyEngine& engine, const py::array& images,
                                       const py::object& classes, const py::array& out, int samples,
@@ -179,7 +209,8 @@ PYBIND11_MODULE(_core, m) {
                        const std::string& gradient_blob, int batch_size, bool fast_layers, bool exact,
                        bool bf16_backward, bool blocked_layouts, const std::string& rule, int device,
                        const std::string& layout, std::size_t memory_budget,
-                       const std::vector<int>& image_shape, int threads, bool forward_only) {
+                       const std::vector<int>& image_shape, int threads, bool forward_only,
+                       const std::vector<RuleEntry>& rules) {
              fastsal::EngineOptions options;
              options.input_blob = input_blob;
              options.score_blob = score_blob;
@@ -196,6 +227,7 @@ PYBIND11_MODULE(_core, m) {
              options.image_shape = image_shape;
              options.threads = threads;
              options.forward_only = forward_only;
+             options.layer_rules = layer_rules(rules);
              // The user's net is read under the GIL: another thread could be running pycaffe on it.
              return std::make_unique<fastsal::SaliencyEngine>(pycaffe_net(net), options);
            }),
@@ -204,7 +236,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("exact") = true, py::arg("bf16_backward") = true, py::arg("blocked_layouts") = true,
            py::arg("relu_rule") = "gradient", py::arg("device"), py::arg("layout"), py::arg("memory_budget"),
            py::arg("image_shape") = std::vector<int>{}, py::arg("threads") = 0,
-           py::arg("forward_only") = false)
+           py::arg("forward_only") = false, py::arg("layer_rules") = std::vector<RuleEntry>{})
       .def_property_readonly("input_blob", &fastsal::SaliencyEngine::input_blob)
       .def_property_readonly("score_blob", &fastsal::SaliencyEngine::score_blob)
       .def_property_readonly("gradient_blob", &fastsal::SaliencyEngine::gradient_blob)

@@ -194,6 +194,8 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
       layout_(options.layout),
       forward_only_(options.forward_only),
       device_buffers_(std::make_unique<DeviceBuffers>()) {
+  if (!options.layer_rules.empty() && device_ >= 0)
+    throw std::invalid_argument("LRP's rules run on the CPU only; leave device unset");
   ThreadCountScope team(threads_);
   {
     QuietGlog quiet;
@@ -203,7 +205,7 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
     // Caffe's own layers (cuDNN's where built) run.
     net_ = std::make_unique<SaliencyNet>(
         plan_.param, LayerSwaps{options.fast_layers && device_ < 0, !options.exact, options.relu_rule,
-                                !options.exact && options.bf16_backward});
+                                !options.exact && options.bf16_backward, options.layer_rules});
   }
   check_weights_fit(*net_, user_net);
   {
@@ -234,7 +236,7 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
     net_->fold_batch_norm(stop_layer_, score_layer_);
     if (!options.exact && options.blocked_layouts)              // the exact forward is Caffe's, on NCHW
       net_->keep_blocked_layouts({input_, score_, gradient_});  // the blobs the engine reads and writes
-    if (!forward_only_) {
+    if (!forward_only_ && options.layer_rules.empty()) {        // the head's products are the gradient's
       head_ = std::make_unique<ClassHead>(*net_, score_layer_, stop_layer_, options.relu_rule);
       head_bytes_ = options.memory_budget / 4;
       if (head_->empty()) head_.reset();

@@ -57,7 +57,8 @@ struct EngineOptions {
   ReLURule relu_rule = ReLURule::kGradient;  // guided backprop and deconvnet replace plain ReLUs' backward
   bool bf16_backward = true;    // inexact only, on CPUs with AMX: the convolutions' data backward in bf16
   bool blocked_layouts = true;  // inexact only: oneDNN's layout kept between its convolutions (same values)
-  int device = -1;              // -1: CPU; else the CUDA device (a CUDA build of Caffe and fastsal)
+  std::vector<std::pair<std::string, layers::Rule>> layer_rules;  // LRP: per-layer rules (SaliencyNet's)
+  int device = -1;  // -1: CPU; else the CUDA device (a CUDA build of Caffe and fastsal)
   BatchLayout layout = BatchLayout::kAuto;
   std::size_t memory_budget = std::size_t(1) << 30;  // bytes of blobs and layer state per batch
   int threads = 0;  // OpenMP threads for this engine's work (oneDNN's too); 0: OpenMP's default

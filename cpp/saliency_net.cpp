@@ -4,15 +4,18 @@
 #include <cstddef>
 #include <memory>
 #include <numeric>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "layers/batch_norm_layer.hpp"
+#include "layers/convolution_layer.hpp"
 #include "layers/dnnl_common.hpp"
 #include "layers/dnnl_conv_layer.hpp"
 #include "layers/eltwise_layer.hpp"
 #include "layers/inner_product_layer.hpp"
+#include "layers/pass_layer.hpp"
 #include "layers/pooling_layer.hpp"
 #include "layers/relu_layer.hpp"
 #include "layers/scale_layer.hpp"
@@ -26,8 +29,15 @@ namespace fastsal {
 using layers::BatchNormLayer;
 using layers::EltwiseLayer;
 using layers::InnerProductLayer;
+using layers::PassLayer;
 using layers::PoolingLayer;
 using layers::ReLULayer;
+using layers::Rule;
+using layers::RuleConvolutionLayer;
+using layers::RuleEltwiseLayer;
+using layers::RuleInnerProductLayer;
+using layers::RuleKind;
+using layers::RulePoolingLayer;
 using layers::RuleReLULayer;
 using layers::ScaleLayer;
 using layers::SplitLayer;
@@ -77,7 +87,25 @@ SaliencyNet::SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swa
     const caffe::LayerParameter& p = layers_[i]->layer_param();
     boost::shared_ptr<caffe::Layer<float>> layer;
     const bool plain_relu = type == "ReLU" && p.relu_param().negative_slope() == 0.f;
-    if (type == "Pooling") {
+    const auto ruled = std::find_if(swaps.rules.begin(), swaps.rules.end(),
+                                    [&](const auto& entry) { return entry.first == layer_names_[i]; });
+    const Rule* rule =
+        ruled == swaps.rules.end() || ruled->second.kind == RuleKind::kGradient ? nullptr : &ruled->second;
+    const bool linear = rule && layers::linear_rule(rule->kind);
+    if (rule && rule->kind != RuleKind::kPass &&
+        !(linear && (type == "Convolution" || type == "InnerProduct")) &&
+        !(rule->kind == RuleKind::kNorm && (type == "Eltwise" || type == "Pooling")))
+      throw std::invalid_argument("layer '" + layer_names_[i] + "' (" + type +
+                                  ") cannot take the rule given it");
+    if (linear && type == "Convolution") {
+      layer.reset(new RuleConvolutionLayer(p, *rule));
+    } else if (linear) {
+      layer.reset(new RuleInnerProductLayer(p, *rule));
+    } else if (rule && rule->kind == RuleKind::kNorm && type == "Eltwise") {
+      layer.reset(new RuleEltwiseLayer(p, rule->epsilon));
+    } else if (rule && rule->kind == RuleKind::kNorm) {
+      layer.reset(new RulePoolingLayer(p, rule->epsilon));
+    } else if (type == "Pooling") {
       layer.reset(new PoolingLayer(p));
     } else if (plain_relu && swaps.relu_rule != ReLURule::kGradient) {
       layer.reset(new RuleReLULayer(p, swaps.relu_rule == ReLURule::kGuided));
@@ -98,12 +126,49 @@ SaliencyNet::SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swa
                DnnlConvolutionLayer::supports(p, *bottom_vecs_[i][0])) {
       layer.reset(new DnnlConvolutionLayer(p, swaps.fast_forward, swaps.bf16_backward, workspace));
 #endif
-    } else {
+    } else if (!rule) {
       continue;
+    }
+    if (rule && rule->kind == RuleKind::kPass) {  // around whichever layer runs the forward
+      if (layer) {
+        layer->blobs() = layers_[i]->blobs();
+        layer->SetUp(bottom_vecs_[i], top_vecs_[i]);
+      }
+      layer.reset(new PassLayer(layer ? layer : layers_[i]));
     }
     layer->blobs() = layers_[i]->blobs();
     layer->SetUp(bottom_vecs_[i], top_vecs_[i]);
     layers_[i] = layer;
+  }
+  if (!swaps.rules.empty()) merge_batch_norm();
+}
+
+void SaliencyNet::merge_batch_norm() {
+  for (std::size_t i = 0; i + 1 < layers_.size(); ++i) {
+    auto* conv = dynamic_cast<RuleConvolutionLayer*>(layers_[i].get());
+    if (!conv || top_vecs_[i].size() != 1) continue;
+    caffe::Blob<float>* blob = top_vecs_[i][0];
+    const auto in_place = [&](std::size_t l, const char* type) {
+      return l < layers_.size() && std::string(layers_[l]->type()) == type && bottom_vecs_[l].size() == 1 &&
+             top_vecs_[l].size() == 1 && bottom_vecs_[l][0] == blob && top_vecs_[l][0] == blob;
+    };
+    if (!in_place(i + 1, "BatchNorm")) continue;
+    const auto& norm_param = layers_[i + 1]->layer_param().batch_norm_param();
+    if (norm_param.has_use_global_stats() && !norm_param.use_global_stats()) continue;
+    const bool scale = in_place(i + 2, "Scale") && layers_[i + 2]->blobs()[0]->count() == blob->shape(1) &&
+                       layers_[i + 2]->layer_param().scale_param().axis() == 1;
+    // The merged layers pass relevance through; their forward is unchanged.
+    const auto inner = [&](std::size_t l) -> caffe::Layer<float>* {
+      if (!dynamic_cast<PassLayer*>(layers_[l].get())) {
+        boost::shared_ptr<caffe::Layer<float>> pass(new PassLayer(layers_[l]));
+        pass->blobs() = layers_[l]->blobs();
+        pass->SetUp(bottom_vecs_[l], top_vecs_[l]);
+        layers_[l] = pass;
+      }
+      return &dynamic_cast<PassLayer*>(layers_[l].get())->inner();
+    };
+    caffe::Layer<float>* norm = inner(i + 1);
+    conv->merge_batch_norm(norm, scale ? inner(i + 2) : nullptr);
   }
 }
 
@@ -227,6 +292,12 @@ int SaliencyNet::first_overflowed_row(int last, std::string* layer) const {
 
 std::size_t SaliencyNet::workspace_bytes_per_image() const {
   std::size_t bytes = 0;
+  for (const auto& layer : layers_) {  // LRP rules keep their denominators and products' buffers
+    if (const auto* conv = dynamic_cast<const RuleConvolutionLayer*>(layer.get()))
+      bytes += conv->rule_floats_per_image() * sizeof(float);
+    if (const auto* product = dynamic_cast<const RuleInnerProductLayer*>(layer.get()))
+      bytes += product->rule_floats_per_image() * sizeof(float);
+  }
 #ifdef FASTSAL_WITH_DNNL
   // Not the scratchpads: measured on a Winograd layer, ~80% of its scratchpad does not grow with the batch.
   for (const auto slot : {Workspace::kInput, Workspace::kOutput}) {

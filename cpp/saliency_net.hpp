@@ -5,7 +5,10 @@
 
 #include <caffe/net.hpp>
 #include <string>
+#include <utility>
 #include <vector>
+
+#include "layers/lrp_rule.hpp"
 
 namespace fastsal {
 
@@ -17,6 +20,9 @@ struct LayerSwaps {
   bool fast_forward = false;  // with fast: the forward's convolutions through oneDNN too (not exact)
   ReLURule relu_rule = ReLURule::kGradient;
   bool bf16_backward = false;  // with fast: the convolutions' data backward in bf16 where the CPU has AMX
+  // LRP: each named layer's backward follows its rule (CPU only). A convolution with a rule takes in a
+  // BatchNorm (and Scale) applied in place to its output, whose backward then passes relevance through.
+  std::vector<std::pair<std::string, layers::Rule>> rules;
 };
 
 // The instruction set oneDNN dispatches to on this CPU (DNNL_MAX_CPU_ISA caps it), e.g. "avx512_core_amx";
@@ -52,6 +58,7 @@ class SaliencyNet : public caffe::Net<float> {
   std::size_t workspace_bytes_per_image() const;
 
  private:
+  void merge_batch_norm();  // LRP's canonizer: see LayerSwaps::rules
   std::vector<std::string> blocked_blobs_;
 };
 

@@ -27,4 +27,23 @@ class EltwiseLayer : public caffe::EltwiseLayer<float> {
   }
 };
 
+// Element-wise sum whose backward follows zennit's Norm rule (its canonizers' residual Sum): each input's
+// share of the relevance in proportion to its contribution, R_i = c_i x_i R / stabilize(sum_j c_j x_j).
+// Products and maxima keep their gradient. Forward is Caffe's.
+class RuleEltwiseLayer : public caffe::EltwiseLayer<float> {
+ public:
+  RuleEltwiseLayer(const caffe::LayerParameter& param, float stabilizer)
+      : caffe::EltwiseLayer<float>(param), stabilizer_(stabilizer) {}
+
+ protected:
+  void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
+                   const std::vector<caffe::Blob<float>*>& top) override;
+  void Backward_cpu(const std::vector<caffe::Blob<float>*>& top, const std::vector<bool>& propagate_down,
+                    const std::vector<caffe::Blob<float>*>& bottom) override;
+
+ private:
+  float stabilizer_;
+  std::vector<float> denominator_;  // the stabilized sum of the last forward (an in-place ReLU may follow)
+};
+
 }  // namespace fastsal::layers

@@ -36,4 +36,42 @@ void InnerProductLayer::Backward_cpu(const std::vector<caffe::Blob<float>*>& top
                            bottom[0]->mutable_cpu_diff());
 }
 
+LinearOps RuleInnerProductLayer::ops() const {
+  LinearOps ops;
+  const int m = this->M_, k = this->K_, n = this->N_;
+  const bool transposed = this->transpose_;  // W stored (K, N) instead of (N, K)
+  ops.outputs = n;
+  ops.weight_count = std::int64_t(n) * k;
+  ops.in_count = std::int64_t(m) * k;
+  ops.out_count = std::int64_t(m) * n;
+  ops.in_per_image = k;
+  ops.forward = [m, k, n, transposed](const float* x, const float* w, const float* b, float* z) {
+    gemm(false, !transposed, m, n, k, 1.f, x, w, 0.f, z);
+    if (b)
+      for (int r = 0; r < m; ++r)
+        for (int j = 0; j < n; ++j) z[std::int64_t(r) * n + j] += b[j];
+  };
+  ops.backward_data = [m, k, n, transposed](const float* s, const float* w, float* c) {
+    gemm(false, transposed, m, k, n, 1.f, s, w, 0.f, c);
+  };
+  return ops;
+}
+
+void RuleInnerProductLayer::Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
+                                        const std::vector<caffe::Blob<float>*>& top) {
+  caffe::InnerProductLayer<float>::Forward_cpu(bottom, top);
+  const LinearOps o = ops();
+  if (!rule_.prepared())  // once: the weights the rule uses
+    rule_.prepare(o, this->blobs_[0]->cpu_data(), this->bias_term_ ? this->blobs_[1]->cpu_data() : nullptr,
+                  {}, {});
+  rule_.forward(o, bottom[0]->cpu_data(), top[0]->cpu_data());
+}
+
+void RuleInnerProductLayer::Backward_cpu(const std::vector<caffe::Blob<float>*>& top,
+                                         const std::vector<bool>& propagate_down,
+                                         const std::vector<caffe::Blob<float>*>& bottom) {
+  if (!propagate_down[0]) return;
+  rule_.backward(ops(), bottom[0]->cpu_data(), top[0]->cpu_diff(), bottom[0]->mutable_cpu_diff());
+}
+
 }  // namespace fastsal::layers

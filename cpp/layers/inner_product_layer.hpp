@@ -3,7 +3,10 @@
 #pragma once
 
 #include <caffe/layers/inner_product_layer.hpp>
+#include <cstdint>
 #include <vector>
+
+#include "layers/lrp_rule.hpp"
 
 namespace fastsal::layers {
 
@@ -23,6 +26,25 @@ class InnerProductLayer : public caffe::InnerProductLayer<float> {
  private:
   bool streamed_forward_;
   std::vector<float> ones_;
+};
+
+// A fully connected layer whose backward follows an LRP rule (lrp_rule.hpp) instead of the gradient: the
+// rule's products are Caffe's GEMMs with the rule's modified weights. Forward is Caffe's.
+class RuleInnerProductLayer : public caffe::InnerProductLayer<float> {
+ public:
+  RuleInnerProductLayer(const caffe::LayerParameter& param, Rule rule)
+      : caffe::InnerProductLayer<float>(param), rule_(std::move(rule)) {}
+  std::int64_t rule_floats_per_image() const { return rule_.floats_per_image(this->K_, this->N_); }
+
+ protected:
+  void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
+                   const std::vector<caffe::Blob<float>*>& top) override;
+  void Backward_cpu(const std::vector<caffe::Blob<float>*>& top, const std::vector<bool>& propagate_down,
+                    const std::vector<caffe::Blob<float>*>& bottom) override;
+
+ private:
+  LinearOps ops() const;
+  LinearRule rule_;
 };
 
 }  // namespace fastsal::layers

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "layers/lrp_rule.hpp"
+
 namespace fastsal::layers {
 
 namespace {
@@ -106,6 +108,28 @@ void PoolingLayer::max_forward(const caffe::Blob<float>& bottom, caffe::Blob<flo
                                       mask + p * top_plane, windows);
   const auto first = std::find(empty_window_.begin(), empty_window_.end(), 1);
   if (first != empty_window_.end()) overflowed_row_ = int((first - empty_window_.begin()) / this->channels_);
+}
+
+void RulePoolingLayer::Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
+                                   const std::vector<caffe::Blob<float>*>& top) {
+  PoolingLayer::Forward_cpu(bottom, top);
+  if (!average()) return;
+  const float* y = top[0]->cpu_data();
+  denominator_.resize(top[0]->count());
+  for (std::size_t i = 0; i < denominator_.size(); ++i) denominator_[i] = stabilize(y[i], stabilizer_);
+}
+
+void RulePoolingLayer::Backward_cpu(const std::vector<caffe::Blob<float>*>& top,
+                                    const std::vector<bool>& propagate_down,
+                                    const std::vector<caffe::Blob<float>*>& bottom) {
+  if (!average() || !propagate_down[0]) return PoolingLayer::Backward_cpu(top, propagate_down, bottom);
+  float* r = top[0]->mutable_cpu_diff();  // becomes R / z: nothing reads this diff after this layer
+  for (std::size_t i = 0; i < denominator_.size(); ++i) r[i] /= denominator_[i];
+  PoolingLayer::Backward_cpu(top, propagate_down, bottom);
+  const float* x = bottom[0]->cpu_data();
+  float* out = bottom[0]->mutable_cpu_diff();
+  const std::int64_t count = bottom[0]->count();
+  for (std::int64_t i = 0; i < count; ++i) out[i] *= x[i];
 }
 
 }  // namespace fastsal::layers

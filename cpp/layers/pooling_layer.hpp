@@ -37,4 +37,25 @@ class PoolingLayer : public caffe::PoolingLayer<float> {
   int overflowed_row_ = -1;
 };
 
+// Average pooling whose backward follows zennit's Norm rule: R_in = x * avg_backward(R / stabilize(avg(x))).
+// Max pooling keeps its gradient (the winner takes all). Forward and safety are PoolingLayer's.
+class RulePoolingLayer : public PoolingLayer {
+ public:
+  RulePoolingLayer(const caffe::LayerParameter& param, float stabilizer)
+      : PoolingLayer(param), stabilizer_(stabilizer) {}
+
+ protected:
+  void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
+                   const std::vector<caffe::Blob<float>*>& top) override;
+  void Backward_cpu(const std::vector<caffe::Blob<float>*>& top, const std::vector<bool>& propagate_down,
+                    const std::vector<caffe::Blob<float>*>& bottom) override;
+
+ private:
+  bool average() const {
+    return this->layer_param_.pooling_param().pool() == caffe::PoolingParameter_PoolMethod_AVE;
+  }
+  float stabilizer_;
+  std::vector<float> denominator_;
+};
+
 }  // namespace fastsal::layers

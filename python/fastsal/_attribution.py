@@ -12,7 +12,7 @@ import weakref
 import caffe
 import numpy as np
 
-from . import _core
+from . import _core, lrp
 from ._forward import Forward
 from ._perturbation import ablationcam, occlusion, occlusion_windows, rise, scorecam
 from ._resample import upsample
@@ -35,6 +35,7 @@ METHODS = (
     "rise",
     "scorecam",
     "ablationcam",
+    "lrp",
 )
 PERTURBATION_METHODS = ("occlusion", "rise", "scorecam", "ablationcam")  # forward passes only
 NOISE_METHODS = {"smoothgrad": "sum", "smoothgrad_sq": "squares", "vargrad": "variance"}
@@ -67,6 +68,8 @@ _OPTIONS = {
     "rise": {"n_masks": 4000, "grid_size": 8, "p1": 0.5, "seed": None, "probabilities": True},
     "scorecam": {"layer": None, "upsample": "bilinear", "normalize": True},
     "ablationcam": {"layer": None, "upsample": "bilinear", "normalize": True},
+    "lrp": {"composite": "epsilon_plus", "reduce": "sum", "epsilon": 1e-6, "gamma": 0.25, "stabilizer": 1e-6}
+    | {"low": None, "high": None},
 }
 for _name in NOISE_METHODS:
     _OPTIONS[_name] = {"reduce": "absmax", "samples": 25, "stdev": None, "noise_level": None, "seed": None}
@@ -158,6 +161,26 @@ class Attribution:
     - ``"guided_gradcam"``: guided backprop times the upsampled Grad-CAM at ``layer``, per channel
       (Captum ``GuidedGradCam``), then ``reduce``. ``layer``, ``upsample``.
 
+    - ``"lrp"``: layer-wise relevance propagation, rule by rule as zennit 0.5.1 defines them (formulas:
+      :mod:`fastsal.lrp`). Relevance flows as the diff, from the one-hot of each class at the score
+      (below the Softmax), as zennit's attributors start it; Captum's ``LRP`` starts at the score
+      itself, so its maps are these times each (image, class)'s score. ``composite``: a name,
+      zennit's composite of the same name (``"epsilon_plus"``, the default: z+ on convolutions,
+      epsilon on fully connected layers; ``"epsilon_plus_flat"``, ``"epsilon_alpha2_beta1"``,
+      ``"epsilon_alpha2_beta1_flat"``: the first linear layer flat; ``"epsilon_gamma_box"``: z-box on
+      the first convolution with bounds ``low``/``high`` (scalars, one per channel, or image-shaped:
+      the preprocessed values of black and white pixels, ``Preprocessing.valid_range()``), gamma on
+      convolutions; ``"excitation_backprop"``: z+ on every linear layer, ReLU keeps its gradient), or
+      a mapping from layer names or types to rules (``fastsal.lrp.epsilon(0.1)``, ``"zplus"``,
+      ``"pass"``, ...; a name wins over a type; unmapped layers keep their gradient). The named
+      composites pass relevance through activations, LRN, Dropout and BatchNorm, and split it by
+      zennit's Norm at Eltwise sums and average poolings; max pooling is the gradient (winner takes
+      all). A BatchNorm (+ Scale) applied in place after a convolution with a rule is merged into its
+      weights, as zennit's canonizer merges it. ``epsilon`` (1e-6), ``gamma`` (0.25), ``stabilizer``
+      (1e-6) as zennit's. ``reduce``: ``"sum"`` by default (relevance is signed and conserved).
+      CPU only: ``device=`` is refused. One forward per batch serves all K classes, the rules'
+      modified weights are built once per engine.
+
     Perturbation methods need no gradient: forward passes only, one forward serving every class of an
     image (so K classes cost what one does), through an internal net built without force_backward.
 
@@ -232,6 +255,8 @@ class Attribution:
             self._check_layer_shape(layer, self._forward._engine)
             if method == "ablationcam":  # refuses a layer a later layer bypasses, before any work
                 self._forward.stream(0, None, None, from_layer=True)
+        elif method == "lrp":
+            self._input = lrp_engine(net, engine, self.options)
         elif method not in CAM_METHODS:
             self._input = Saliency(net, **engine, _relu_rule=RULES.get(method, "gradient"))
         if method in CAM_METHODS or method == "guided_gradcam":
@@ -364,7 +389,7 @@ class Attribution:
             raise ValueError("guided_gradcam multiplies by the input-sized map: upsample cannot be False")
         if "relu" in merged and not isinstance(merged["relu"], bool):
             raise TypeError(f"relu must be True or False, got {merged['relu']!r}")
-        return merged
+        return lrp.check_options(merged) if method == "lrp" else merged
 
     def _check_baselines(self, baselines) -> np.ndarray:
         array = np.asarray(baselines)
@@ -694,6 +719,15 @@ class Attribution:
                 cams = np.maximum(cams, 0)
             out[part] = upsample(cams, size, mode) if mode else cams
         return out, (classes if top is None else top).astype(np.int64), scores
+
+
+def lrp_engine(net: caffe.Net, engine: dict, options: dict) -> Saliency:
+    """LRP's engine: the input gradient's, with each layer's backward replaced by its rule (lrp.py)."""
+    if engine["device"] is not None:
+        raise ValueError("method='lrp' runs on the CPU only (its rules are CPU layers); leave device unset")
+    _check_blob_name("input", engine["input"])
+    image_shape = net.blobs[engine["input"] or net.inputs[0]].data.shape[1:]  # zbox's bounds fit it
+    return Saliency(net, **engine, _layer_rules=lrp.layer_rules(net, options, tuple(image_shape)))
 
 
 def _reduce(raw: np.ndarray, reduce: str) -> np.ndarray:

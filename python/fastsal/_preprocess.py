@@ -236,6 +236,13 @@ class Preprocessing:
             x = x * np.float32(self.input_scale)
         return np.ascontiguousarray(x, dtype=np.float32)
 
+    def valid_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high): the net input's values for pictures of all 0s and all 1s, elementwise ordered, the
+        (C, H, W) bounds every preprocessed picture lies within (LRP's z-box bounds)."""
+        c, h, w = self.input_shape
+        dark, bright = (self.transform(np.full((h, w, c), v, np.float32)) for v in (0.0, 1.0))
+        return np.minimum(dark, bright), np.maximum(dark, bright)
+
     def deprocess(self, x: np.ndarray) -> np.ndarray:
         """The inverse of __call__ after the crop: a net input (C, H, W) as a displayable (H, W, 3) uint8."""
         x = np.asarray(x, np.float32)

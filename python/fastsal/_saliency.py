@@ -88,6 +88,7 @@ class Saliency:
         threads: int | None = None,
         _gradient_blob: str = "",
         _relu_rule: str = "gradient",
+        _layer_rules: tuple = (),
         _image_shape: tuple[int, ...] = (),
         _warn: bool = True,
         _bf16_backward: bool = True,
@@ -126,6 +127,7 @@ class Saliency:
             memory_budget=memory_budget,
             threads=threads or default_threads(),
             forward_only=bool(_forward_only),
+            layer_rules=list(_layer_rules),
         )
         if device is None and self._options["exact"]:
             warn_if_blas_is_slow(stacklevel=2)  # the exact CPU forward is Caffe's OpenBLAS arithmetic

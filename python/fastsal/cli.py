@@ -60,6 +60,11 @@ METHOD_FLAGS = {  # flag -> (option name, type, help)
     "--n-masks": ("n_masks", int, "RISE's random masks (default 4000)"),
     "--grid-size": ("grid_size", int, "RISE's grid cells per side (default 8)"),
     "--p1": ("p1", float, "RISE's probability of keeping a cell (default 0.5)"),
+    "--composite": (
+        "composite",
+        str,
+        "lrp's rules (default epsilon_plus); epsilon_gamma_box takes its z-box bounds from the preprocessing",
+    ),
 }
 
 
@@ -324,6 +329,26 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
     print(f"fastsal: warning: {text}", file=sys.stderr)
 
 
+def _picture_bounds(args) -> dict:
+    """LRP's z-box bounds for ``fastsal run``: the preprocessed values of black and white pixels, one pair
+    for every channel alike, per channel (--mean-value) or per pixel (a mean image)."""
+    from ._preprocess import Preprocessing, load_mean
+
+    if args.mean_file is not None and args.mean_value is not None:
+        raise ValueError("give --mean-file or --mean-value, not both")
+    mean = load_mean(args.mean_file) if args.mean_file else args.mean_value
+    mean = np.zeros(1, np.float32) if mean is None else np.asarray(mean, np.float32)
+    shape = (len(mean), 1, 1) if mean.ndim == 1 else mean.shape
+    if shape[0] not in (1, 3):  # Preprocessing's own check would blame the net
+        raise ValueError(f"the mean has {shape[0]} channels; pictures give 1 or 3")
+    # The channel swap moves no value here: black and white are alike in every channel.
+    low, high = Preprocessing(shape, None, mean, args.raw_scale, None, args.input_scale).valid_range()
+    if mean.ndim == 3:
+        return {"low": low.tolist(), "high": high.tolist()}
+    low, high = low[:, 0, 0].tolist(), high[:, 0, 0].tolist()
+    return {"low": low[0], "high": high[0]} if len(low) == 1 else {"low": low, "high": high}
+
+
 def _command(args) -> int:
     if args.command == "status":
         return _status(args.output)
@@ -346,6 +371,8 @@ def _command(args) -> int:
     if args.command in ("visualize", "dream"):
         return _picture(args)
     options = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _, _) in METHOD_FLAGS.items()}
+    if options["composite"] == "epsilon_gamma_box":
+        options.update(_picture_bounds(args))
     summary = jobs.run_job(
         args.images,
         args.model_def,
