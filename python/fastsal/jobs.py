@@ -79,9 +79,10 @@ def plural(n: int, noun: str) -> str:
 # and then only these files (zarr's chunks and its interrupted writes, fastsal's markers and lock).
 ARRAYS = ("maps", "classes", "scores", "probabilities", "status", "paths")
 _LOCK = "lock"
-_OWN_FILE = re.compile(
-    rf"zarr\.json|({'|'.join(ARRAYS)})/(zarr\.json|c(/\d+)+(\.[0-9a-f]+\.partial)?)"
-    rf"|{re.escape(MARKERS)}/({_LOCK}|chunk-\d+\.json|\.chunk-\d+\.json\.\d+\.\d+)"
+_OWN_FILE = re.compile(  # fastsal evaluate's metrics/ arrays and metrics-* markers (_evaluate_job) too
+    rf"zarr\.json|({'|'.join(ARRAYS)}|metrics/\w+)/(zarr\.json|c(/\d+)+(\.[0-9a-f]+\.partial)?)|metrics/zarr\.json"
+    rf"|{re.escape(MARKERS)}/({_LOCK}|chunk-\d+\.json|\.chunk-\d+\.json\.\d+\.\d+"
+    rf"|metrics-\w+-\d+\.json|\.metrics-\w+-\d+\.json\.\d+\.\d+)"
 )
 OVERLAYS_MARKER = ".fastsal-overlays"  # in an overlays folder: the store whose overlays it holds
 
@@ -110,6 +111,7 @@ class JobSpec:
     probabilities: bool = False  # the score blob feeds the net's Softmax output: store its probabilities
     threads: int | None = None  # per process; None: the process's default (a Dask worker: its nthreads)
     plan: dict = field(default_factory=dict)
+    arguments: dict | None = None  # what rebuilds this spec (fastsal evaluate), recorded beside the plan
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # this run's Dask keys and plugin
 
     @property
@@ -635,9 +637,49 @@ def _prepare(
         probabilities=probabilities,
         threads=threads,
         plan=plan,
+        arguments=_arguments(
+            images,
+            model_def,
+            pretrained_model,
+            overlays,
+            classes=classes,
+            top_k=top_k,
+            classes_file=classes_file,
+            method=method,
+            method_options=method_options,
+            images_dim=images_dim,
+            mean_file=mean_file,
+            mean_value=mean_value,
+            raw_scale=raw_scale,
+            channel_swap=channel_swap,
+            input_scale=input_scale,
+            chunk_size=chunk_size,
+        ),
     )
     lock = _claim_store(spec, attribution.num_classes, overwrite)
     return spec, attribution, lock
+
+
+def _arguments(images, model_def, pretrained_model, overlays, **options) -> dict | None:
+    """The run's arguments as JSON, paths made absolute: fastsal evaluate rebuilds the spec from them
+    (through _prepare, so the plan is checked again). None when an option is no JSON (an array)."""
+    absolute = {
+        key: None if options[key] is None else os.path.abspath(options[key])
+        for key in ("classes_file", "mean_file")
+    }
+    if options["classes"] is not None:
+        absolute["classes"] = np.atleast_1d(np.asarray(options["classes"])).tolist()
+    found = {
+        "images": os.path.abspath(str(images)),
+        "model_def": os.path.abspath(model_def),
+        "pretrained_model": os.path.abspath(pretrained_model),
+        "overlays": None if overlays is None else os.path.abspath(overlays),
+        "options": options | absolute,
+    }
+    try:
+        return json.loads(json.dumps(found, default=lambda v: np.asarray(v).tolist()))
+    except (TypeError, ValueError):  # an option NumPy does not take either
+        return None
 
 
 def _feeds_softmax(net, score: str) -> bool:
@@ -1011,7 +1053,12 @@ def _build_store(spec: JobSpec, num_classes: int, folder: Path, out: Path) -> No
             )
             paths[:] = np.array(spec.paths, dtype=object)
     # The .npy's path beside the plan (not in it: the plan names inputs by content), for export's overlays.
-    group.attrs["fastsal"] = {"plan": spec.plan, "version": fastsal.__version__, "array": spec.array}
+    group.attrs["fastsal"] = {
+        "plan": spec.plan,
+        "version": fastsal.__version__,
+        "array": spec.array,
+        "arguments": spec.arguments,
+    }
     with warnings.catch_warnings():  # zarr: consolidated metadata is not in the v3 spec yet
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(str(folder))  # readers need not list the folder (.fastsal is no array)
@@ -1228,6 +1275,8 @@ def status(output) -> dict:
     """What a store holds: the plan, chunks done, images ok / failed (with reasons) / pending."""
     import zarr
 
+    from ._evaluate_job import summaries  # it builds on this module
+
     out = Path(output)
     if not (out.exists() or out.is_symlink()):
         raise JobError(f"no such store: {output}")
@@ -1257,4 +1306,5 @@ def status(output) -> dict:
         "pending": count - ok - len(failed),
         "plan": plan,
         "version": meta.get("version"),
+        "metrics": summaries(output),  # fastsal evaluate's, per metric
     }
