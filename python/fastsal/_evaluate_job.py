@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import jobs
+from . import _attribution, jobs
 from .jobs import MARKERS, OK, JobError, plural
 
 GROUP = "metrics"
@@ -321,3 +321,86 @@ def summaries(output) -> dict[str, dict]:
             "quartiles": quartiles,
         }
     return found
+
+
+# ---- integrated_gradients: is the integral converged? ----
+
+DELTA_LIMIT = 0.05  # the relative convergence delta's median above which a run is warned
+DELTA_SAMPLE = 4  # images the step count that brings it under is measured on
+DELTA_MAX_STEPS = 3200
+
+
+def convergence_delta(output) -> dict | None:
+    """The store's relative convergence delta (integrated_gradients): its median over the evaluated
+    (image, class) pairs, what the run measured (see :func:`check_convergence`) and the warning."""
+    import zarr
+
+    group = zarr.open_group(str(output), mode="r")
+    if "convergence_delta" not in group:
+        return None  # another method, or a store from before the delta was stored
+    values = np.asarray(group["convergence_delta"][:], np.float64)
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return {"median": None, "warning": None}
+    median = float(np.median(values))
+    measured = group["convergence_delta"].attrs.get("measured")
+    return {"median": median, "measured": measured, "warning": _delta_warning(median, measured)}
+
+
+def _delta_warning(median: float, measured: dict | None) -> str | None:
+    if median <= DELTA_LIMIT:
+        return None
+    text = (
+        f"integrated_gradients: the convergence delta's median is {median:.1%} of |F(x) - F(baseline)| "
+        f"(over {DELTA_LIMIT:.0%}): the integral is not converged"
+    )
+    if not measured or measured.get("median_of_store") != median:
+        return text + "; raise --n-steps"
+    where = f"measured on {plural(len(measured['images']), 'image')}"
+    if measured["median"] <= DELTA_LIMIT:
+        return text + f"; --n-steps {measured['n_steps']} brings it to {measured['median']:.1%} ({where})"
+    return text + f"; still {measured['median']:.1%} at --n-steps {measured['n_steps']} ({where})"
+
+
+def check_convergence(spec) -> str | None:
+    """After an integrated_gradients run: when the median delta is over 5%, the delta is recomputed for a
+    few OK images (fastsal.evaluate's convergence_delta) at doubled n_steps until their median is under
+    5%; the count is recorded on the array (status shows it) and the warning returned."""
+    import zarr
+
+    import fastsal
+
+    found = convergence_delta(spec.output)
+    if not found or found["median"] is None or found["median"] <= DELTA_LIMIT:
+        return None
+    if found.get("measured") and found["measured"].get("median_of_store") == found["median"]:
+        return found["warning"]  # measured by an earlier run of this very store
+    group = zarr.open_group(spec.output, mode="r+")
+    status = group["status"][:]
+    chosen = [int(i) for i in np.flatnonzero(status == OK)[:DELTA_SAMPLE]]
+    net = fastsal.load(spec.model_def, spec.pretrained_model, validate=False)
+    worker = jobs.Worker(spec, _attribution.Attribution(net, spec.method, **spec.options))
+    images = {}
+    for chunk in sorted({index // spec.chunk_size for index in chosen}):  # decoded exactly as the run did
+        batch, good, _, _ = worker.load(chunk)
+        images.update(zip(good, batch))
+    chosen = [index for index in chosen if index in images]
+    if not chosen:
+        return found["warning"]
+    images = np.stack([images[index] for index in chosen])
+    classes = group["classes"].oindex[chosen]
+    from fastsal import metrics as library
+
+    options = {k: v for k, v in spec.options.items() if k != "n_steps"}
+    n_steps = spec.options.get("n_steps", 50)
+    median = found["median"]
+    while median > DELTA_LIMIT and n_steps < DELTA_MAX_STEPS:
+        n_steps *= 2
+        delta = library.evaluate(
+            net, images, classes, [], method=spec.method, convergence_delta=True, n_steps=n_steps, **options
+        )["convergence_delta"]
+        median = float(np.median(delta[np.isfinite(delta)])) if np.isfinite(delta).any() else np.inf
+    measured = {"n_steps": n_steps, "median": median, "images": chosen, "median_of_store": found["median"]}
+    group["convergence_delta"].attrs["measured"] = measured
+    _consolidate(Path(spec.output))
+    return _delta_warning(found["median"], measured)

@@ -539,6 +539,13 @@ def _status(output: str) -> int:
     for failure in info["failed"]:
         where = failure["path"] or f"input {failure['index']}"
         print(f"  failed: [{failure['index']}] {where}: {failure['reason']}")
+    delta = info.get("convergence_delta")
+    if delta and delta["median"] is not None:
+        print(
+            f"convergence delta (integrated_gradients): median {delta['median']:.2%} of |F(x) - F(baseline)|"
+        )
+        if delta["warning"]:
+            print(f"fastsal: warning: {delta['warning']}", file=sys.stderr)
     for name, found in info.get("metrics", {}).items():
         q1, median, q3 = found["quartiles"]
         print(

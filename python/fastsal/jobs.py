@@ -77,7 +77,7 @@ def plural(n: int, noun: str) -> str:
 
 # What a store holds, file by file: fastsal deletes a store on overwrite only when it holds nothing else,
 # and then only these files (zarr's chunks and its interrupted writes, fastsal's markers and lock).
-ARRAYS = ("maps", "classes", "scores", "probabilities", "status", "paths")
+ARRAYS = ("maps", "classes", "scores", "probabilities", "status", "paths", "convergence_delta")
 _LOCK = "lock"
 _OWN_FILE = re.compile(  # fastsal evaluate's metrics/ arrays and metrics-* markers (_evaluate_job) too
     rf"zarr\.json|({'|'.join(ARRAYS)}|metrics/\w+)/(zarr\.json|c(/\d+)+(\.[0-9a-f]+\.partial)?)|metrics/zarr\.json"
@@ -111,6 +111,7 @@ class JobSpec:
     probabilities: bool = False  # the score blob feeds the net's Softmax output: store its probabilities
     threads: int | None = None  # per process; None: the process's default (a Dask worker: its nthreads)
     plan: dict = field(default_factory=dict)
+    convergence_delta: bool = False  # integrated_gradients: store |delta| / |F(x) - F(baseline)|
     arguments: dict | None = None  # what rebuilds this spec (fastsal evaluate), recorded beside the plan
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # this run's Dask keys and plugin
 
@@ -256,6 +257,7 @@ class Worker:
         self.decoders = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
         self._array = None
         self._store = None
+        self.deltas = {}  # integrated_gradients: index -> (K,) relative convergence delta, until written
 
     def load(self, chunk: int):
         """(inputs (n_ok, C, H, W), indices of those, {index: reason}, {index: file identity})."""
@@ -331,7 +333,16 @@ class Worker:
     def _explain(self, batch, indices, classes):
         rows = None if classes is None else classes[indices]
         # Each image's index in the whole input list keys its noise: maps do not depend on the chunking.
-        return self.attribution.explain(batch, rows, self.spec.top_k, image_ids=indices)
+        if not self.spec.convergence_delta:
+            return self.attribution.explain(batch, rows, self.spec.top_k, image_ids=indices)
+        from .metrics import _relative_delta  # fastsal.evaluate's definition of the relative delta
+
+        maps, ids, scores, delta = self.attribution.explain(
+            batch, rows, self.spec.top_k, image_ids=indices, return_convergence_delta=True
+        )
+        relative = _relative_delta(self.attribution, self.attribution, batch, ids, delta)
+        self.deltas.update(zip(indices, relative.astype(np.float32)))
+        return maps, ids, scores
 
     def write(self, chunk: int, computed) -> dict:
         results, keep, failed, files = computed
@@ -353,6 +364,11 @@ class Worker:
         store["scores"][block] = scores
         if self.spec.probabilities:  # the net's own Softmax, on the scores it was fed
             store["probabilities"][block] = softmax(scores.astype(np.float64), axis=1).astype(np.float32)
+        if self.spec.convergence_delta:
+            delta = np.full((n, k), np.nan, np.float32)
+            for index in keep:
+                delta[index - span.start] = self.deltas.pop(index)
+            store["convergence_delta"][block] = delta
         store["status"][block] = state
         summary = {
             "chunk": chunk,
@@ -616,6 +632,8 @@ def _prepare(
     probabilities = _feeds_softmax(net, attribution._main.score)
     if probabilities:  # only then: a plan without the key is an older store's, which resumes as it was
         plan["probabilities"] = True
+    if method == "integrated_gradients":  # likewise: the relative convergence delta per (image, class)
+        plan["convergence_delta"] = True
     spec = JobSpec(
         output=str(out),
         model_def=str(Path(model_def).resolve()),
@@ -637,6 +655,7 @@ def _prepare(
         probabilities=probabilities,
         threads=threads,
         plan=plan,
+        convergence_delta=method == "integrated_gradients",
         arguments=_arguments(
             images,
             model_def,
@@ -934,6 +953,9 @@ def _claim_store(spec: JobSpec, num_classes: int, overwrite: bool):
             # a store from before probabilities were stored resumes as it was made: scores only
             spec.probabilities = False
             del spec.plan["probabilities"]
+        if "convergence_delta" not in existing["plan"] and spec.convergence_delta:  # nor the IG delta
+            spec.convergence_delta = False
+            del spec.plan["convergence_delta"]
         if existing["plan"] != spec.plan:
             changed = sorted(key for key in spec.plan if existing["plan"].get(key) != spec.plan[key])
             raise JobError(
@@ -957,6 +979,8 @@ def _expected_shapes(spec: JobSpec, num_classes: int) -> dict[str, tuple]:
     shapes = {"maps": (n, k, h, w), "classes": (n, k), "scores": (n, num_classes), "status": (n,)}
     if spec.probabilities:
         shapes["probabilities"] = (n, num_classes)
+    if spec.convergence_delta:
+        shapes["convergence_delta"] = (n, k)
     if spec.paths is not None:
         shapes["paths"] = (n,)
     return shapes
@@ -1036,6 +1060,7 @@ def _build_store(spec: JobSpec, num_classes: int, folder: Path, out: Path) -> No
         ("scores", ("image", "label"), "float32", np.nan),
         ("probabilities", ("image", "label"), "float32", np.nan),
         ("status", ("image",), "int8", PENDING),
+        ("convergence_delta", ("image", "class"), "float32", np.nan),
     ):
         if name not in shapes:
             continue
@@ -1167,6 +1192,12 @@ def run_job(
             f"{plural(missing, 'chunk')} of {spec.chunks} still pending after the run (a worker lost them?); "
             "rerun the same command to finish"
         )
+    if spec.convergence_delta:  # warned here (and by fastsal status), with the n_steps measured to be enough
+        from ._evaluate_job import check_convergence
+
+        warning = check_convergence(spec)
+        if warning:
+            warnings.warn(warning, stacklevel=2)
     failed = sum(len(s["failed"]) for s in finished.values())
     ok = sum(s["ok"] for s in finished.values())
     computed = sum(len(spec.chunk_range(c)) for c in todo)
@@ -1275,7 +1306,7 @@ def status(output) -> dict:
     """What a store holds: the plan, chunks done, images ok / failed (with reasons) / pending."""
     import zarr
 
-    from ._evaluate_job import summaries  # it builds on this module
+    from ._evaluate_job import convergence_delta, summaries  # it builds on this module
 
     out = Path(output)
     if not (out.exists() or out.is_symlink()):
@@ -1307,4 +1338,5 @@ def status(output) -> dict:
         "plan": plan,
         "version": meta.get("version"),
         "metrics": summaries(output),  # fastsal evaluate's, per metric
+        "convergence_delta": convergence_delta(output),  # integrated_gradients stores
     }
