@@ -60,6 +60,13 @@ def _read_marker(out: Path, name: str, chunk: int) -> dict | None:
     return found if isinstance(found, dict) else None
 
 
+def _open(output, mode: str):
+    """The store as it is on disk: its consolidated copy may predate an array a killed run created."""
+    import zarr
+
+    return zarr.open_group(str(output), mode=mode, use_consolidated=False)
+
+
 def _consolidate(out: Path) -> None:
     import zarr
 
@@ -113,7 +120,6 @@ def evaluate_store(
     see the module's docstring. Raises JobError before any work (no store, a store without its run's
     arguments, changed model files or inputs, other settings for a metric already there without
     ``overwrite``), JobUnfinished when chunks of maps are still pending (the finished ones are evaluated)."""
-    import zarr
 
     import fastsal
     from fastsal import metrics as library
@@ -161,7 +167,7 @@ def evaluate_store(
     except JobError as error:
         raise JobError(f"cannot evaluate {output}: {error}") from None
     with lock:
-        group = zarr.open_group(str(out), mode="r+")
+        group = _open(out, "r+")
         metrics_group = group.require_group(GROUP)
         recorded = dict(metrics_group.attrs.get(SETTINGS, {}))
         changed = [n for n in names if n in recorded and recorded[n] != settings[n]]
@@ -301,9 +307,8 @@ def _write_chunk(out: Path, metrics_group, spec, chunk, results, missing) -> Non
 
 def summaries(output) -> dict[str, dict]:
     """Per metric array (N, K) of the store: evaluated (image, class) pairs, mean and quartiles."""
-    import zarr
 
-    group = zarr.open_group(str(output), mode="r")
+    group = _open(output, "r")
     if GROUP not in group:
         return {}
     found = {}
@@ -333,9 +338,8 @@ DELTA_MAX_STEPS = 3200
 def convergence_delta(output) -> dict | None:
     """The store's relative convergence delta (integrated_gradients): its median over the evaluated
     (image, class) pairs, what the run measured (see :func:`check_convergence`) and the warning."""
-    import zarr
 
-    group = zarr.open_group(str(output), mode="r")
+    group = _open(output, "r")
     if "convergence_delta" not in group:
         return None  # another method, or a store from before the delta was stored
     values = np.asarray(group["convergence_delta"][:], np.float64)
@@ -366,7 +370,6 @@ def check_convergence(spec) -> str | None:
     """After an integrated_gradients run: when the median delta is over 5%, the delta is recomputed for a
     few OK images (fastsal.evaluate's convergence_delta) at doubled n_steps until their median is under
     5%; the count is recorded on the array (status shows it) and the warning returned."""
-    import zarr
 
     import fastsal
 
@@ -375,7 +378,7 @@ def check_convergence(spec) -> str | None:
         return None
     if found.get("measured") and found["measured"].get("median_of_store") == found["median"]:
         return found["warning"]  # measured by an earlier run of this very store
-    group = zarr.open_group(spec.output, mode="r+")
+    group = _open(spec.output, "r+")
     status = group["status"][:]
     chosen = [int(i) for i in np.flatnonzero(status == OK)[:DELTA_SAMPLE]]
     net = fastsal.load(spec.model_def, spec.pretrained_model, validate=False)
