@@ -290,3 +290,19 @@ def test_an_older_integrated_gradients_store_resumes_without_the_delta(tanh_mode
     assert not (out / "convergence_delta").exists()
     assert cli.main(["status", str(out)]) == 1
     assert "convergence delta" not in capsys.readouterr().out
+
+
+def test_a_store_without_its_arguments_is_refused_until_its_run_is_resumed(model, images, tmp_path, capsys):
+    """A store from before the run's arguments were recorded: refused, and a plain rerun records them."""
+    out = tmp_path / "maps.zarr"
+    assert cli_run(model, images, out, "--chunk-size", 4).returncode == 1
+    meta = json.loads((out / "zarr.json").read_text())
+    del meta["attributes"]["fastsal"]["arguments"]
+    del meta["consolidated_metadata"]
+    (out / "zarr.json").write_text(json.dumps(meta))
+    assert cli.main(["evaluate", str(out), "--metrics", "deletion", "--quiet"]) == 2
+    assert "does not record its run's arguments" in capsys.readouterr().err
+    resumed = cli_run(model, images, out, "--chunk-size", 4)
+    assert resumed.returncode == 1 and "already done" in resumed.stdout, resumed.stderr
+    assert cli.main(["evaluate", str(out), "--metrics", "deletion", "--quiet"]) == 0
+    assert np.isfinite(metric_arrays(out)["deletion"]).sum() == 7  # the seven photos, not the broken file

@@ -134,7 +134,7 @@ def evaluate_store(
     if not arguments:
         raise JobError(
             f"{output} does not record its run's arguments (made by an older fastsal, or with options that "
-            "are no JSON): rerun its fastsal run with --overwrite to evaluate it"
+            "are no JSON): rerun its fastsal run command once (it resumes, and records them)"
         )
     chosen = [library._metric(item) for item in ([metrics] if isinstance(metrics, str) else metrics)]
     names = [m.name for m in chosen]

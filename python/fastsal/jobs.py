@@ -963,10 +963,26 @@ def _claim_store(spec: JobSpec, num_classes: int, overwrite: bool):
                 "rerun with the same arguments to resume it, or give --overwrite to recompute it"
             )
         _check_arrays(spec, num_classes, out)
+        if existing.get("arguments") is None and spec.arguments is not None:
+            _record_arguments(
+                out, existing, spec.arguments
+            )  # a store from before: fastsal evaluate needs them
     except BaseException:
         lock.close()
         raise
     return lock
+
+
+def _record_arguments(out: Path, meta: dict, arguments: dict) -> None:
+    import zarr
+
+    zarr.open_group(str(out), mode="r+", use_consolidated=False).attrs["fastsal"] = {
+        **meta,
+        "arguments": arguments,
+    }
+    with warnings.catch_warnings():  # zarr: consolidated metadata is not in the v3 spec yet
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(out))
 
 
 def _expected_shapes(spec: JobSpec, num_classes: int) -> dict[str, tuple]:
