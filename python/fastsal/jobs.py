@@ -963,10 +963,8 @@ def _claim_store(spec: JobSpec, num_classes: int, overwrite: bool):
                 "rerun with the same arguments to resume it, or give --overwrite to recompute it"
             )
         _check_arrays(spec, num_classes, out)
-        if existing.get("arguments") is None and spec.arguments is not None:
-            _record_arguments(
-                out, existing, spec.arguments
-            )  # a store from before: fastsal evaluate needs them
+        if existing.get("arguments") is None and spec.arguments is not None:  # fastsal evaluate needs them
+            _record_arguments(out, existing, spec.arguments)
     except BaseException:
         lock.close()
         raise
