@@ -14,6 +14,7 @@ import numpy as np
 
 from . import jobs
 from ._attribution import METHODS
+from .metrics import METRICS
 from ._load import _listed
 
 
@@ -145,7 +146,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return super()._get_help_string(action)
 
 
-METRIC_NAMES = ("deletion", "insertion", "road_morf", "road_lerf", "mprt", "infidelity", "max_sensitivity")
+METRIC_NAMES = tuple(METRICS)
 
 
 def _metric_names(text: str) -> list[str]:
