@@ -14,8 +14,8 @@ import numpy as np
 
 from . import jobs
 from ._attribution import METHODS
-from .metrics import METRICS
 from ._load import _listed
+from .metrics import METRICS
 
 
 def _ints(text: str) -> list[int]:
