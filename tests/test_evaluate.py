@@ -139,8 +139,8 @@ def test_sigkill_mid_evaluation_then_a_rerun_finishes(model, images, evaluated, 
     assert "evaluated" in rerun.stdout
     found, reference = metric_arrays(out), metric_arrays(evaluated)
     assert sorted(found) == sorted(reference)
-    for name in reference:
-        np.testing.assert_array_equal(found[name], reference[name], err_msg=name)
+    for name in reference:  # a chunk resumed with fewer metrics batches its forwards otherwise: float order
+        np.testing.assert_allclose(found[name], reference[name], rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 def test_refusals(model, images, tmp_path, capsys):
