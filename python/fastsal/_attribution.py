@@ -429,11 +429,14 @@ class Attribution:
         result = (maps, classes, delta) if return_convergence_delta else (maps, classes)
         return tuple(r[0] for r in result) if single else result
 
-    def explain(self, images, classes=None, k: int | None = None, *, image_ids=None):
+    def explain(
+        self, images, classes=None, k: int | None = None, *, image_ids=None, return_convergence_delta=False
+    ):
         """``(maps, classes, scores)`` for a batch in one go, for jobs: classes given ((N, K) or any form
         of :meth:`compute`) or each image's top ``k``; scores (N, num_classes) of the clean images, taken
         from the attribution's own forward pass where it has one. ``image_ids`` (N ints): each image's
-        index in the whole job, which keys its noise (default 0..N-1, as :meth:`compute` keys it)."""
+        index in the whole job, which keys its noise (default 0..N-1, as :meth:`compute` keys it).
+        ``return_convergence_delta`` (integrated_gradients): the (N, K) delta of :meth:`compute` too."""
         self._refresh()
         batch, _ = self._main._images(images)
         ids = None if classes is None else self._main._classes(classes, len(batch))
@@ -445,8 +448,10 @@ class Attribution:
                 raise ValueError(
                     f"image_ids must hold one id per image ({len(batch)}), got shape {image_ids.shape}"
                 )
-        maps, classes, scores, _ = self._run(batch, ids, k, False, want_scores=True, image_ids=image_ids)
-        return maps, classes, scores
+        maps, classes, scores, delta = self._run(
+            batch, ids, k, return_convergence_delta, want_scores=True, image_ids=image_ids
+        )
+        return (maps, classes, scores, delta) if return_convergence_delta else (maps, classes, scores)
 
     def _check_k(self, k) -> None:
         """Every method refuses a top k beyond the classes, as :meth:`Saliency.compute_top_k` does."""

@@ -15,6 +15,7 @@ import numpy as np
 from . import jobs
 from ._attribution import METHODS
 from ._load import _listed
+from .metrics import METRICS
 
 
 def _ints(text: str) -> list[int]:
@@ -156,6 +157,19 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return super()._get_help_string(action)
 
 
+METRIC_NAMES = tuple(METRICS)
+
+
+def _metric_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in METRIC_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown metric {unknown or text!r}; fastsal has: {', '.join(METRIC_NAMES)}"
+        )
+    return names
+
+
 def parser() -> argparse.ArgumentParser:
     import fastsal
 
@@ -210,6 +224,26 @@ def parser() -> argparse.ArgumentParser:
         help="recompute: replace the store (only a fastsal store holding nothing else) instead of resuming",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--evaluate",
+        type=_metric_names,
+        help="after the run, fastsal evaluate these metrics, e.g. deletion,insertion",
+    )
+
+    evaluation = command("evaluate", "metrics of a store's maps, into the store (resumable; exit 0 / 2 / 3)")
+    evaluation.add_argument("output", metavar="STORE", help="the Zarr store fastsal run wrote")
+    evaluation.add_argument(
+        "--metrics", type=_metric_names, required=True, help="comma-separated: " + ", ".join(METRIC_NAMES)
+    )
+    evaluation.add_argument("--batch-size", type=int, help="rows per forward pass (default: fit 1 GiB)")
+    evaluation.add_argument("--threads", type=int, help="CPU threads (default: as fastsal run)")
+    evaluation.add_argument("--gpu", type=int, help="CUDA device (a CUDA build)")
+    evaluation.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace metrics the store holds with other settings (only those)",
+    )
+    evaluation.add_argument("--quiet", action="store_true", help="no progress bar")
 
     state = command("status", "what a store holds: done, failed and why, pending (exit 0 / 1 / 3)")
     state.add_argument("output", metavar="OUTPUT", help="the Zarr store fastsal run wrote")
@@ -370,6 +404,8 @@ def _command(args) -> int:
         return _export(args)
     if args.command in ("visualize", "dream"):
         return _picture(args)
+    if args.command == "evaluate":
+        return _evaluate(args.output, args)
     options = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _, _) in METHOD_FLAGS.items()}
     if options["composite"] == "epsilon_gamma_box":
         options.update(_picture_bounds(args))
@@ -403,6 +439,25 @@ def _command(args) -> int:
         quiet=args.quiet,
     )
     print(summary.line(args.output))
+    if args.evaluate:  # after the run: evaluation is its own resumable stage, on a finished store
+        _evaluate(args.output, args)
+    return summary.exit_code
+
+
+def _evaluate(output: str, args) -> int:
+    from ._evaluate_job import evaluate_store
+
+    metrics = args.metrics if args.command == "evaluate" else args.evaluate
+    summary = evaluate_store(
+        output,
+        metrics,
+        overwrite=args.overwrite and args.command == "evaluate",
+        batch_size=args.batch_size,
+        gpu=args.gpu,
+        threads=args.threads,
+        quiet=args.quiet,
+    )
+    print(summary.line(output))
     return summary.exit_code
 
 
@@ -518,6 +573,19 @@ def _status(output: str) -> int:
     for failure in info["failed"]:
         where = failure["path"] or f"input {failure['index']}"
         print(f"  failed: [{failure['index']}] {where}: {failure['reason']}")
+    delta = info.get("convergence_delta")
+    if delta and delta["median"] is not None:
+        print(
+            f"convergence delta (integrated_gradients): median {delta['median']:.2%} of |F(x) - F(baseline)|"
+        )
+        if delta["warning"]:
+            print(f"fastsal: warning: {delta['warning']}", file=sys.stderr)
+    for name, found in info.get("metrics", {}).items():
+        q1, median, q3 = found["quartiles"]
+        print(
+            f"metric {name}: {found['evaluated']} evaluated, mean {found['mean']:.4g}, "
+            f"quartiles {q1:.4g} / {median:.4g} / {q3:.4g}"
+        )
     if info["pending"] or info["chunks_done"] < info["chunks"]:
         return EXIT_UNFINISHED
     return EXIT_FAILED if info["failed"] else EXIT_OK

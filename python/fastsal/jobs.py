@@ -77,11 +77,12 @@ def plural(n: int, noun: str) -> str:
 
 # What a store holds, file by file: fastsal deletes a store on overwrite only when it holds nothing else,
 # and then only these files (zarr's chunks and its interrupted writes, fastsal's markers and lock).
-ARRAYS = ("maps", "classes", "scores", "probabilities", "status", "paths")
+ARRAYS = ("maps", "classes", "scores", "probabilities", "status", "paths", "convergence_delta")
 _LOCK = "lock"
-_OWN_FILE = re.compile(
-    rf"zarr\.json|({'|'.join(ARRAYS)})/(zarr\.json|c(/\d+)+(\.[0-9a-f]+\.partial)?)"
-    rf"|{re.escape(MARKERS)}/({_LOCK}|chunk-\d+\.json|\.chunk-\d+\.json\.\d+\.\d+)"
+_OWN_FILE = re.compile(  # fastsal evaluate's metrics/ arrays and metrics-* markers (_evaluate_job) too
+    rf"zarr\.json|({'|'.join(ARRAYS)}|metrics/\w+)/(zarr\.json|c(/\d+)+(\.[0-9a-f]+\.partial)?)|metrics/zarr\.json"
+    rf"|{re.escape(MARKERS)}/({_LOCK}|chunk-\d+\.json|\.chunk-\d+\.json\.\d+\.\d+"
+    rf"|metrics-\w+-\d+\.json|\.metrics-\w+-\d+\.json\.\d+\.\d+)"
 )
 OVERLAYS_MARKER = ".fastsal-overlays"  # in an overlays folder: the store whose overlays it holds
 
@@ -110,6 +111,8 @@ class JobSpec:
     probabilities: bool = False  # the score blob feeds the net's Softmax output: store its probabilities
     threads: int | None = None  # per process; None: the process's default (a Dask worker: its nthreads)
     plan: dict = field(default_factory=dict)
+    convergence_delta: bool = False  # integrated_gradients: store |delta| / |F(x) - F(baseline)|
+    arguments: dict | None = None  # what rebuilds this spec (fastsal evaluate), recorded beside the plan
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # this run's Dask keys and plugin
 
     @property
@@ -254,6 +257,7 @@ class Worker:
         self.decoders = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
         self._array = None
         self._store = None
+        self.deltas = {}  # integrated_gradients: index -> (K,) relative convergence delta, until written
 
     def load(self, chunk: int):
         """(inputs (n_ok, C, H, W), indices of those, {index: reason}, {index: file identity})."""
@@ -329,7 +333,16 @@ class Worker:
     def _explain(self, batch, indices, classes):
         rows = None if classes is None else classes[indices]
         # Each image's index in the whole input list keys its noise: maps do not depend on the chunking.
-        return self.attribution.explain(batch, rows, self.spec.top_k, image_ids=indices)
+        if not self.spec.convergence_delta:
+            return self.attribution.explain(batch, rows, self.spec.top_k, image_ids=indices)
+        from .metrics import _relative_delta  # fastsal.evaluate's definition of the relative delta
+
+        maps, ids, scores, delta = self.attribution.explain(
+            batch, rows, self.spec.top_k, image_ids=indices, return_convergence_delta=True
+        )
+        relative = _relative_delta(self.attribution, self.attribution, batch, ids, delta)
+        self.deltas.update(zip(indices, relative.astype(np.float32)))
+        return maps, ids, scores
 
     def write(self, chunk: int, computed) -> dict:
         results, keep, failed, files = computed
@@ -351,6 +364,11 @@ class Worker:
         store["scores"][block] = scores
         if self.spec.probabilities:  # the net's own Softmax, on the scores it was fed
             store["probabilities"][block] = softmax(scores.astype(np.float64), axis=1).astype(np.float32)
+        if self.spec.convergence_delta:
+            delta = np.full((n, k), np.nan, np.float32)
+            for index in keep:
+                delta[index - span.start] = self.deltas.pop(index)
+            store["convergence_delta"][block] = delta
         store["status"][block] = state
         summary = {
             "chunk": chunk,
@@ -614,6 +632,8 @@ def _prepare(
     probabilities = _feeds_softmax(net, attribution._main.score)
     if probabilities:  # only then: a plan without the key is an older store's, which resumes as it was
         plan["probabilities"] = True
+    if method == "integrated_gradients":  # likewise: the relative convergence delta per (image, class)
+        plan["convergence_delta"] = True
     spec = JobSpec(
         output=str(out),
         model_def=str(Path(model_def).resolve()),
@@ -635,9 +655,50 @@ def _prepare(
         probabilities=probabilities,
         threads=threads,
         plan=plan,
+        convergence_delta=method == "integrated_gradients",
+        arguments=_arguments(
+            images,
+            model_def,
+            pretrained_model,
+            overlays,
+            classes=classes,
+            top_k=top_k,
+            classes_file=classes_file,
+            method=method,
+            method_options=method_options,
+            images_dim=images_dim,
+            mean_file=mean_file,
+            mean_value=mean_value,
+            raw_scale=raw_scale,
+            channel_swap=channel_swap,
+            input_scale=input_scale,
+            chunk_size=chunk_size,
+        ),
     )
     lock = _claim_store(spec, attribution.num_classes, overwrite)
     return spec, attribution, lock
+
+
+def _arguments(images, model_def, pretrained_model, overlays, **options) -> dict | None:
+    """The run's arguments as JSON, paths made absolute: fastsal evaluate rebuilds the spec from them
+    (through _prepare, so the plan is checked again). None when an option is no JSON (an array)."""
+    absolute = {
+        key: None if options[key] is None else os.path.abspath(options[key])
+        for key in ("classes_file", "mean_file")
+    }
+    if options["classes"] is not None:
+        absolute["classes"] = np.atleast_1d(np.asarray(options["classes"])).tolist()
+    found = {
+        "images": os.path.abspath(str(images)),
+        "model_def": os.path.abspath(model_def),
+        "pretrained_model": os.path.abspath(pretrained_model),
+        "overlays": None if overlays is None else os.path.abspath(overlays),
+        "options": options | absolute,
+    }
+    try:
+        return json.loads(json.dumps(found, default=lambda v: np.asarray(v).tolist()))
+    except (TypeError, ValueError):  # an option NumPy does not take either
+        return None
 
 
 def _feeds_softmax(net, score: str) -> bool:
@@ -898,6 +959,9 @@ def _claim_store(spec: JobSpec, num_classes: int, overwrite: bool):
             # a store from before probabilities were stored resumes as it was made: scores only
             spec.probabilities = False
             del spec.plan["probabilities"]
+        if "convergence_delta" not in existing["plan"] and spec.convergence_delta:  # nor the IG delta
+            spec.convergence_delta = False
+            del spec.plan["convergence_delta"]
         if existing["plan"] != spec.plan:
             changed = sorted(key for key in spec.plan if existing["plan"].get(key) != spec.plan[key])
             raise JobError(
@@ -905,10 +969,24 @@ def _claim_store(spec: JobSpec, num_classes: int, overwrite: bool):
                 "rerun with the same arguments to resume it, or give --overwrite to recompute it"
             )
         _check_arrays(spec, num_classes, out)
+        if existing.get("arguments") is None and spec.arguments is not None:  # fastsal evaluate needs them
+            _record_arguments(out, existing, spec.arguments)
     except BaseException:
         lock.close()
         raise
     return lock
+
+
+def _record_arguments(out: Path, meta: dict, arguments: dict) -> None:
+    import zarr
+
+    zarr.open_group(str(out), mode="r+", use_consolidated=False).attrs["fastsal"] = {
+        **meta,
+        "arguments": arguments,
+    }
+    with warnings.catch_warnings():  # zarr: consolidated metadata is not in the v3 spec yet
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(out))
 
 
 def _expected_shapes(spec: JobSpec, num_classes: int) -> dict[str, tuple]:
@@ -921,6 +999,8 @@ def _expected_shapes(spec: JobSpec, num_classes: int) -> dict[str, tuple]:
     shapes = {"maps": (n, k, h, w), "classes": (n, k), "scores": (n, num_classes), "status": (n,)}
     if spec.probabilities:
         shapes["probabilities"] = (n, num_classes)
+    if spec.convergence_delta:
+        shapes["convergence_delta"] = (n, k)
     if spec.paths is not None:
         shapes["paths"] = (n,)
     return shapes
@@ -1000,6 +1080,7 @@ def _build_store(spec: JobSpec, num_classes: int, folder: Path, out: Path) -> No
         ("scores", ("image", "label"), "float32", np.nan),
         ("probabilities", ("image", "label"), "float32", np.nan),
         ("status", ("image",), "int8", PENDING),
+        ("convergence_delta", ("image", "class"), "float32", np.nan),
     ):
         if name not in shapes:
             continue
@@ -1017,7 +1098,12 @@ def _build_store(spec: JobSpec, num_classes: int, folder: Path, out: Path) -> No
             )
             paths[:] = np.array(spec.paths, dtype=object)
     # The .npy's path beside the plan (not in it: the plan names inputs by content), for export's overlays.
-    group.attrs["fastsal"] = {"plan": spec.plan, "version": fastsal.__version__, "array": spec.array}
+    group.attrs["fastsal"] = {
+        "plan": spec.plan,
+        "version": fastsal.__version__,
+        "array": spec.array,
+        "arguments": spec.arguments,
+    }
     with warnings.catch_warnings():  # zarr: consolidated metadata is not in the v3 spec yet
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(str(folder))  # readers need not list the folder (.fastsal is no array)
@@ -1128,6 +1214,12 @@ def run_job(
             f"{plural(missing, 'chunk')} of {spec.chunks} still pending after the run (a worker lost them?); "
             "rerun the same command to finish"
         )
+    if spec.convergence_delta:  # warned here (and by fastsal status), with the n_steps measured to be enough
+        from ._evaluate_job import check_convergence
+
+        warning = check_convergence(spec)
+        if warning:
+            warnings.warn(warning, stacklevel=2)
     failed = sum(len(s["failed"]) for s in finished.values())
     ok = sum(s["ok"] for s in finished.values())
     computed = sum(len(spec.chunk_range(c)) for c in todo)
@@ -1236,6 +1328,8 @@ def status(output) -> dict:
     """What a store holds: the plan, chunks done, images ok / failed (with reasons) / pending."""
     import zarr
 
+    from ._evaluate_job import convergence_delta, summaries  # it builds on this module
+
     out = Path(output)
     if not (out.exists() or out.is_symlink()):
         raise JobError(f"no such store: {output}")
@@ -1265,4 +1359,6 @@ def status(output) -> dict:
         "pending": count - ok - len(failed),
         "plan": plan,
         "version": meta.get("version"),
+        "metrics": summaries(output),  # fastsal evaluate's, per metric
+        "convergence_delta": convergence_delta(output),  # integrated_gradients stores
     }
