@@ -424,7 +424,7 @@ def _command(args) -> int:
         mean_file=args.mean_file,
         mean_value=args.mean_value,
         raw_scale=args.raw_scale,
-        channel_swap=args.channel_swap,
+        channel_swap=args.channel_swap or "default",
         input_scale=args.input_scale,
         batch_size=args.batch_size,
         gpu=args.gpu,

@@ -509,7 +509,7 @@ def _prepare(
     mean_file=None,
     mean_value=None,
     raw_scale=255.0,
-    channel_swap=(2, 1, 0),
+    channel_swap="default",
     input_scale=None,
     batch_size=None,
     gpu=None,
@@ -563,6 +563,8 @@ def _prepare(
         if mean_file is not None and mean_value is not None:
             raise JobError("give mean_file or mean_value, not both")
         mean = load_mean(mean_file) if mean_file is not None else mean_value
+        if isinstance(channel_swap, str) and channel_swap == "default":  # classify.py's, for RGB nets only
+            channel_swap = (2, 1, 0) if c == 3 else None
         try:
             preprocessing = Preprocessing(
                 (c, h, w),
