@@ -82,7 +82,7 @@ def library_runner(model, method: str, layer: str | None, images: np.ndarray):
     return per_class
 
 
-def run(models, repeats: int, workdir: Path) -> list[dict]:
+def run(models, repeats: int, workdir: Path, methods=tuple(METHODS)) -> list[dict]:
     from fastsal.torch_port import to_torch
 
     rows = []
@@ -90,9 +90,13 @@ def run(models, repeats: int, workdir: Path) -> list[dict]:
         prototxt, net, score, images = load_model(name, 1, workdir)
         model = to_torch(net, str(prototxt), score)
         for method, options in METHODS.items():
+            if method not in methods:
+                continue
             ours = fastsal.Attribution(net, method, **options)
             inexact = fastsal.Attribution(net, method, exact=False, **options)
             theirs = library_runner(model, method, ours.layer, images)
+            for fn in (ours.compute, inexact.compute, theirs):  # warm up: the engines, oneDNN's kernels
+                fn(images, np.zeros((1, 1), np.int64))
             for k in CONFIGS[name]:
                 classes = np.arange(k)[None, :]
                 times = {"fastsal": [], "inexact": [], "library": []}
@@ -145,13 +149,14 @@ def main(argv=None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args(argv)
     fastsal.set_caffe_log_level(2)
     info = machine()
     with tempfile.TemporaryDirectory() as workdir:
-        rows = run(args.models, args.repeats, Path(workdir))
+        rows = run(args.models, args.repeats, Path(workdir), args.methods)
     (args.out / "perturbation.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
     write_markdown(rows, info, args.out / "perturbation.md")
 
