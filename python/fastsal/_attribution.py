@@ -475,10 +475,7 @@ class Attribution:
         return out[0] if single else out
 
     def _scores(self, batch: np.ndarray) -> np.ndarray:
-        out = np.empty((len(batch), self.num_classes), np.float32)
-        for part in batch_slices(len(batch), self._main.batch_size):
-            self._main._engine.scores(np.ascontiguousarray(batch[part], np.float32), out[part], part.start)
-        return out
+        return self._main._scores(batch)
 
     def _run(self, images: np.ndarray, classes, k, delta: bool, want_scores: bool = False, image_ids=None):
         """(maps, classes (N, K) int64, scores or None, delta or None). classes None: each image's top k,

@@ -157,17 +157,10 @@ def visualize_classes(
             preprocessing,
         )
     if return_scores:
-        last = _scores(engine, images)
+        last = engine._scores(images)
         history.append(last[np.arange(len(ids)), ids])
         return images, np.array(history)
     return images
-
-
-def _scores(engine: Saliency, images: np.ndarray) -> np.ndarray:
-    scores = np.empty((len(images), engine.num_classes), np.float32)
-    for part in batch_slices(len(images), engine.batch_size):
-        engine._engine.scores(np.ascontiguousarray(images[part], np.float32), scores[part])
-    return scores
 
 
 def _gradients(engine: Saliency, images: np.ndarray, ids: np.ndarray, history: list) -> np.ndarray:

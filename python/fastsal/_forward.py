@@ -73,13 +73,7 @@ class Forward:
 
     def scores(self, images: np.ndarray) -> np.ndarray:
         """The score blob's values of (N, C, H, W) images, (N, num_classes)."""
-        out = np.empty((len(images), self.num_classes), np.float32)
-
-        def keep(start, stop, scores):
-            out[start:stop] = scores
-
-        self.stream(len(images), lambda start, stop: images[start:stop], keep)
-        return out
+        return self._engine._scores(images)
 
     def activations(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(the layer blob's values (N, *layer_shape), the scores (N, num_classes)) of images."""

@@ -255,6 +255,14 @@ class Saliency:
             )
         return out, None if top is None else top.astype(np.int64)
 
+    def _scores(self, images: np.ndarray) -> np.ndarray:
+        """The score blob's values of (N, C, H, W) images, (N, num_classes): forward passes only, a batch
+        at a time (each converted to float32 only then)."""
+        out = np.empty((len(images), self.num_classes), np.float32)
+        for part in batch_slices(len(images), self.batch_size):
+            self._engine.scores(np.ascontiguousarray(images[part], np.float32), out[part], part.start)
+        return out
+
     def profile_layers(self, images, classes) -> list[tuple[str, str, float, float]]:
         """(layer, type, forward seconds, backward seconds) of Caffe's own layer calls for the work of
         ``compute(images, classes)``. With ``fast_layers=False`` this is Caffe's own layer time: the
