@@ -73,10 +73,14 @@ def blend(photo: np.ndarray, saliency_map: np.ndarray, colormap, alpha: float, l
     return np.clip(base * (1 - weight) + colours * weight, 0, 1)
 
 
-def overlay(photo: np.ndarray, saliency_map: np.ndarray, colormap) -> np.ndarray:
-    """:func:`blend` of an unsigned map at OverlayStyle's defaults (the demo's panels)."""
+def overlay(photo: np.ndarray, saliency_map: np.ndarray, colormap, signed: bool = False) -> np.ndarray:
+    """:func:`blend` of a map at OverlayStyle's defaults (the demo's panels); a signed map takes the
+    diverging colour map (centred on zero) in place of ``colormap``."""
     style = OverlayStyle()
-    return blend(photo, saliency_map, colormap, style.alpha, color_limit(saliency_map), False)
+    colours = style.colormap(True) if signed else colormap
+    return blend(
+        photo, saliency_map, colours, style.alpha, color_limit(saliency_map, style.outlier_perc), signed
+    )
 
 
 def figure_layout(height: int, width: int) -> tuple[int, int, int]:

@@ -77,17 +77,19 @@ def main(argv=None) -> None:
     )
 
 
-METHOD_COLUMNS = (  # (title, method, options): the methods people use today, at their usual settings
-    ("saliency", "saliency", {}),
-    ("SmoothGrad (25)", "smoothgrad", {"samples": 25, "seed": 0}),
-    ("Integrated Gradients (50)", "integrated_gradients", {}),
-    ("Grad-CAM", "gradcam", {}),
-    ("guided Grad-CAM", "guided_gradcam", {}),
+METHOD_COLUMNS = (  # (title, method, options, signed): the methods people use today, at their usual settings
+    ("saliency", "saliency", {}, False),
+    ("SmoothGrad (25)", "smoothgrad", {"samples": 25, "seed": 0}, False),
+    ("Integrated Gradients (50)", "integrated_gradients", {}, False),
+    ("Grad-CAM", "gradcam", {}, False),
+    ("guided Grad-CAM", "guided_gradcam", {}, False),
+    ("LRP (epsilon_plus_flat)", "lrp", {"composite": "epsilon_plus_flat"}, True),
 )
 
 
 def methods_figure(net, images, crops, names, classes, out: Path, colormap, plt) -> Path:
-    """One row per photo: the photo, then each method's map for the photo's predicted class."""
+    """One row per photo: the photo, then each method's map for the photo's predicted class; signed
+    relevance (positive red, negative blue) on a diverging colour map centred on zero."""
     figure, axes = plt.subplots(
         len(names),
         len(METHOD_COLUMNS) + 1,
@@ -97,17 +99,22 @@ def methods_figure(net, images, crops, names, classes, out: Path, colormap, plt)
     per_image = np.asarray(classes)[:, None]
     columns = [
         fastsal.Attribution(net, method, **options).compute(images, per_image)[:, 0]
-        for _, method, options in METHOD_COLUMNS
+        for _, method, options, _ in METHOD_COLUMNS
     ]
     for row, name in enumerate(names):
         label = examples.OPEN_NSFW_CLASSES[per_image[row, 0]]
-        panels = [crops[row] / 255.0] + [overlay(crops[row], maps[row], colormap) for maps in columns]
-        titles = [f"{name} ({label})"] + [title for title, _, _ in METHOD_COLUMNS]
+        panels = [crops[row] / 255.0] + [
+            overlay(crops[row], maps[row], colormap, signed)
+            for maps, (*_, signed) in zip(columns, METHOD_COLUMNS)
+        ]
+        titles = [f"{name} ({label})"] + [title for title, *_ in METHOD_COLUMNS]
         for col, (panel, title) in enumerate(zip(panels, titles)):
             axes[row, col].imshow(panel)
             axes[row, col].set_axis_off()
             axes[row, col].set_title(title, fontsize=9)
-    figure.suptitle("fastsal's methods on open_nsfw, for each photo's predicted class")
+    figure.suptitle(
+        "fastsal's methods on open_nsfw, for each photo's predicted class (signed: red +, blue -)"
+    )
     figure.tight_layout()
     path = out / "open_nsfw_methods.png"
     figure.savefig(path, dpi=80)
