@@ -183,6 +183,10 @@ def test_baseline_forms_and_reductions_agree(tmp_path, rng):
     maps, top = attribution.compute_top_k(images, 2)
     np.testing.assert_array_equal(top, np.argsort(-attribution.scores(images), axis=1, kind="stable")[:, :2])
     np.testing.assert_allclose(maps, attribution.compute(images, top))
+    with_delta, top_again, delta = attribution.compute_top_k(images, 2, return_convergence_delta=True)
+    np.testing.assert_array_equal(top_again, top)
+    np.testing.assert_array_equal(with_delta, maps)
+    np.testing.assert_array_equal(delta, attribution.compute(images, top, return_convergence_delta=True)[1])
 
 
 def test_engine_counts_the_kept_values(tmp_path):

@@ -541,8 +541,9 @@ class Attribution:
             raw, _, _ = self._gradients(images, classes, "none")
             return _reduce(raw * cams[:, :, None], options["reduce"]), classes, scores, None
         reduce = options["reduce"]
-        if method in BASELINE_METHODS and delta:
-            raw, _, _ = self._gradients(images, classes, "none")
+        if method in BASELINE_METHODS and delta:  # deeplift ranks its top k in its own forward
+            raw, classes, own_scores = self._gradients(images, classes, "none", k, want_scores, image_ids)
+            scores = own_scores if scores is None else scores
             return _reduce(raw, reduce), classes, scores, self._convergence_delta(images, classes, raw)
         maps, classes, own_scores = self._gradients(images, classes, reduce, k, want_scores, image_ids)
         return maps, classes, own_scores if scores is None else scores, None
