@@ -103,7 +103,8 @@ class CaffeModule(nn.Module):
         """Gives every max pooling a copy of its input, for Captum's ``DeepLift``: Captum 0.9.0 hooks the
         gradient of a module's input tensor, and a nonlinearity whose output is that same tensor keeps the
         pooling's plain gradient as its own, read before the pooling's rule replaces it, so the rule is
-        lost (its own convergence delta shows it). The copy makes two tensors of one; values unchanged."""
+        lost (captum#1104; its own convergence delta shows it). The copy makes two tensors of one; values
+        unchanged."""
         for key, module in list(self.layers.items()):
             if isinstance(module, nn.MaxPool2d):
                 self.layers[key] = nn.Sequential(_Copy(), module)
