@@ -413,7 +413,7 @@ void SaliencyEngine::forward_from_layer(const float* values, int rows, std::int6
 void SaliencyEngine::forward(const float* images, int rows,
                              const std::function<std::int64_t(int)>& source_row,
                              const std::function<std::int64_t(int)>& image_of, std::int64_t first_index,
-                             std::vector<LayerTime>* times) {
+                             std::vector<LayerTime>* times, const char* what) {
   const std::size_t image_floats = image_size();
   std::vector<int> shape = {rows};
   shape.insert(shape.end(), plan_.image_shape.begin(), plan_.image_shape.end());
@@ -430,11 +430,11 @@ void SaliencyEngine::forward(const float* images, int rows,
   } else {
     net_->ForwardFromTo(0, score_layer_);
   }
-  check_forward(rows, image_of, first_index);
+  check_forward(rows, image_of, first_index, false, what);
 }
 
 void SaliencyEngine::check_forward(int rows, const std::function<std::int64_t(int)>& image_of,
-                                   std::int64_t first_index, bool from_layer) const {
+                                   std::int64_t first_index, bool from_layer, const char* what) const {
   std::string where;
   int bad = from_layer ? -1 : net_->first_overflowed_row(score_layer_, &where);
   const float* scores = score_->cpu_data();  // on a GPU: rows x num_classes floats, a small copy
@@ -446,7 +446,7 @@ void SaliencyEngine::check_forward(int rows, const std::function<std::int64_t(in
       break;
     }
   if (bad >= 0)
-    throw std::domain_error("images[" + std::to_string(first_index + image_of(bad)) +
+    throw std::domain_error(what + ("[" + std::to_string(first_index + image_of(bad))) +
                             "] overflows float32 inside the net: Inf or NaN reached " + where +
                             ", so its saliency is undefined; scale the image to the range the net was "
                             "trained on");
@@ -467,7 +467,7 @@ void SaliencyEngine::run_batch(const SaliencyRequest& request, std::int64_t firs
       ~PlainAfter() { net.set_deeplift_pass(layers::DeepLiftPass::kPlain); }
     } plain_after{*net_};
     net_->set_deeplift_pass(layers::DeepLiftPass::kReference);
-    forward(request.baselines, rows, source_row, image_of, request.first_index, times);
+    forward(request.baselines, rows, source_row, image_of, request.first_index, times, "baselines");
     net_->set_deeplift_pass(layers::DeepLiftPass::kInput);
     forward(request.images, rows, source_row, image_of, request.first_index, times);
   } else {

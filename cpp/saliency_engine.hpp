@@ -180,10 +180,11 @@ class SaliencyEngine {
   void check_request(const SaliencyRequest& request) const;
   void run(const SaliencyRequest& request, std::vector<LayerTime>* times);
   // Copies rows [first, first + rows) into the input blob (row_image maps a row to its image row in
-  // request.images) and runs the forward pass, checking it for overflow.
+  // request.images) and runs the forward pass, checking it for overflow; `what` names the rows in its
+  // error ("images", or DeepLIFT's "baselines").
   void forward(const float* images, int rows, const std::function<std::int64_t(int)>& source_row,
                const std::function<std::int64_t(int)>& image_of, std::int64_t first_index,
-               std::vector<LayerTime>* times);
+               std::vector<LayerTime>* times, const char* what = "images");
   // One forward of `rows` batch rows starting at unit `first` (a row of request.images, or with pairs an
   // (n, k) pair index), then the backward passes of their classes.
   void run_batch(const SaliencyRequest& request, std::int64_t first, int rows, bool pairs, float* accumulator,
@@ -198,7 +199,7 @@ class SaliencyEngine {
   // Throws std::domain_error naming the first image whose forward pass overflowed float32; with
   // from_layer, only the layers above the layer blob ran, so only the scores are checked.
   void check_forward(int rows, const std::function<std::int64_t(int)>& image_of, std::int64_t first_index,
-                     bool from_layer = false) const;
+                     bool from_layer = false, const char* what = "images") const;
 
   SaliencyNetPlan plan_;
   int num_classes_ = 0;

@@ -226,6 +226,10 @@ def test_bad_input_is_refused_and_loses_nothing(tmp_path, rng):
             ValueError, match=f"method='deeplift' has no rule for layer '{name}' \\({kind}\\)"
         ):
             fastsal.attribute(other, random_images(rng, other, 1), 0, "deeplift")
+    with pytest.raises(ValueError, match=r"baselines\[1\] overflows float32 inside the net"):
+        fastsal.attribute(
+            net, images, 0, "deeplift", baselines=np.stack([images[0], np.full_like(images[1], 3e38)])
+        )
     # The refusals left the net and the engines whole.
     good = fastsal.Attribution(net, "deeplift")
     first = good.compute(images, [0, 1])
