@@ -52,22 +52,24 @@ using layers::Workspace;
 
 namespace {
 
-// DeepLIFT's cover: activations take the Rescale rule, max pooling Captum's rule; these keep their
-// gradient, which is the rule for a linear layer. Anything else is refused, naming it.
-const char* deeplift_role(const caffe::LayerParameter& p, int tops) {
+// DeepLIFT's cover: activations take the Rescale rule, max pooling Captum's rule, linear layers keep their
+// gradient (which is the rule for them). Anything else is refused, naming it.
+enum class DeepLiftRole { kNone, kLinear, kMaxPooling, kRescale };
+
+DeepLiftRole deeplift_role(const caffe::LayerParameter& p, int tops) {
   static const std::vector<std::string> linear = {
       "Input", "Convolution", "Deconvolution", "InnerProduct", "BatchNorm", "Scale",  "Bias",
       "Split", "Concat",      "Slice",         "Dropout",      "Flatten",   "Reshape"};
   const std::string& type = p.type();
-  if (std::find(linear.begin(), linear.end(), type) != linear.end()) return "linear";
+  if (std::find(linear.begin(), linear.end(), type) != linear.end()) return DeepLiftRole::kLinear;
   if (type == "Eltwise" && p.eltwise_param().operation() == caffe::EltwiseParameter_EltwiseOp_SUM)
-    return "linear";
+    return DeepLiftRole::kLinear;
   if (type == "Pooling" && p.pooling_param().pool() == caffe::PoolingParameter_PoolMethod_AVE)
-    return "linear";
+    return DeepLiftRole::kLinear;
   if (type == "Pooling" && p.pooling_param().pool() == caffe::PoolingParameter_PoolMethod_MAX && tops == 1)
-    return "max";
-  if (type == "ReLU" || type == "Sigmoid" || type == "TanH" || type == "ELU") return "rescale";
-  return nullptr;
+    return DeepLiftRole::kMaxPooling;
+  if (type == "ReLU" || type == "Sigmoid" || type == "TanH" || type == "ELU") return DeepLiftRole::kRescale;
+  return DeepLiftRole::kNone;
 }
 
 }  // namespace
@@ -110,7 +112,8 @@ SaliencyNet::SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swa
   if (swaps.deeplift) {
     deeplift_ = std::make_shared<layers::DeepLiftPass>(layers::DeepLiftPass::kPlain);
     for (std::size_t i = 0; i < layers_.size(); ++i)
-      if (!deeplift_role(layers_[i]->layer_param(), static_cast<int>(top_vecs_[i].size())))
+      if (deeplift_role(layers_[i]->layer_param(), static_cast<int>(top_vecs_[i].size())) ==
+          DeepLiftRole::kNone)
         throw std::invalid_argument(
             "method='deeplift' has no rule for layer '" + layer_names_[i] + "' (" + layers_[i]->type() +
             "): DeepLIFT's Rescale rule covers ReLU (leaky too), Sigmoid, TanH, ELU and max pooling (one "
@@ -127,8 +130,9 @@ SaliencyNet::SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swa
     const Rule* rule =
         ruled == swaps.rules.end() || ruled->second.kind == RuleKind::kGradient ? nullptr : &ruled->second;
     const bool linear = rule && layers::linear_rule(rule->kind);
-    const char* role = deeplift_ ? deeplift_role(p, static_cast<int>(top_vecs_[i].size())) : nullptr;
-    const bool rescale = role && std::string(role) == "rescale";
+    const DeepLiftRole role =
+        deeplift_ ? deeplift_role(p, static_cast<int>(top_vecs_[i].size())) : DeepLiftRole::kNone;
+    const bool rescale = role == DeepLiftRole::kRescale;
     if (rule && rule->kind != RuleKind::kPass &&
         !(linear && (type == "Convolution" || type == "InnerProduct")) &&
         !(rule->kind == RuleKind::kNorm && (type == "Eltwise" || type == "Pooling")))
@@ -142,7 +146,7 @@ SaliencyNet::SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swa
       layer.reset(new RuleEltwiseLayer(p, rule->epsilon));
     } else if (rule && rule->kind == RuleKind::kNorm) {
       layer.reset(new RulePoolingLayer(p, rule->epsilon));
-    } else if (role && std::string(role) == "max") {
+    } else if (role == DeepLiftRole::kMaxPooling) {
       layer.reset(new RescalePoolingLayer(p, deeplift_));
     } else if (type == "Pooling") {
       layer.reset(new PoolingLayer(p));

@@ -197,11 +197,13 @@ class Attribution:
       ValueError naming it. Each batch's baselines are forwarded, then its images, and the K
       classes' backwards share that pair of forwards. ``compute(..., return_convergence_delta=True)``
       returns sum(attributions) - (F(x) - F(x0)) per (image, class), as Captum's. ``reduce``
-      (``"absmax"`` by default, as integrated gradients'). Where Captum differs: it carries the
-      baseline's own backward too and, at a max pooling, takes that one's gradient where x = x0
-      exactly; fastsal carries one (the two agree wherever a ReLU follows the pooling or x != x0), and
-      where overlapping pooling windows share their maximum, Captum's max_unpool keeps one window's
-      term and fastsal sums them, as the gradient does. CPU only: ``device=`` is refused.
+      (``"absmax"`` by default, as integrated gradients'). Where Captum 0.9.0 differs, at max
+      poolings only: its hooks lose the pooling's rule where a nonlinearity feeds the pooling directly
+      (captum#1104), and where overlapping windows share their maximum its max_unpool keeps one
+      window's share; fastsal applies the rule as stated (sums, as the gradient does), so completeness
+      holds, and ``fastsal.torch_port`` has the two fixes that make Captum agree. Captum also carries the
+      baseline's own backward, which differs only where a pooling's input equals its reference exactly
+      (a ReLU below zeroes that). CPU only: ``device=`` is refused.
 
     Perturbation methods need no gradient: forward passes only, one forward serving every class of an
     image (so K classes cost what one does), through an internal net built without force_backward.
