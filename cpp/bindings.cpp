@@ -146,7 +146,8 @@ fastsal::SaliencyRequest make_request(const fastsal::SaliencyEngine& engine, con
                                       const py::object& scores, std::int64_t first_index,
                                       const std::string& objective = "class_score",
                                       const py::object& guide = py::none(),
-                                      const py::object& accumulator = py::none(), bool finish = true) {
+                                      const py::object& accumulator = py::none(), bool finish = true,
+                                      const py::object& baselines = py::none()) {
   if (samples < 1) throw py::value_error("samples must be at least 1");
   const py::ssize_t rows = images.ndim() > 0 ? images.shape(0) : 0;
   const py::ssize_t n = rows / samples;
@@ -159,6 +160,7 @@ fastsal::SaliencyRequest make_request(const fastsal::SaliencyEngine& engine, con
   request.sample_weights = optional_buffer<float>(sample_weights, "sample_weights", {samples});
   request.accumulate = accumulate_mode(accumulate);
   request.multiplier = optional_buffer<float>(multiplier, "multiplier", with_front({n}, g));
+  request.baselines = optional_buffer<float>(baselines, "baselines", with_front({n}, engine.image_shape()));
   request.reduce = reduce_mode(reduce);
   request.first_index = first_index;
   request.classes_per_image = static_cast<int>(k);
@@ -210,7 +212,7 @@ PYBIND11_MODULE(_core, m) {
                        bool bf16_backward, bool blocked_layouts, const std::string& rule, int device,
                        const std::string& layout, std::size_t memory_budget,
                        const std::vector<int>& image_shape, int threads, bool forward_only,
-                       const std::vector<RuleEntry>& rules) {
+                       const std::vector<RuleEntry>& rules, bool deeplift) {
              fastsal::EngineOptions options;
              options.input_blob = input_blob;
              options.score_blob = score_blob;
@@ -228,6 +230,7 @@ PYBIND11_MODULE(_core, m) {
              options.threads = threads;
              options.forward_only = forward_only;
              options.layer_rules = layer_rules(rules);
+             options.deeplift = deeplift;
              // The user's net is read under the GIL: another thread could be running pycaffe on it.
              return std::make_unique<fastsal::SaliencyEngine>(pycaffe_net(net), options);
            }),
@@ -236,7 +239,8 @@ PYBIND11_MODULE(_core, m) {
            py::arg("exact") = true, py::arg("bf16_backward") = true, py::arg("blocked_layouts") = true,
            py::arg("relu_rule") = "gradient", py::arg("device"), py::arg("layout"), py::arg("memory_budget"),
            py::arg("image_shape") = std::vector<int>{}, py::arg("threads") = 0,
-           py::arg("forward_only") = false, py::arg("layer_rules") = std::vector<RuleEntry>{})
+           py::arg("forward_only") = false, py::arg("layer_rules") = std::vector<RuleEntry>{},
+           py::arg("deeplift") = false)
       .def_property_readonly("input_blob", &fastsal::SaliencyEngine::input_blob)
       .def_property_readonly("score_blob", &fastsal::SaliencyEngine::score_blob)
       .def_property_readonly("gradient_blob", &fastsal::SaliencyEngine::gradient_blob)
@@ -264,10 +268,11 @@ PYBIND11_MODULE(_core, m) {
              const std::string& accumulate, const py::object& multiplier, const std::string& reduce,
              const py::object& top_classes, const py::object& activations, const py::object& scores,
              std::int64_t first_index, const std::string& objective, const py::object& guide,
-             const py::object& accumulator, bool finish) {
-            const fastsal::SaliencyRequest request = make_request(
-                engine, images, classes, out, samples, sample_weights, accumulate, multiplier, reduce,
-                top_classes, activations, scores, first_index, objective, guide, accumulator, finish);
+             const py::object& accumulator, bool finish, const py::object& baselines) {
+            const fastsal::SaliencyRequest request =
+                make_request(engine, images, classes, out, samples, sample_weights, accumulate, multiplier,
+                             reduce, top_classes, activations, scores, first_index, objective, guide,
+                             accumulator, finish, baselines);
             // Safe without the GIL: the engine owns its net and the caller keeps these arrays alive.
             py::gil_scoped_release release;
             engine.compute(request);
@@ -277,7 +282,8 @@ PYBIND11_MODULE(_core, m) {
           py::arg("multiplier") = py::none(), py::arg("reduce") = "absmax",
           py::arg("top_classes") = py::none(), py::arg("activations") = py::none(),
           py::arg("scores") = py::none(), py::arg("first_index") = 0, py::arg("objective") = "class_score",
-          py::arg("guide") = py::none(), py::arg("accumulator") = py::none(), py::arg("finish") = true)
+          py::arg("guide") = py::none(), py::arg("accumulator") = py::none(), py::arg("finish") = true,
+          py::arg("baselines") = py::none())
       .def(
           "scores",
           [](fastsal::SaliencyEngine& engine, const py::array& rows, const py::array& out,

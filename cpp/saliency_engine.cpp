@@ -193,9 +193,12 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
       threads_(options.threads > 0 ? options.threads : omp_get_max_threads()),
       layout_(options.layout),
       forward_only_(options.forward_only),
+      deeplift_(options.deeplift),
       device_buffers_(std::make_unique<DeviceBuffers>()) {
   if (!options.layer_rules.empty() && device_ >= 0)
     throw std::invalid_argument("LRP's rules run on the CPU only; leave device unset");
+  if (deeplift_ && device_ >= 0)
+    throw std::invalid_argument("DeepLIFT's rules run on the CPU only; leave device unset");
   ThreadCountScope team(threads_);
   {
     QuietGlog quiet;
@@ -204,8 +207,9 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
     // At batch 1; every batch resizes the input. fastsal's speed swaps replace CPU code only: on a GPU,
     // Caffe's own layers (cuDNN's where built) run.
     net_ = std::make_unique<SaliencyNet>(
-        plan_.param, LayerSwaps{options.fast_layers && device_ < 0, !options.exact, options.relu_rule,
-                                !options.exact && options.bf16_backward, options.layer_rules});
+        plan_.param,
+        LayerSwaps{options.fast_layers && device_ < 0, !options.exact, options.relu_rule,
+                   !options.exact && options.bf16_backward, options.layer_rules, options.deeplift});
   }
   check_weights_fit(*net_, user_net);
   {
@@ -236,7 +240,7 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
     net_->fold_batch_norm(stop_layer_, score_layer_);
     if (!options.exact && options.blocked_layouts)              // the exact forward is Caffe's, on NCHW
       net_->keep_blocked_layouts({input_, score_, gradient_});  // the blobs the engine reads and writes
-    if (!forward_only_ && options.layer_rules.empty()) {        // the head's products are the gradient's
+    if (!forward_only_ && options.layer_rules.empty() && !deeplift_) {  // the head's products: the gradient's
       head_ = std::make_unique<ClassHead>(*net_, score_layer_, stop_layer_, options.relu_rule);
       head_bytes_ = options.memory_budget / 4;
       if (head_->empty()) head_.reset();
@@ -289,6 +293,9 @@ void SaliencyEngine::check_request(const SaliencyRequest& request) const {
   if (request.objective == Objective::kGuide &&
       (!request.guide || request.guide_columns < 1 || score_->num_axes() < 2))
     throw std::invalid_argument("a guide needs its (C, M) features and a score blob with channels");
+  if (deeplift_ != (request.baselines != nullptr) || (request.baselines && request.samples != 1))
+    throw std::invalid_argument(deeplift_ ? "DeepLIFT needs baselines, one per image (one sample each)"
+                                          : "baselines are for an engine built for DeepLIFT");
   if ((request.activations || request.scores) && request.samples != 1)
     throw std::invalid_argument("activations and scores are returned for one sample per image only");
   if (!request.classes) return;
@@ -324,7 +331,8 @@ void SaliencyEngine::run(const SaliencyRequest& request, std::vector<LayerTime>*
   }
   BatchPlan batches =
       plan_batches(layout_, device_ >= 0, request.num_images, request.classes_per_image, batch_size_);
-  batches.pairs = batches.pairs && request.samples == 1;  // samples fill the batch already
+  batches.pairs =
+      batches.pairs && request.samples == 1 && !request.baselines;  // samples fill the batch already
   // Several samples, weights or a multiplier: accumulate per (image, class), then finish. Otherwise each
   // backward's gradient is reduced straight into its slot of the output.
   const bool direct = request.samples == 1 && !request.sample_weights && !request.multiplier &&
@@ -405,7 +413,7 @@ void SaliencyEngine::forward_from_layer(const float* values, int rows, std::int6
 void SaliencyEngine::forward(const float* images, int rows,
                              const std::function<std::int64_t(int)>& source_row,
                              const std::function<std::int64_t(int)>& image_of, std::int64_t first_index,
-                             std::vector<LayerTime>* times) {
+                             std::vector<LayerTime>* times, const char* what) {
   const std::size_t image_floats = image_size();
   std::vector<int> shape = {rows};
   shape.insert(shape.end(), plan_.image_shape.begin(), plan_.image_shape.end());
@@ -422,11 +430,11 @@ void SaliencyEngine::forward(const float* images, int rows,
   } else {
     net_->ForwardFromTo(0, score_layer_);
   }
-  check_forward(rows, image_of, first_index);
+  check_forward(rows, image_of, first_index, false, what);
 }
 
 void SaliencyEngine::check_forward(int rows, const std::function<std::int64_t(int)>& image_of,
-                                   std::int64_t first_index, bool from_layer) const {
+                                   std::int64_t first_index, bool from_layer, const char* what) const {
   std::string where;
   int bad = from_layer ? -1 : net_->first_overflowed_row(score_layer_, &where);
   const float* scores = score_->cpu_data();  // on a GPU: rows x num_classes floats, a small copy
@@ -438,7 +446,7 @@ void SaliencyEngine::check_forward(int rows, const std::function<std::int64_t(in
       break;
     }
   if (bad >= 0)
-    throw std::domain_error("images[" + std::to_string(first_index + image_of(bad)) +
+    throw std::domain_error(what + ("[" + std::to_string(first_index + image_of(bad))) +
                             "] overflows float32 inside the net: Inf or NaN reached " + where +
                             ", so its saliency is undefined; scale the image to the range the net was "
                             "trained on");
@@ -453,7 +461,18 @@ void SaliencyEngine::run_batch(const SaliencyRequest& request, std::int64_t firs
   // or with pairs the (n, k) pair first + r, in (n, k) order.
   const auto image_of = [&](int r) -> std::int64_t { return (first + r) / (pairs ? k_count : samples); };
   const auto source_row = [&](int r) -> std::int64_t { return pairs ? image_of(r) : first + r; };
-  forward(request.images, rows, source_row, image_of, request.first_index, times);
+  if (request.baselines) {  // DeepLIFT: the references' forward, then the images'; the K backwards share both
+    struct PlainAfter {     // a refused forward leaves the layers keeping nothing
+      SaliencyNet& net;
+      ~PlainAfter() { net.set_deeplift_pass(layers::DeepLiftPass::kPlain); }
+    } plain_after{*net_};
+    net_->set_deeplift_pass(layers::DeepLiftPass::kReference);
+    forward(request.baselines, rows, source_row, image_of, request.first_index, times, "baselines");
+    net_->set_deeplift_pass(layers::DeepLiftPass::kInput);
+    forward(request.images, rows, source_row, image_of, request.first_index, times);
+  } else {
+    forward(request.images, rows, source_row, image_of, request.first_index, times);
+  }
   // Rows that start an image (every row, unless pairs): its ranking and its activations come from there.
   const auto starts_image = [&](int r) { return !pairs || (first + r) % k_count == 0; };
 

@@ -58,7 +58,8 @@ struct EngineOptions {
   bool bf16_backward = true;    // inexact only, on CPUs with AMX: the convolutions' data backward in bf16
   bool blocked_layouts = true;  // inexact only: oneDNN's layout kept between its convolutions (same values)
   std::vector<std::pair<std::string, layers::Rule>> layer_rules;  // LRP: per-layer rules (SaliencyNet's)
-  int device = -1;  // -1: CPU; else the CUDA device (a CUDA build of Caffe and fastsal)
+  bool deeplift = false;  // DeepLIFT's Rescale rule (SaliencyNet's); compute() then needs baselines
+  int device = -1;        // -1: CPU; else the CUDA device (a CUDA build of Caffe and fastsal)
   BatchLayout layout = BatchLayout::kAuto;
   std::size_t memory_budget = std::size_t(1) << 30;  // bytes of blobs and layer state per batch
   int threads = 0;  // OpenMP threads for this engine's work (oneDNN's too); 0: OpenMP's default
@@ -87,6 +88,9 @@ struct SaliencyRequest {
   const float* sample_weights = nullptr;  // (S,) the w_s; null: every w_s = 1
   Accumulate accumulate = Accumulate::kSum;
   const float* multiplier = nullptr;  // optional (num_images, *G): the combined gradient times this
+  // DeepLIFT (and only there): (num_images, *image_shape) references, each batch's forwarded before its
+  // images; the backwards then follow the Rescale rule between the two (samples == 1).
+  const float* baselines = nullptr;
   Reduce reduce = Reduce::kAbsMax;
   std::int64_t first_index = 0;  // index of images[0] in the caller's whole array, for error messages
   Objective objective = Objective::kClassScore;
@@ -176,10 +180,11 @@ class SaliencyEngine {
   void check_request(const SaliencyRequest& request) const;
   void run(const SaliencyRequest& request, std::vector<LayerTime>* times);
   // Copies rows [first, first + rows) into the input blob (row_image maps a row to its image row in
-  // request.images) and runs the forward pass, checking it for overflow.
+  // request.images) and runs the forward pass, checking it for overflow; `what` names the rows in its
+  // error ("images", or DeepLIFT's "baselines").
   void forward(const float* images, int rows, const std::function<std::int64_t(int)>& source_row,
                const std::function<std::int64_t(int)>& image_of, std::int64_t first_index,
-               std::vector<LayerTime>* times);
+               std::vector<LayerTime>* times, const char* what = "images");
   // One forward of `rows` batch rows starting at unit `first` (a row of request.images, or with pairs an
   // (n, k) pair index), then the backward passes of their classes.
   void run_batch(const SaliencyRequest& request, std::int64_t first, int rows, bool pairs, float* accumulator,
@@ -194,7 +199,7 @@ class SaliencyEngine {
   // Throws std::domain_error naming the first image whose forward pass overflowed float32; with
   // from_layer, only the layers above the layer blob ran, so only the scores are checked.
   void check_forward(int rows, const std::function<std::int64_t(int)>& image_of, std::int64_t first_index,
-                     bool from_layer = false) const;
+                     bool from_layer = false, const char* what = "images") const;
 
   SaliencyNetPlan plan_;
   int num_classes_ = 0;
@@ -213,6 +218,7 @@ class SaliencyEngine {
   caffe::Blob<float>* gradient_;  // the blob whose diff is the attribution
   int stop_layer_;                // the backward runs down to this layer; a from_layer forward starts here
   bool forward_only_;
+  bool deeplift_;
   std::vector<int> gradient_shape_;
   std::vector<std::pair<int, int>> shared_layers_;  // (internal, user) indices of layers sharing weights
   mutable std::mutex mutex_;

@@ -11,6 +11,7 @@
 
 #include "layers/batch_norm_layer.hpp"
 #include "layers/convolution_layer.hpp"
+#include "layers/deeplift_layer.hpp"
 #include "layers/dnnl_common.hpp"
 #include "layers/dnnl_conv_layer.hpp"
 #include "layers/eltwise_layer.hpp"
@@ -32,6 +33,8 @@ using layers::InnerProductLayer;
 using layers::PassLayer;
 using layers::PoolingLayer;
 using layers::ReLULayer;
+using layers::RescaleLayer;
+using layers::RescalePoolingLayer;
 using layers::Rule;
 using layers::RuleConvolutionLayer;
 using layers::RuleEltwiseLayer;
@@ -46,6 +49,30 @@ using layers::cpu_has_amx;
 using layers::DnnlConvolutionLayer;
 using layers::Workspace;
 #endif
+
+namespace {
+
+// DeepLIFT's cover: activations take the Rescale rule, max pooling Captum's rule, linear layers keep their
+// gradient (which is the rule for them). Anything else is refused, naming it.
+enum class DeepLiftRole { kNone, kLinear, kMaxPooling, kRescale };
+
+DeepLiftRole deeplift_role(const caffe::LayerParameter& p, int tops) {
+  static const std::vector<std::string> linear = {
+      "Input", "Convolution", "Deconvolution", "InnerProduct", "BatchNorm", "Scale",  "Bias",
+      "Split", "Concat",      "Slice",         "Dropout",      "Flatten",   "Reshape"};
+  const std::string& type = p.type();
+  if (std::find(linear.begin(), linear.end(), type) != linear.end()) return DeepLiftRole::kLinear;
+  if (type == "Eltwise" && p.eltwise_param().operation() == caffe::EltwiseParameter_EltwiseOp_SUM)
+    return DeepLiftRole::kLinear;
+  if (type == "Pooling" && p.pooling_param().pool() == caffe::PoolingParameter_PoolMethod_AVE)
+    return DeepLiftRole::kLinear;
+  if (type == "Pooling" && p.pooling_param().pool() == caffe::PoolingParameter_PoolMethod_MAX && tops == 1)
+    return DeepLiftRole::kMaxPooling;
+  if (type == "ReLU" || type == "Sigmoid" || type == "TanH" || type == "ELU") return DeepLiftRole::kRescale;
+  return DeepLiftRole::kNone;
+}
+
+}  // namespace
 
 std::string onednn_isa() {
 #ifdef FASTSAL_WITH_DNNL
@@ -82,6 +109,17 @@ SaliencyNet::SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swa
 #ifdef FASTSAL_WITH_DNNL
   const auto workspace = std::make_shared<Workspace>();
 #endif
+  if (swaps.deeplift) {
+    deeplift_ = std::make_shared<layers::DeepLiftPass>(layers::DeepLiftPass::kPlain);
+    for (std::size_t i = 0; i < layers_.size(); ++i)
+      if (deeplift_role(layers_[i]->layer_param(), static_cast<int>(top_vecs_[i].size())) ==
+          DeepLiftRole::kNone)
+        throw std::invalid_argument(
+            "method='deeplift' has no rule for layer '" + layer_names_[i] + "' (" + layers_[i]->type() +
+            "): DeepLIFT's Rescale rule covers ReLU (leaky too), Sigmoid, TanH, ELU and max pooling (one "
+            "top), and linear layers (Convolution, InnerProduct, BatchNorm, Scale, Bias, Eltwise SUM, "
+            "average pooling, Split, Concat, Slice, Dropout, Flatten, Reshape) keep their gradient");
+  }
   for (std::size_t i = 0; i < layers_.size(); ++i) {
     const std::string type = layers_[i]->type();
     const caffe::LayerParameter& p = layers_[i]->layer_param();
@@ -92,6 +130,9 @@ SaliencyNet::SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swa
     const Rule* rule =
         ruled == swaps.rules.end() || ruled->second.kind == RuleKind::kGradient ? nullptr : &ruled->second;
     const bool linear = rule && layers::linear_rule(rule->kind);
+    const DeepLiftRole role =
+        deeplift_ ? deeplift_role(p, static_cast<int>(top_vecs_[i].size())) : DeepLiftRole::kNone;
+    const bool rescale = role == DeepLiftRole::kRescale;
     if (rule && rule->kind != RuleKind::kPass &&
         !(linear && (type == "Convolution" || type == "InnerProduct")) &&
         !(rule->kind == RuleKind::kNorm && (type == "Eltwise" || type == "Pooling")))
@@ -105,6 +146,8 @@ SaliencyNet::SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swa
       layer.reset(new RuleEltwiseLayer(p, rule->epsilon));
     } else if (rule && rule->kind == RuleKind::kNorm) {
       layer.reset(new RulePoolingLayer(p, rule->epsilon));
+    } else if (role == DeepLiftRole::kMaxPooling) {
+      layer.reset(new RescalePoolingLayer(p, deeplift_));
     } else if (type == "Pooling") {
       layer.reset(new PoolingLayer(p));
     } else if (plain_relu && swaps.relu_rule != ReLURule::kGradient) {
@@ -126,8 +169,15 @@ SaliencyNet::SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swa
                DnnlConvolutionLayer::supports(p, *bottom_vecs_[i][0])) {
       layer.reset(new DnnlConvolutionLayer(p, swaps.fast_forward, swaps.bf16_backward, workspace));
 #endif
-    } else if (!rule) {
+    } else if (!rule && !rescale) {
       continue;
+    }
+    if (rescale) {  // around whichever layer runs the forward, as the Pass rule
+      if (layer) {
+        layer->blobs() = layers_[i]->blobs();
+        layer->SetUp(bottom_vecs_[i], top_vecs_[i]);
+      }
+      layer.reset(new RescaleLayer(layer ? layer : layers_[i], deeplift_));
     }
     if (rule && rule->kind == RuleKind::kPass) {  // around whichever layer runs the forward
       if (layer) {
@@ -297,6 +347,10 @@ std::size_t SaliencyNet::workspace_bytes_per_image() const {
       bytes += conv->rule_floats_per_image() * sizeof(float);
     if (const auto* product = dynamic_cast<const RuleInnerProductLayer*>(layer.get()))
       bytes += product->rule_floats_per_image() * sizeof(float);
+    if (const auto* rescale = dynamic_cast<const RescaleLayer*>(layer.get()))  // DeepLIFT's kept values
+      bytes += rescale->floats_per_image() * sizeof(float);
+    if (const auto* pooling = dynamic_cast<const RescalePoolingLayer*>(layer.get()))
+      bytes += pooling->floats_per_image() * sizeof(float);
   }
 #ifdef FASTSAL_WITH_DNNL
   // Not the scratchpads: measured on a Winograd layer, ~80% of its scratchpad does not grow with the batch.

@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "layers/deeplift_layer.hpp"
 #include "layers/lrp_rule.hpp"
 
 namespace fastsal {
@@ -23,6 +24,9 @@ struct LayerSwaps {
   // LRP: each named layer's backward follows its rule (CPU only). A convolution with a rule takes in a
   // BatchNorm (and Scale) applied in place to its output, whose backward then passes relevance through.
   std::vector<std::pair<std::string, layers::Rule>> rules;
+  // DeepLIFT's Rescale rule on every activation and max pooling (CPU only); any layer that is neither
+  // linear nor one of those is refused.
+  bool deeplift = false;
 };
 
 // The instruction set oneDNN dispatches to on this CPU (DNNL_MAX_CPU_ISA caps it), e.g. "avx512_core_amx";
@@ -57,8 +61,14 @@ class SaliencyNet : public caffe::Net<float> {
   // of their inputs and outputs), beyond what net_surgery's bytes_per_image counts. At batch 1.
   std::size_t workspace_bytes_per_image() const;
 
+  // DeepLIFT: which forward runs next (layers/deeplift_layer.hpp). No-op on a net without its layers.
+  void set_deeplift_pass(layers::DeepLiftPass pass) {
+    if (deeplift_) *deeplift_ = pass;
+  }
+
  private:
   void merge_batch_norm();  // LRP's canonizer: see LayerSwaps::rules
+  layers::DeepLiftState deeplift_;
   std::vector<std::string> blocked_blobs_;
 };
 

@@ -26,6 +26,23 @@ def conv(name, bottom, n, k=3, pad=1, stride=1, top=None, group=1):
     )
 
 
+def conv_matrix(weights, in_shape, pad, stride):
+    """The convolution as a dense (out, in) matrix."""
+    o_count, c_count, k, _ = weights.shape
+    _, h, w = in_shape
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    m = np.zeros((o_count, oh, ow, c_count, h, w))
+    for o in range(o_count):
+        for y in range(oh):
+            for x in range(ow):
+                for ky in range(k):
+                    for kx in range(k):
+                        yy, xx = y * stride - pad + ky, x * stride - pad + kx
+                        if 0 <= yy < h and 0 <= xx < w:
+                            m[o, y, x, :, yy, xx] = weights[o, :, ky, kx]
+    return m.reshape(o_count * oh * ow, c_count * h * w)
+
+
 def layer(name, type_, bottoms, tops=None, params=""):
     bottoms = [bottoms] if isinstance(bottoms, str) else bottoms
     tops = [name] if tops is None else ([tops] if isinstance(tops, str) else tops)

@@ -4,6 +4,7 @@ Skips cleanly without torch and captum (``pip install .[bench]``); CI does not i
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -13,8 +14,8 @@ torch = pytest.importorskip("torch")
 attr = pytest.importorskip("captum.attr")
 
 import fastsal  # noqa: E402
-from conftest import assert_close_to_reference, random_images  # noqa: E402
-from fastsal.torch_port import to_torch  # noqa: E402
+from conftest import _input, assert_close_to_reference, conv, fc, layer, make_net, random_images  # noqa: E402
+from fastsal.torch_port import deeplift_summing_unpool, to_torch  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -111,6 +112,79 @@ def test_integrated_gradients(translated, quadrature):
     np.testing.assert_allclose(delta, np.stack(deltas, axis=1), atol=1e-4)
 
 
+def captum_deeplift(model, images, classes, baselines):
+    """Captum's DeepLift (N, K, ...) and its deltas (N, K), with the two fixes fastsal.torch_port documents:
+    each max pooling gets a copy of its input (else the nonlinearity below keeps the pooling's plain
+    gradient) and its shares are unpooled by summing (else overlapping windows lose theirs)."""
+    model = copy.deepcopy(model).copy_pooling_inputs()
+    inputs = torch.from_numpy(np.ascontiguousarray(images)).requires_grad_()
+    references = torch.from_numpy(np.array(np.broadcast_to(baselines, images.shape), np.float32))
+    columns, deltas = [], []
+    for k in range(classes.shape[1]):
+        target = torch.from_numpy(classes[:, k].astype(np.int64))
+        with warnings.catch_warnings(), deeplift_summing_unpool():
+            warnings.simplefilter("ignore", UserWarning)  # Captum announces its hooks
+            out, delta = attr.DeepLift(model).attribute(
+                inputs, baselines=references, target=target, return_convergence_delta=True
+            )
+        columns.append(out.detach().numpy())
+        deltas.append(delta.detach().numpy())
+    return np.stack(columns, axis=1), np.stack(deltas, axis=1)
+
+
+@pytest.mark.parametrize("baseline", ["zero", "images"])
+def test_deeplift(translated, rng, baseline):
+    net, model, images, classes = translated
+    baselines = np.zeros_like(images) if baseline == "zero" else random_images(rng, net, len(images))
+    call = dict(score=model.output, baselines=baselines, reduce="none", return_convergence_delta=True)
+    if "lrn" in net.layer_dict or "emax" in net.layer_dict:  # LRN, PReLU, Eltwise MAX: no rule
+        with pytest.raises(ValueError, match="method='deeplift' has no rule for layer"):
+            fastsal.attribute(net, images, classes, "deeplift", **call)
+        return
+    expected, expected_delta = captum_deeplift(model, images, classes, baselines)
+    got, delta = fastsal.attribute(net, images, classes, "deeplift", **call)
+    assert_close_to_reference(got, expected, rtol=1e-4)
+    np.testing.assert_allclose(delta, expected_delta, atol=1e-4)
+
+
+def test_deeplift_activations_and_overlapping_max_pooling(tmp_path, rng):
+    """Sigmoid (in place), TanH, ELU, then a 3x3 max pooling at stride 2, whose windows share their
+    maximum: fastsal as Captum with the summing unpool, and completeness in both; Captum's own unpool
+    (each position written once) loses shares there, which its convergence delta shows."""
+    text = (
+        _input((3, 9, 9))
+        + conv("c1", "data", 4)
+        + layer("sig", "Sigmoid", "c1", "c1")
+        + conv("c2", "c1", 4)
+        + layer("tanh", "TanH", "c2")
+        + conv("c3", "tanh", 4)
+        + layer("elu", "ELU", "c3", "c3", "elu_param { alpha: 0.7 }")
+        + layer("pool", "Pooling", "c3", params="pooling_param { pool: MAX kernel_size: 3 stride: 2 }")
+        + fc("fc", "pool", 5)
+    )
+    net = make_net(tmp_path, text, seed=4)
+    model = to_torch(net, str(tmp_path / "net.prototxt"), "fc")
+    images = 2 * random_images(rng, net, 3)
+    baselines = random_images(rng, net, 3)
+    classes = rng.integers(0, 5, size=(3, 2))
+    expected, expected_delta = captum_deeplift(model, images, classes, baselines)
+    got, delta = fastsal.attribute(
+        net, images, classes, "deeplift", baselines=baselines, reduce="none", return_convergence_delta=True
+    )
+    assert_close_to_reference(got, expected, rtol=1e-4)
+    np.testing.assert_allclose(delta, expected_delta, atol=1e-4)
+    assert np.abs(delta).max() < 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        _, unfixed = attr.DeepLift(model).attribute(
+            torch.from_numpy(images).requires_grad_(),
+            baselines=torch.from_numpy(baselines),
+            target=torch.from_numpy(classes[:, 0].astype(np.int64)),
+            return_convergence_delta=True,
+        )
+    assert np.abs(unfixed.detach().numpy()).max() > 100 * np.abs(delta).max() + 1e-3
+
+
 @pytest.mark.parametrize(
     "method, nt_type",
     [("smoothgrad", "smoothgrad"), ("smoothgrad_sq", "smoothgrad_sq"), ("vargrad", "vargrad")],
@@ -201,6 +275,11 @@ def test_open_nsfw_against_captum():
         options = {"n_steps": 8} if method == "integrated_gradients" else {}
         got = fastsal.attribute(net, images, classes, method, reduce="none", **options)
         assert_mostly_close(got, expected)
+    deeplift, _ = captum_deeplift(model, images, classes, 0.0)
+    got = fastsal.attribute(net, images, classes, "deeplift", reduce="none")
+    for n in range(len(images)):  # per map
+        for k in range(classes.shape[1]):
+            assert_mostly_close(got[n, k], deeplift[n, k], fraction=0.99)
     blob = fastsal.Attribution(net, "gradcam").layer
     expected = captum_per_class(attr.LayerGradCam(model, model.module_for(blob)), images, classes)[:, :, 0]
     got = fastsal.attribute(net, images, classes, "gradcam", layer=blob, relu=False, upsample=False)

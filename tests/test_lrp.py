@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastsal
-from conftest import _input, conv, fc, layer, make_net
+from conftest import _input, conv, conv_matrix, fc, layer, make_net
 from fastsal import lrp
 
 # A sum of two convolutions (Caffe splits the input between them), ReLU, average pooling, a product.
@@ -29,23 +29,6 @@ MAX_NET = (
     + layer("pool", "Pooling", "act", "pooled", "pooling_param { pool: MAX kernel_size: 2 stride: 2 }")
     + fc("fc", "pooled", 4)
 )
-
-
-def conv_matrix(weights, in_shape, pad, stride):
-    """The convolution as a dense (out, in) matrix."""
-    o_count, c_count, k, _ = weights.shape
-    _, h, w = in_shape
-    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-    m = np.zeros((o_count, oh, ow, c_count, h, w))
-    for o in range(o_count):
-        for y in range(oh):
-            for x in range(ow):
-                for ky in range(k):
-                    for kx in range(k):
-                        yy, xx = y * stride - pad + ky, x * stride - pad + kx
-                        if 0 <= yy < h and 0 <= xx < w:
-                            m[o, y, x, :, yy, xx] = weights[o, :, ky, kx]
-    return m.reshape(o_count * oh * ow, c_count * h * w)
 
 
 def average_matrix(shape, k):

@@ -407,7 +407,7 @@ def test_an_images_samples_stream_in_batches(tmp_path, rng, method, option):
             "integrated_gradients",
             {"baselines": np.zeros((3, 5, 5))},
             ValueError,
-            r"baselines must be a scalar, a \(3, 12, 12\)",
+            r"baselines must be a scalar, one value per channel \(3,\), a \(3, 12, 12\)",
         ),
         (
             "integrated_gradients",
@@ -447,7 +447,7 @@ def test_bad_calls_lose_nothing(tmp_path, rng):
     with pytest.raises(ValueError, match="baselines has 3 images but there are 2"):
         ig.compute(images, 0)
     with pytest.raises(
-        ValueError, match="return_convergence_delta is for method='integrated_gradients' only"
+        ValueError, match="return_convergence_delta is for method=.integrated_gradients. or .deeplift. only"
     ):
         fastsal.Attribution(net, "saliency").compute(images, 0, return_convergence_delta=True)
     with pytest.raises(ValueError, match=r"class 9 \(classes\[0, 0\]\) is out of range"):

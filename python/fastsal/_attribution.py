@@ -1,6 +1,6 @@
 """The gradient attribution family on the batched engine: each method is a choice of input rows (noise
 samples, integration steps), weights, an accumulation, a multiplier and a channel reduction, or a
-gradient taken at a layer blob (Grad-CAM), or a ReLU backward rule (guided backprop, deconvnet)."""
+gradient taken at a layer blob (Grad-CAM), or a backward rule (guided backprop, deconvnet, DeepLIFT)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,9 @@ METHODS = (
     "scorecam",
     "ablationcam",
     "lrp",
+    "deeplift",
 )
+BASELINE_METHODS = ("integrated_gradients", "deeplift")  # gradients against a reference: a convergence delta
 PERTURBATION_METHODS = ("occlusion", "rise", "scorecam", "ablationcam")  # forward passes only
 NOISE_METHODS = {"smoothgrad": "sum", "smoothgrad_sq": "squares", "vargrad": "variance"}
 CAM_METHODS = ("gradcam", "gradcam++")
@@ -68,6 +70,7 @@ _OPTIONS = {
     "rise": {"n_masks": 4000, "grid_size": 8, "p1": 0.5, "seed": None, "probabilities": True},
     "scorecam": {"layer": None, "upsample": "bilinear", "normalize": True},
     "ablationcam": {"layer": None, "upsample": "bilinear", "normalize": True},
+    "deeplift": {"reduce": "absmax", "baselines": 0.0},
     "lrp": {"composite": "epsilon_plus", "reduce": "sum", "epsilon": 1e-6, "gamma": 0.25, "stabilizer": 1e-6}
     | {"low": None, "high": None},
 }
@@ -143,8 +146,8 @@ class Attribution:
     - ``"integrated_gradients"``: Captum ``IntegratedGradients``: (x - baseline) times the integral
       of the gradient along the straight path, ``n_steps`` (50) points of ``quadrature``
       (``"gausslegendre"``, or ``"riemann_left"``, ``"riemann_right"``, ``"riemann_middle"``,
-      ``"riemann_trapezoid"``; Captum's ``method=``), ``baselines`` a scalar or an image-shaped array
-      ((C, H, W) or (N, C, H, W)). ``compute(..., return_convergence_delta=True)`` also returns
+      ``"riemann_trapezoid"``; Captum's ``method=``), ``baselines`` a scalar, one value per channel
+      ((C,) or (C, 1, 1)) or an image-shaped array ((C, H, W) or (N, C, H, W)). ``compute(..., return_convergence_delta=True)`` also returns
       sum(attributions) - (F(x) - F(baseline)) per (image, class).
     - ``"gradcam"``, ``"gradcam++"``: at the blob ``layer`` (default: the last 4-D blob with more than
       one pixel before the score). Grad-CAM's weights are the spatial mean of the blob's gradient
@@ -180,6 +183,27 @@ class Attribution:
       (1e-6) as zennit's. ``reduce``: ``"sum"`` by default (relevance is signed and conserved).
       CPU only: ``device=`` is refused. One forward per batch serves all K classes, the rules'
       modified weights are built once per engine.
+    - ``"deeplift"``: DeepLIFT's Rescale rule (Shrikumar et al. 2017), Captum ``DeepLift``
+      semantics: attributions (x - x0) * m, x0 the baseline (``baselines`` as for integrated
+      gradients: a scalar, one value per channel ((C,) or (C, 1, 1)), a (C, H, W) image, or one
+      image per image; default 0), m the gradient of the class score (pre-softmax, as every method here)
+      with each nonlinearity's derivative replaced by its multiplier: for ReLU (leaky too), Sigmoid,
+      TanH and ELU, (f(x) - f(x0)) / (x - x0) at each element, f'(x) where |x - x0| < 1e-10 (Captum's
+      eps); for a max pooling, Captum's rule: per window, y and r the maxima of x and of x0, y - r goes
+      to x's maximum where y >= r, else to x0's, and each input's sum is divided by its x - x0 (the
+      gradient where |x - x0| < 1e-10). Linear layers (convolution, inner product, BatchNorm and Scale
+      in test mode, Eltwise SUM, average pooling, Split, Concat, Slice, Dropout, Flatten, Reshape) keep
+      their gradient; any other layer (LRN, PReLU, Eltwise PROD/MAX, ...) is refused with a
+      ValueError naming it. Each batch's baselines are forwarded, then its images, and the K
+      classes' backwards share that pair of forwards. ``compute(..., return_convergence_delta=True)``
+      returns sum(attributions) - (F(x) - F(x0)) per (image, class), as Captum's. ``reduce``
+      (``"absmax"`` by default, as integrated gradients'). Where Captum 0.9.0 differs, at max
+      poolings only: its hooks lose the pooling's rule where a nonlinearity feeds the pooling directly
+      (captum#1104), and where overlapping windows share their maximum its max_unpool keeps one
+      window's share; fastsal applies the rule as stated (sums, as the gradient does), so completeness
+      holds, and ``fastsal.torch_port`` has the two fixes that make Captum agree. Captum also carries the
+      baseline's own backward, which differs only where a pooling's input equals its reference exactly
+      (a ReLU below zeroes that). CPU only: ``device=`` is refused.
 
     Perturbation methods need no gradient: forward passes only, one forward serving every class of an
     image (so K classes cost what one does), through an internal net built without force_backward.
@@ -257,6 +281,8 @@ class Attribution:
                 self._forward.stream(0, None, None, from_layer=True)
         elif method == "lrp":
             self._input = lrp_engine(net, engine, self.options)
+        elif method == "deeplift":
+            self._input = deeplift_engine(net, engine)
         elif method not in CAM_METHODS:
             self._input = Saliency(net, **engine, _relu_rule=RULES.get(method, "gradient"))
         if method in CAM_METHODS or method == "guided_gradcam":
@@ -267,8 +293,9 @@ class Attribution:
             occlusion_windows(
                 self.image_shape, self.options["sliding_window_shapes"], self.options["strides"]
             )
-        if method == "integrated_gradients":
+        if method in BASELINE_METHODS:
             self._baselines = self._check_baselines(self.options["baselines"])
+        if method == "integrated_gradients":
             # Once: Gauss-Legendre's nodes come from an n_steps x n_steps eigenproblem.
             alphas, weights = integration_points(self.options["n_steps"], self.options["quadrature"])
             self._points = alphas.astype(np.float32), weights.astype(np.float32)
@@ -396,9 +423,12 @@ class Attribution:
         if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
             raise TypeError(f"baselines must hold real numbers, got dtype {array.dtype}")
         shape = self.image_shape
+        if array.shape in ((shape[0],), (shape[0], 1, 1)):  # one value per channel
+            array = np.broadcast_to(array.reshape(shape[0], 1, 1), shape)
         if array.shape not in ((), shape) and not (array.ndim == 4 and array.shape[1:] == shape):
             raise ValueError(
-                f"baselines must be a scalar, a {shape} image or an (N, *{shape}) array, got shape {array.shape}"
+                f"baselines must be a scalar, one value per channel ({shape[0]},), a {shape} image or an "
+                f"(N, *{shape}) array, got shape {array.shape}"
             )
         if not np.isfinite(array.astype(np.float32)).all():
             raise ValueError("baselines contain NaN or Inf once converted to float32")
@@ -410,7 +440,7 @@ class Attribution:
         """Attributions of ``images`` for ``classes`` (an int, a sequence of K ints, or an (N, K) array:
         see :meth:`Saliency.compute`). Returns (N, K, H, W) maps, (N, K, C, H, W) with
         ``reduce="none"``; one (C, H, W) image drops the N axis. With ``return_convergence_delta``
-        (integrated_gradients only): ``(maps, delta)``, delta (N, K)."""
+        (integrated_gradients, deeplift): ``(maps, delta)``, delta (N, K)."""
         self._refresh()
         batch, single = self._main._images(images)
         ids = self._main._classes(classes, len(batch))
@@ -436,7 +466,7 @@ class Attribution:
         of :meth:`compute`) or each image's top ``k``; scores (N, num_classes) of the clean images, taken
         from the attribution's own forward pass where it has one. ``image_ids`` (N ints): each image's
         index in the whole job, which keys its noise (default 0..N-1, as :meth:`compute` keys it).
-        ``return_convergence_delta`` (integrated_gradients): the (N, K) delta of :meth:`compute` too."""
+        ``return_convergence_delta`` (integrated_gradients, deeplift): the (N, K) delta of :meth:`compute` too."""
         self._refresh()
         batch, _ = self._main._images(images)
         ids = None if classes is None else self._main._classes(classes, len(batch))
@@ -481,16 +511,14 @@ class Attribution:
         """(maps, classes (N, K) int64, scores or None, delta or None). classes None: each image's top k,
         ranked on the clean image: by the attribution's own forward when it has one sample per image."""
         method, options = self.method, self.options
-        if delta and method != "integrated_gradients":
-            raise ValueError("return_convergence_delta is for method='integrated_gradients' only")
-        if (
-            method == "integrated_gradients"
-            and self._baselines.ndim == 4
-            and len(self._baselines) != len(images)
-        ):
+        if delta and method not in BASELINE_METHODS:
+            raise ValueError(
+                "return_convergence_delta is for method='integrated_gradients' or 'deeplift' only"
+            )
+        if method in BASELINE_METHODS and self._baselines.ndim == 4 and len(self._baselines) != len(images):
             raise ValueError(f"baselines has {len(self._baselines)} images but there are {len(images)}")
         if (
-            method == "integrated_gradients"
+            method in BASELINE_METHODS
             and self._baselines.ndim
             and self._baselines.shape[-3:] != self.image_shape
         ):
@@ -515,8 +543,9 @@ class Attribution:
             raw, _, _ = self._gradients(images, classes, "none")
             return _reduce(raw * cams[:, :, None], options["reduce"]), classes, scores, None
         reduce = options["reduce"]
-        if method == "integrated_gradients" and delta:
-            raw, _, _ = self._gradients(images, classes, "none")
+        if method in BASELINE_METHODS and delta:  # deeplift ranks its top k in its own forward
+            raw, classes, own_scores = self._gradients(images, classes, "none", k, want_scores, image_ids)
+            scores = own_scores if scores is None else scores
             return _reduce(raw, reduce), classes, scores, self._convergence_delta(images, classes, raw)
         maps, classes, own_scores = self._gradients(images, classes, reduce, k, want_scores, image_ids)
         return maps, classes, own_scores if scores is None else scores, None
@@ -639,6 +668,10 @@ class Attribution:
                     steps = alphas[first : first + count][None, :, None, None, None]
                     return baseline[:, None] + steps * delta[:, None]
 
+            elif method == "deeplift":  # the baselines forwarded before the images, in the engine
+                baseline = np.ascontiguousarray(self._baseline_for(start, len(x)))
+                call.update(multiplier=np.ascontiguousarray(x - baseline), baselines=baseline)
+
             targets = None if classes is None else classes[part]
             outputs = dict(
                 top_classes=None if top is None else top[part],
@@ -730,6 +763,16 @@ def lrp_engine(net: caffe.Net, engine: dict, options: dict) -> Saliency:
     _check_blob_name("input", engine["input"])
     image_shape = net.blobs[engine["input"] or net.inputs[0]].data.shape[1:]  # zbox's bounds fit it
     return Saliency(net, **engine, _layer_rules=lrp.layer_rules(net, options, tuple(image_shape)))
+
+
+def deeplift_engine(net: caffe.Net, engine: dict) -> Saliency:
+    """DeepLIFT's engine: the input gradient's, with every activation and max pooling's backward replaced
+    by the Rescale rule (cpp/layers/deeplift_layer.hpp); a layer it has no rule for is refused there."""
+    if engine["device"] is not None:
+        raise ValueError(
+            "method='deeplift' runs on the CPU only (its rules are CPU layers); leave device unset"
+        )
+    return Saliency(net, **engine, _deeplift=True)
 
 
 def _reduce(raw: np.ndarray, reduce: str) -> np.ndarray:

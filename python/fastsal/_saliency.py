@@ -89,6 +89,7 @@ class Saliency:
         _gradient_blob: str = "",
         _relu_rule: str = "gradient",
         _layer_rules: tuple = (),
+        _deeplift: bool = False,
         _image_shape: tuple[int, ...] = (),
         _warn: bool = True,
         _bf16_backward: bool = True,
@@ -128,6 +129,7 @@ class Saliency:
             threads=threads or default_threads(),
             forward_only=bool(_forward_only),
             layer_rules=list(_layer_rules),
+            deeplift=bool(_deeplift),
         )
         if device is None and self._options["exact"]:
             warn_if_blas_is_slow(stacklevel=2)  # the exact CPU forward is Caffe's OpenBLAS arithmetic

@@ -1,7 +1,7 @@
 """A Caffe net as a PyTorch module with the same weights, layer by layer: how fastsal is checked against
 Captum, and how the benchmarks time Captum on the same model. Needs torch (``pip install .[bench]``).
 
-Layers: Input, Convolution, InnerProduct, ReLU (leaky too), PReLU, Sigmoid, TanH, Pooling (MAX/AVE with
+Layers: Input, Convolution, InnerProduct, ReLU (leaky too), PReLU, Sigmoid, TanH, ELU, Pooling (MAX/AVE with
 Caffe's ceil rounding, global), BatchNorm (with its scale-factor blob), Scale, Bias, Eltwise (SUM with
 coefficients, PROD, MAX), Concat, Flatten, Split, Dropout (TEST: identity), LRN (across channels),
 Softmax. Every Caffe layer becomes its own module, so Captum's hooks (on nn.ReLU for guided backprop,
@@ -10,9 +10,12 @@ on a layer for Grad-CAM) see exactly the Caffe layer.
 
 from __future__ import annotations
 
+import contextlib
+
 import caffe
 import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: N812 - PyTorch's own name for it
 from torch import nn
 
 
@@ -71,6 +74,11 @@ class _Identity(nn.Module):
         return inputs if len(inputs) > 1 else inputs[0]
 
 
+class _Copy(nn.Module):
+    def forward(self, x):
+        return x.clone()
+
+
 class CaffeModule(nn.Module):
     """Runs the layers of a caffe.Net in order on a dict of blobs; ``forward`` returns ``output``."""
 
@@ -90,6 +98,17 @@ class CaffeModule(nn.Module):
                 (name.replace(".", "_"), list(net.bottom_names[name]), list(net.top_names[name]))
             )
         self.eval()
+
+    def copy_pooling_inputs(self) -> CaffeModule:
+        """Gives every max pooling a copy of its input, for Captum's ``DeepLift``: Captum 0.9.0 hooks the
+        gradient of a module's input tensor, and a nonlinearity whose output is that same tensor keeps the
+        pooling's plain gradient as its own, read before the pooling's rule replaces it, so the rule is
+        lost (captum#1104; its own convergence delta shows it). The copy makes two tensors of one; values
+        unchanged."""
+        for key, module in list(self.layers.items()):
+            if isinstance(module, nn.MaxPool2d):
+                self.layers[key] = nn.Sequential(_Copy(), module)
+        return self
 
     def module_for(self, blob: str) -> nn.Module:
         """The module whose output is the blob's final value (the last layer writing it)."""
@@ -150,6 +169,8 @@ class CaffeModule(nn.Module):
             return nn.Sigmoid()
         if p == "TanH":
             return nn.Tanh()
+        if p == "ELU":
+            return nn.ELU(param.elu_param.alpha)
         if p == "Pooling":
             pp = param.pooling_param
             shape = net.blobs[net.bottom_names[name][0]].data.shape
@@ -203,3 +224,30 @@ def to_torch(net: caffe.Net, prototxt: str, output: str, input: str = "data") ->
         text_format.Merge(f.read(), parameter)
     # (Caffe's automatic Split layers are not in the prototxt: they get an empty parameter.)
     return CaffeModule(net, {layer.name: layer for layer in parameter.layer}, output, input)
+
+
+@contextlib.contextmanager
+def deeplift_summing_unpool():
+    """Within it, Captum's ``DeepLift`` unpools its max-pooling shares by summing them, as the gradient
+    does. Captum 0.9.0's ``F.max_unpool2d`` writes each position once, so where overlapping windows (3x3
+    at stride 2) share their maximum all but one window's share are lost, and with them completeness (its
+    own convergence delta shows it). The rule is otherwise Captum's own function."""
+    from captum.attr._core import deep_lift
+
+    def unpool(values, indices, kernel_size, stride, padding, output_size):
+        n, c = values.shape[:2]
+        out = values.new_zeros((n, c, output_size[-2] * output_size[-1]))
+        out.scatter_add_(2, indices.reshape(n, c, -1), values.reshape(n, c, -1))
+        return out.reshape(n, c, output_size[-2], output_size[-1])
+
+    def maxpool2d(module, inputs, outputs, grad_input, grad_output, eps=1e-10):
+        return deep_lift.maxpool(
+            module, F.max_pool2d, unpool, inputs, outputs, grad_input, grad_output, eps=eps
+        )
+
+    saved = deep_lift.SUPPORTED_NON_LINEAR[nn.MaxPool2d]
+    deep_lift.SUPPORTED_NON_LINEAR[nn.MaxPool2d] = maxpool2d
+    try:
+        yield
+    finally:
+        deep_lift.SUPPORTED_NON_LINEAR[nn.MaxPool2d] = saved
