@@ -84,6 +84,7 @@ METHOD_COLUMNS = (  # (title, method, options, signed): the methods people use t
     ("Grad-CAM", "gradcam", {}, False),
     ("guided Grad-CAM", "guided_gradcam", {}, False),
     ("LRP (epsilon_plus_flat)", "lrp", {"composite": "epsilon_plus_flat"}, True),
+    ("DeepLIFT (sum)", "deeplift", {"reduce": "sum"}, True),
 )
 
 
