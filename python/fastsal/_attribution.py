@@ -466,6 +466,14 @@ class Attribution:
             if engine:
                 engine._refresh()
 
+    def reload_weights(self) -> None:
+        """Call after writing ``net``'s weights in place (``net.params[name][i].data[...] = ...``): what
+        the engines built from them (LRP's modified weights) is rebuilt, so the next maps are those of a
+        new Attribution. Every other method reads the weights at each pass."""
+        for engine in (self._input, self._cam, self._forward and self._forward._engine):
+            if engine:
+                engine.reload_weights()
+
     def scores(self, images) -> np.ndarray:
         """The score blob's values, (N, num_classes) float32: forward passes only, through the net as it
         is now (after ``net.reshape()`` or ``net.share_with()``, as :meth:`compute`)."""
