@@ -179,7 +179,7 @@ class Attribution:
       weights, as zennit's canonizer merges it. ``epsilon`` (1e-6), ``gamma`` (0.25), ``stabilizer``
       (1e-6) as zennit's. ``reduce``: ``"sum"`` by default (relevance is signed and conserved).
       CPU only: ``device=`` is refused. One forward per batch serves all K classes, the rules'
-      modified weights are built once per engine.
+      modified weights are built once per engine (:meth:`reload_weights` rebuilds them).
 
     Perturbation methods need no gradient: forward passes only, one forward serving every class of an
     image (so K classes cost what one does), through an internal net built without force_backward.
