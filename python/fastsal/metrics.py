@@ -268,12 +268,13 @@ def linear_imputation(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
     """The removed pixels' values (C, len(removed)) of a (C, H, W) image under noisy linear imputation
     without its noise: for each removed pixel i, S_i x_i - sum_{j removed} w_ij x_j = sum_{j kept}
     w_ij x_j, S_i the sum of its in-image neighbours' weights; one sparse solve per image and set.
-    The matrix is symmetric and diagonally dominant, positive definite unless every pixel is removed:
-    it is factorised without pivoting, its unknowns in nested dissection order
+    The matrix is symmetric and diagonally dominant, positive definite unless every pixel is removed
+    (then nothing is left to interpolate from: the values are 0, the singular system's minimum-norm
+    solution, as spsolve returned); it is factorised without pivoting, its unknowns in nested dissection order
     (:func:`dissection_places`): 1.5-4x faster than spsolve's general ordering, the same values."""
     c, h, w = image.shape
     if len(removed) == h * w:
-        raise ValueError("noisy linear imputation needs at least one pixel kept; every pixel was removed")
+        return np.zeros((c, h * w))
     flat = image.reshape(c, h * w).astype(np.float64)
     count = len(removed)
     placed = np.argsort(dissection_places(h, w)[removed])
