@@ -257,6 +257,9 @@ PYBIND11_MODULE(_core, m) {
             return engine.matches(pycaffe_net(net));
           },
           "Whether the engine still describes net: same image shape, same weight memory.", py::arg("net"))
+      .def("reload_weights", &fastsal::SaliencyEngine::reload_weights,
+           "After the net's weights were written in place: rebuild what the engine computed from them.",
+           py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("batch_size", &fastsal::SaliencyEngine::batch_size)
       .def_property_readonly("head_layer", &fastsal::SaliencyEngine::head_layer)
       .def_property_readonly("blocked_blobs", &fastsal::SaliencyEngine::blocked_blobs)

@@ -311,6 +311,11 @@ void SaliencyEngine::compute(const SaliencyRequest& request) {
   run(request, nullptr);
 }
 
+void SaliencyEngine::reload_weights() {
+  std::lock_guard<std::mutex> lock(mutex_);  // not while a call runs the net
+  net_->reload_weights();
+}
+
 std::vector<LayerTime> SaliencyEngine::profile_layers(const SaliencyRequest& request) {
   std::vector<LayerTime> times;
   run(request, &times);

@@ -144,6 +144,10 @@ class SaliencyEngine {
   // user's net alive and not running.
   bool matches(const caffe::Net<float>& user_net) const;
 
+  // The user's weights were written in place (same memory, new values): rebuild what was computed from
+  // them (SaliencyNet::reload_weights), so the next call's maps are a freshly built engine's.
+  void reload_weights();
+
   // The same work as compute(), timing every layer call (for the benchmarks).
   std::vector<LayerTime> profile_layers(const SaliencyRequest& request);
 

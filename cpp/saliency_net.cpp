@@ -327,6 +327,18 @@ void SaliencyNet::keep_blocked_layouts(const std::vector<const caffe::Blob<float
 #endif
 }
 
+void SaliencyNet::reload_weights() {
+  for (const auto& layer : layers_) {
+    caffe::Layer<float>* inner = layer.get();
+    if (auto* pass = dynamic_cast<PassLayer*>(inner)) inner = &pass->inner();
+    if (auto* conv = dynamic_cast<RuleConvolutionLayer*>(inner)) conv->reload_weights();
+    if (auto* product = dynamic_cast<RuleInnerProductLayer*>(inner)) product->reload_weights();
+#ifdef FASTSAL_WITH_DNNL
+    if (auto* conv = dynamic_cast<DnnlConvolutionLayer*>(inner)) conv->reload_weights();
+#endif
+  }
+}
+
 int SaliencyNet::first_overflowed_row(int last, std::string* layer) const {
   int first = -1;
   for (int l = 0; l <= last; ++l) {

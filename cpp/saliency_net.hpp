@@ -53,6 +53,11 @@ class SaliencyNet : public caffe::Net<float> {
   void keep_blocked_layouts(const std::vector<const caffe::Blob<float>*>& plain);
   const std::vector<std::string>& blocked_blobs() const { return blocked_blobs_; }
 
+  // After the shared weights were written in place (MPRT re-draws layers of its copy of the net): the
+  // caches built from them (LRP's modified weights, the oneDNN convolutions' folded and reordered weights)
+  // are rebuilt at the next pass, as in a freshly built net. BatchNorm's statistics are read at every pass.
+  void reload_weights();
+
   // After a CPU forward of layers [0, last]: the first batch row in which a max pooling window held no
   // number (all NaN or -Inf: the activations overflowed), and that layer's name; -1 when none did.
   int first_overflowed_row(int last, std::string* layer) const;

@@ -3,6 +3,8 @@ slow pycaffe loop (one net.forward per perturbed image), on the small nets with 
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -235,7 +237,100 @@ def test_road_accuracy_matches_quantus_road(tmp_path, rng, monkeypatch):
     assert 0 < got["road_morf_curve"].mean() < 1  # some predictions change: the check has teeth
 
 
+def test_linear_imputation_matches_quantus_and_a_general_sparse_solve(rng, monkeypatch):
+    """The nested-dissection factorisation gives the values of Quantus's noisy_linear_imputation (noise
+    0) and of scipy's general spsolve on the same system, written here from the docstring's equations,
+    to float64 rounding, on a non-square multi-channel image at low and high percentages."""
+    import scipy.sparse
+    import scipy.sparse.linalg
+
+    c, h, w = 3, 37, 52
+    image = rng.standard_normal((c, h, w)).astype(np.float32)
+    order = fastsal.metrics.ranking(scipy.ndimage.gaussian_filter(rng.standard_normal((h, w)), 2))
+    places = fastsal.metrics.dissection_places(h, w)
+    np.testing.assert_array_equal(np.sort(places), np.arange(h * w))  # a permutation of the pixels
+    offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    for p in (1, 20, 50, 90, 99.9):
+        removed = order[: int(h * w * p / 100)]
+        got = fastsal.metrics.linear_imputation(image, removed)
+        index = {int(pixel): u for u, pixel in enumerate(removed)}
+        matrix = scipy.sparse.lil_matrix((len(removed), len(removed)))
+        rhs = np.zeros((len(removed), c))
+        for u, pixel in enumerate(removed):
+            y, x = divmod(int(pixel), w)
+            for dy, dx in offsets:
+                if 0 <= y + dy < h and 0 <= x + dx < w:
+                    weight = 1 / 6 if dy == 0 or dx == 0 else 1 / 12
+                    matrix[u, u] += weight
+                    neighbour = (y + dy) * w + x + dx
+                    if neighbour in index:
+                        matrix[u, index[neighbour]] -= weight
+                    else:
+                        rhs[u] += weight * image[:, y + dy, x + dx].astype(np.float64)
+        expected = scipy.sparse.linalg.spsolve(matrix.tocsc(), rhs).reshape(len(removed), c).T
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+        if importlib.util.find_spec("quantus"):  # Quantus returns the image's float32
+            quantus = quantus_imputation(monkeypatch, image, removed, np.zeros((c, len(removed))))
+            np.testing.assert_allclose(got, quantus.reshape(c, -1)[:, removed], rtol=0, atol=1e-5)
+    # Every pixel removed: a singular system with a zero right-hand side; 0 everywhere, as spsolve gave.
+    np.testing.assert_array_equal(fastsal.metrics.linear_imputation(image, order), np.zeros((c, h * w)))
+
+
 # ---- MPRT: the randomised nets built by hand from the documented scheme, the similarities from scipy/skimage ----
+
+
+def test_rank_correlation_is_scipy_spearman_on_every_row(rng):
+    """The rows at once (MPRT's per-step similarity) against scipy's spearmanr one pair at a time,
+    with ties and constant rows (NaN, as before)."""
+    from scipy.stats import spearmanr
+
+    a = np.round(rng.standard_normal((3, 4, 50)), 1)  # ties
+    b = rng.standard_normal((3, 4, 50))
+    a[1, 2] = 7.0  # constant: NaN
+    got = fastsal.metrics.rank_correlation(fastsal.metrics.ranks(a), fastsal.metrics.ranks(b))
+    for i in range(3):
+        for j in range(4):
+            expected = np.nan if (i, j) == (1, 2) else spearmanr(a[i, j], b[i, j]).statistic
+            np.testing.assert_allclose(got[i, j], expected, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(fastsal.metrics.spearman(a[i, j], b[i, j]), expected, atol=1e-12)
+
+
+def randomise_in_place(net, seed):
+    """Every parameter blob of net re-drawn in place, as MPRT re-draws its copy's layers."""
+    for name, blobs in net.params.items():
+        for blob, values in zip(blobs, fastsal.metrics.random_weights(net, name, seed)):
+            blob.data[...] = values
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("saliency", {}),
+        ("saliency", {"exact": False}),  # oneDNN's forward: BatchNorm folded, weights reordered
+        ("lrp", {}),  # modified weights built once per engine
+        ("lrp", {"composite": "epsilon_gamma_box", "low": -3.0, "high": 3.0}),
+        ("gradcam", {}),
+    ],
+    ids=["saliency", "inexact", "lrp", "lrp_gamma_box", "gradcam"],
+)
+def test_a_reloaded_engine_gives_a_fresh_engine_s_maps(small_net, rng, method, options):
+    """MPRT's one engine per run: after the net's weights are re-drawn in place and reload_weights(),
+    the maps are those of an Attribution built afresh on the randomised net, bit for bit."""
+    net, _, score = small_net
+    images = random_images(rng, net, 2)
+    classes = np.array([[0], [1]])
+    copy = fastsal.metrics.net_copy(net)
+    try:
+        attribution = fastsal.Attribution(copy, method, score=score, **options)
+    except ValueError as error:  # an LRP composite this net's layers cannot take, Grad-CAM without a 4-D blob
+        pytest.skip(str(error))
+    before = attribution.compute(images, classes)  # every cache built from the trained weights
+    randomise_in_place(copy, seed=5)
+    attribution.reload_weights()
+    reloaded = attribution.compute(images, classes)
+    fresh = fastsal.Attribution(copy, method, score=score, **options).compute(images, classes)
+    assert np.abs(fresh - before).max() > 1e-3 * np.abs(before).max()  # the weights did change the maps
+    np.testing.assert_array_equal(reloaded, fresh)
 
 
 def randomised_by_hand(net, path, layers, seed, cascading_upto):
@@ -263,6 +358,7 @@ def randomised_by_hand(net, path, layers, seed, cascading_upto):
 
 def test_mprt_cascading_matches_hand_randomised_nets(small_net, rng):
     from scipy.stats import spearmanr
+    from skimage.feature import hog
     from skimage.metrics import structural_similarity
 
     net, path, score = small_net
@@ -289,7 +385,41 @@ def test_mprt_cascading_matches_hand_randomised_nets(small_net, rng):
                 lo, hi = min(na.min(), nb.min()), max(na.max(), nb.max())
                 expected = structural_similarity(na, nb, win_size=window, data_range=hi - lo)
                 np.testing.assert_allclose(got["mprt_ssim"][i, k, t], expected, atol=TOL)
+                cell = max(2, min(8, na.shape[0] // 4, na.shape[1] // 4))
+                fa, fb = (
+                    hog(m, orientations=9, pixels_per_cell=(cell, cell), cells_per_block=(2, 2))
+                    for m in (na, nb)
+                )
+                np.testing.assert_allclose(got["mprt_hog"][i, k, t], np.corrcoef(fa, fb)[0, 1], atol=TOL)
     np.testing.assert_array_equal(got["mprt"], got["mprt_spearman_abs"][..., -1])
+
+
+def test_mprt_computes_the_similarities_asked_for(small_net, rng):
+    net, _, score = small_net
+    images = random_images(rng, net, 2)
+    classes = np.array([[0], [1]])
+    full = fastsal.evaluate(
+        net, images, classes, fastsal.metrics.MPRT(seed=2), method="saliency", score=score
+    )
+    some = fastsal.evaluate(
+        net,
+        images,
+        classes,
+        fastsal.metrics.MPRT(seed=2, similarities=["hog", "spearman"]),
+        method="saliency",
+        score=score,
+    )
+    assert sorted(key for key in some if key.startswith("mprt_")) == [
+        "mprt_hog",
+        "mprt_layers",
+        "mprt_spearman",
+    ]
+    for name in ("hog", "spearman"):
+        np.testing.assert_array_equal(some[f"mprt_{name}"], full[f"mprt_{name}"])
+    np.testing.assert_array_equal(some["mprt"], full["mprt_hog"][..., -1])  # the first one named
+    for bad in (["pearson"], [], ["ssim", "ssim"]):
+        with pytest.raises(ValueError, match="similarities must name"):
+            fastsal.metrics.MPRT(similarities=bad)
 
 
 def test_mprt_independent_and_final_only(small_net, rng):

@@ -20,6 +20,7 @@ class RuleConvolutionLayer : public caffe::ConvolutionLayer<float> {
     norm_ = norm, scale_ = scale;
   }
   std::int64_t rule_floats_per_image() const;
+  void reload_weights() { rule_.invalidate(); }  // see SaliencyNet::reload_weights
 
  protected:
   void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,

@@ -79,6 +79,9 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
     weights_current_ = false;
   }
 
+  // The weights changed in place: fold and reorder them again at the next pass (each forward does too).
+  void reload_weights() { weights_current_ = false; }
+
   void Reshape(const std::vector<caffe::Blob<float>*>& bottom,
                const std::vector<caffe::Blob<float>*>& top) override;
 

@@ -35,6 +35,7 @@ class RuleInnerProductLayer : public caffe::InnerProductLayer<float> {
   RuleInnerProductLayer(const caffe::LayerParameter& param, Rule rule)
       : caffe::InnerProductLayer<float>(param), rule_(std::move(rule)) {}
   std::int64_t rule_floats_per_image() const { return rule_.floats_per_image(this->K_, this->N_); }
+  void reload_weights() { rule_.invalidate(); }  // see SaliencyNet::reload_weights
 
  protected:
   void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,

@@ -52,6 +52,8 @@ class LinearRule {
   void prepare(const LinearOps& ops, const float* w, const float* b, const std::vector<float>& scale,
                const std::vector<float>& shift);
   bool prepared() const { return prepared_; }
+  // The weights changed in place (MPRT's randomised copy): the next forward prepares them again.
+  void invalidate() { prepared_ = false; }
   // z: the layer's own output W x + b for this x (before any in-place layer after it), or null.
   void forward(const LinearOps& ops, const float* x, const float* z);
   void backward(const LinearOps& ops, const float* x, const float* r_out, float* r_in);

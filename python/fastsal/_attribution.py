@@ -182,7 +182,7 @@ class Attribution:
       weights, as zennit's canonizer merges it. ``epsilon`` (1e-6), ``gamma`` (0.25), ``stabilizer``
       (1e-6) as zennit's. ``reduce``: ``"sum"`` by default (relevance is signed and conserved).
       CPU only: ``device=`` is refused. One forward per batch serves all K classes, the rules'
-      modified weights are built once per engine.
+      modified weights are built once per engine (:meth:`reload_weights` rebuilds them).
     - ``"deeplift"``: DeepLIFT's Rescale rule (Shrikumar et al. 2017), Captum ``DeepLift``
       semantics: attributions (x - x0) * m, x0 the baseline (``baselines`` as for integrated
       gradients: a scalar, one value per channel ((C,) or (C, 1, 1)), a (C, H, W) image, or one
@@ -495,6 +495,14 @@ class Attribution:
         for engine in (self._input, self._cam, self._forward and self._forward._engine):
             if engine:
                 engine._refresh()
+
+    def reload_weights(self) -> None:
+        """Call after writing ``net``'s weights in place (``net.params[name][i].data[...] = ...``): what
+        the engines built from them (LRP's modified weights) is rebuilt, so the next maps are those of a
+        new Attribution. Every other method reads the weights at each pass."""
+        for engine in (self._input, self._cam, self._forward and self._forward._engine):
+            if engine:
+                engine.reload_weights()
 
     def scores(self, images) -> np.ndarray:
         """The score blob's values, (N, num_classes) float32: forward passes only, through the net as it

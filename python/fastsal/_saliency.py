@@ -158,6 +158,13 @@ class Saliency:
             if net is not None and not self._engine.matches(net):
                 self._engine = self._build(net)
 
+    def reload_weights(self) -> None:
+        """Call after writing ``net``'s weights in place: what the engine built from them is rebuilt
+        (LRP's modified weights; the folded and reordered convolution weights are rebuilt at every pass
+        anyway), so the next maps are those of a new engine on the net as it now is."""
+        self._refresh()
+        self._engine.reload_weights()
+
     @property
     def input(self) -> str:
         """The blob the maps are gradients with respect to."""

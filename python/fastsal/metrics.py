@@ -4,6 +4,7 @@ perturbed copy of an image is built on demand and streamed through fastsal's for
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -237,13 +238,47 @@ _NEIGHBOURS = (
 )
 
 
+@functools.lru_cache(maxsize=8)
+def dissection_places(h: int, w: int, leaf: int = 16) -> np.ndarray:
+    """Each pixel's place (H * W,) in a nested dissection of the h x w grid: the longer side halved by
+    a line of pixels (which separates the two halves for the 8-neighbour stencil), each half ordered
+    the same way, the line last; blocks of at most ``leaf`` pixels in raster order. Eliminating the
+    unknowns in this order keeps the factor of :func:`linear_imputation`'s matrix sparse."""
+    places = np.empty((h, w), np.int64)
+    count = 0
+    regions = [(0, h, 0, w, False)]  # depth first; a region's separator is placed after its halves
+    while regions:
+        r0, r1, c0, c1, separator = regions.pop()
+        rows, cols = r1 - r0, c1 - c0
+        if rows <= 0 or cols <= 0:
+            continue
+        if separator or rows * cols <= leaf:
+            places[r0:r1, c0:c1] = count + np.arange(rows * cols).reshape(rows, cols)
+            count += rows * cols
+        elif rows >= cols:
+            m = r0 + rows // 2
+            regions += [(m, m + 1, c0, c1, True), (m + 1, r1, c0, c1, False), (r0, m, c0, c1, False)]
+        else:
+            m = c0 + cols // 2
+            regions += [(r0, r1, m, m + 1, True), (r0, r1, m + 1, c1, False), (r0, r1, c0, m, False)]
+    return places.reshape(-1)
+
+
 def linear_imputation(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
     """The removed pixels' values (C, len(removed)) of a (C, H, W) image under noisy linear imputation
     without its noise: for each removed pixel i, S_i x_i - sum_{j removed} w_ij x_j = sum_{j kept}
-    w_ij x_j, S_i the sum of its in-image neighbours' weights; one sparse solve per image and set."""
+    w_ij x_j, S_i the sum of its in-image neighbours' weights; one sparse solve per image and set.
+    The matrix is symmetric and diagonally dominant, positive definite unless every pixel is removed
+    (then nothing is left to interpolate from: the values are 0, the singular system's minimum-norm
+    solution, as spsolve returned); it is factorised without pivoting, its unknowns in nested dissection order
+    (:func:`dissection_places`): 1.5-4x faster than spsolve's general ordering, the same values."""
     c, h, w = image.shape
+    if len(removed) == h * w:
+        return np.zeros((c, h * w))
     flat = image.reshape(c, h * w).astype(np.float64)
     count = len(removed)
+    placed = np.argsort(dissection_places(h, w)[removed])
+    removed = removed[placed]  # unknown u is pixel removed[u], in elimination order
     unknown = np.full(h * w, -1, np.int64)
     unknown[removed] = np.arange(count)
     rows_, cols, weights = [np.arange(count)], [np.arange(count)], [np.zeros(count)]
@@ -266,7 +301,12 @@ def linear_imputation(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
     matrix = scipy.sparse.csc_matrix(
         (np.concatenate(weights), (np.concatenate(rows_), np.concatenate(cols))), shape=(count, count)
     )
-    return np.atleast_2d(scipy.sparse.linalg.spsolve(matrix, rhs)).reshape(count, c).T
+    factor = scipy.sparse.linalg.splu(
+        matrix, permc_spec="NATURAL", diag_pivot_thresh=0.0, options={"SymmetricMode": True}
+    )
+    values = np.empty((c, count))
+    values[:, placed] = factor.solve(rhs).T  # back to the caller's order of removed pixels
+    return values
 
 
 class _Road(Metric):
@@ -392,14 +432,28 @@ def random_weights(net: caffe.Net, layer: str, seed: int) -> list[np.ndarray]:
     return [rng.normal(0.0, float(b.std()), b.shape).astype(np.float32) for b in blobs]
 
 
+def ranks(maps: np.ndarray) -> np.ndarray:
+    """Each row's values (last axis) replaced by their ranks, ties given their average rank (scipy's
+    rankdata, as spearmanr ranks), float64."""
+    import scipy.stats  # here: it costs `import fastsal` half a second
+
+    return scipy.stats.rankdata(maps, axis=-1)
+
+
+def rank_correlation(ranks_a: np.ndarray, ranks_b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of rows of ranks (:func:`ranks`), last axis: Spearman's rank correlation as
+    scipy's spearmanr computes it, for every row at once; NaN where a row is constant."""
+    a = ranks_a - ranks_a.mean(axis=-1, keepdims=True)
+    b = ranks_b - ranks_b.mean(axis=-1, keepdims=True)
+    norms = np.sqrt((a * a).sum(axis=-1) * (b * b).sum(axis=-1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(norms > 0, (a * b).sum(axis=-1) / norms, np.nan)
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rank correlation of two maps, ties given their average rank (scipy's, Quantus's);
     NaN where a map is constant."""
-    import scipy.stats  # here: it costs `import fastsal` half a second
-
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(scipy.stats.spearmanr(a.ravel(), b.ravel()).statistic)
+    return float(rank_correlation(ranks(a.ravel()), ranks(b.ravel())))
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
@@ -414,19 +468,70 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(skimage.metrics.structural_similarity(a, b, win_size=window, data_range=data_range))
 
 
-def hog_similarity(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation of the two maps' HOG features (Adebayo et al.), scikit-image's ``hog`` with
-    9 orientations, cells of min(8, H // 4, W // 4) pixels (at least 2), 2 x 2 cell blocks."""
+def hog_features(m: np.ndarray) -> np.ndarray:
+    """scikit-image's ``hog`` of an (H, W) map: 9 orientations, cells of min(8, H // 4, W // 4) pixels
+    (at least 2), 2 x 2 cell blocks."""
     import skimage.feature
 
-    cell = max(2, min(8, a.shape[0] // 4, a.shape[1] // 4))
-    features = [
-        skimage.feature.hog(m, orientations=9, pixels_per_cell=(cell, cell), cells_per_block=(2, 2))
-        for m in (a, b)
-    ]
+    cell = max(2, min(8, m.shape[0] // 4, m.shape[1] // 4))
+    return skimage.feature.hog(m, orientations=9, pixels_per_cell=(cell, cell), cells_per_block=(2, 2))
+
+
+def hog_similarity(a: np.ndarray, b: np.ndarray, *, features_a: np.ndarray | None = None) -> float:
+    """Pearson correlation of the two maps' HOG features (Adebayo et al.; :func:`hog_features`).
+    ``features_a``: a's features, when already computed."""
+    features = [hog_features(a) if features_a is None else features_a, hog_features(b)]
     if np.ptp(features[0]) == 0 or np.ptp(features[1]) == 0:
         return float("nan")
     return float(np.corrcoef(*features)[0, 1])
+
+
+class _Similarities:
+    """MPRT's similarities of each step's maps with the original ones, per (image, class); what depends
+    on the original maps alone (their ranks, normalised maps, HOG features) is computed once."""
+
+    def __init__(self, maps: np.ndarray, chosen: list[str]):
+        self.chosen = chosen
+        n, k = maps.shape[:2]
+        if "spearman_abs" in chosen:
+            self.abs_ranks = ranks(np.abs(maps).reshape(n, k, -1))
+        if "spearman" in chosen:
+            self.signed_ranks = ranks(maps.reshape(n, k, -1))
+        if "ssim" in chosen or "hog" in chosen:
+            self.normalised = _normalised(maps)
+        if "hog" in chosen:
+            self.hog = [[hog_features(m) for m in row] for row in self.normalised]
+
+    def __call__(self, maps: np.ndarray) -> dict[str, np.ndarray]:
+        n, k = maps.shape[:2]
+        out = {}
+        if "spearman_abs" in self.chosen:
+            out["spearman_abs"] = rank_correlation(self.abs_ranks, ranks(np.abs(maps).reshape(n, k, -1)))
+        if "spearman" in self.chosen:
+            out["spearman"] = rank_correlation(self.signed_ranks, ranks(maps.reshape(n, k, -1)))
+        if "ssim" in self.chosen or "hog" in self.chosen:
+            normalised = _normalised(maps)
+            pairs = [(i, j) for i in range(n) for j in range(k)]
+            if "ssim" in self.chosen:
+                out["ssim"] = np.array([ssim(self.normalised[i, j], normalised[i, j]) for i, j in pairs])
+            if "hog" in self.chosen:
+                out["hog"] = np.array(
+                    [
+                        hog_similarity(self.normalised[i, j], normalised[i, j], features_a=self.hog[i][j])
+                        for i, j in pairs
+                    ]
+                )
+            for name in ("ssim", "hog"):
+                if name in out:
+                    out[name] = out[name].reshape(n, k)
+        return out
+
+
+def _normalised(maps: np.ndarray) -> np.ndarray:
+    """|map| per pixel (channels summed first) divided by its maximum (a zero map stays zero), (N, K, H, W)."""
+    pixel = np.abs(maps.sum(axis=2) if maps.ndim == 5 else maps)
+    peak = pixel.max(axis=(-2, -1), keepdims=True)
+    return pixel / np.where(peak > 0, peak, 1)
 
 
 class MPRT(Metric):
@@ -442,24 +547,43 @@ class MPRT(Metric):
     - ``ssim``: SSIM of |map| / max |map| (Quantus's abs and normalise_by_max; :func:`ssim`),
     - ``hog``: Pearson correlation of the HOG features of |map| / max |map| (:func:`hog_similarity`).
 
+    ``similarities``: which of these to compute (default all four; Quantus computes one, its
+    ``similarity_func``, Spearman by default: ``similarities=["spearman_abs"]`` does the same work).
     ``layers``: the layers to randomise (default: every layer with parameters), taken top down;
-    ``final_only`` (Quantus's ``skip_layers``) compares only after the last step. The score is
-    ``spearman_abs`` after the last step for cascading, its mean over the layers for independent; a
-    map that stays similar as the net loses its training fails the test. ``seed`` (42, Quantus's).
-    Results: ``mprt`` (N, K), and per similarity (N, K, steps), ``mprt_layers`` the layer names.
+    ``final_only`` (Quantus's ``skip_layers``) compares only after the last step. The score is the
+    first of ``similarities`` (``spearman_abs`` by default) after the last step for cascading, its
+    mean over the layers for independent; a map that stays similar as the net loses its training fails
+    the test. ``seed`` (42, Quantus's). Results: ``mprt`` (N, K), and per similarity (N, K, steps),
+    ``mprt_layers`` the layer names. One engine serves every step: the copy's weights are re-drawn in
+    place and the engine reloads them (:meth:`Attribution.reload_weights`), so a step costs a map.
     """
 
     name = "mprt"
     needs_method = True
     SIMILARITIES = ("spearman_abs", "spearman", "ssim", "hog")
 
-    def __init__(self, *, order: str = "cascading", layers=None, seed: int = 42, final_only: bool = False):
+    def __init__(
+        self,
+        *,
+        order: str = "cascading",
+        layers=None,
+        seed: int = 42,
+        final_only: bool = False,
+        similarities=SIMILARITIES,
+    ):
         if order not in ("cascading", "independent"):
             raise ValueError(f"order must be 'cascading' or 'independent', got {order!r}")
         _check_number("seed", seed, 0, integer=True)
         if not isinstance(final_only, bool):
             raise TypeError(f"final_only must be True or False, got {final_only!r}")
+        chosen = [similarities] if isinstance(similarities, str) else list(similarities)
+        unknown = [name for name in chosen if name not in self.SIMILARITIES]
+        if unknown or not chosen or len(set(chosen)) != len(chosen):
+            raise ValueError(
+                f"similarities must name some of {', '.join(self.SIMILARITIES)}, each once, got {similarities!r}"
+            )
         self.order, self.layers, self.seed, self.final_only = order, layers, seed, final_only
+        self.similarities = chosen  # a list: the metric's settings are recorded as JSON
 
     def steps(self, net: caffe.Net) -> list[str]:
         names = list(net.params)
@@ -472,11 +596,12 @@ class MPRT(Metric):
     def run(self, context):
         steps = self.steps(context.net)
         copy = net_copy(context.net)
-        original = np.abs(context.pixel_maps())
-        signed = context.maps
+        # Built once: each step writes the copy's weights in place (the engine shares their memory).
+        attribution = Attribution(copy, context.method, **context.engine, **context.options)
+        similarities = _Similarities(context.maps, self.similarities)
         n, k = context.classes.shape
         shown = [t for t in range(len(steps)) if not self.final_only or t == len(steps) - 1]
-        out = {name: np.full((n, k, len(shown)), np.nan) for name in self.SIMILARITIES}
+        out = {name: np.full((n, k, len(shown)), np.nan) for name in self.similarities}
         column = 0
         for t, layer in enumerate(steps):
             if self.order == "independent" and t:
@@ -486,21 +611,12 @@ class MPRT(Metric):
                 blob.data[...] = values
             if t not in shown:
                 continue
-            attribution = Attribution(copy, context.method, **context.engine, **context.options)
-            maps = attribution.compute(context.images, context.classes)
-            pixel = np.abs(maps.sum(axis=2) if maps.ndim == 5 else maps)
-            for i in range(n):
-                for j in range(k):
-                    a, b = original[i, j], pixel[i, j]
-                    na, nb = (m / m.max() if m.max() > 0 else m for m in (a, b))
-                    out["spearman_abs"][i, j, column] = spearman(np.abs(signed[i, j]), np.abs(maps[i, j]))
-                    out["spearman"][i, j, column] = spearman(signed[i, j], maps[i, j])
-                    out["ssim"][i, j, column] = ssim(na, nb)
-                    out["hog"][i, j, column] = hog_similarity(na, nb)
+            attribution.reload_weights()
+            for name, values in similarities(attribution.compute(context.images, context.classes)).items():
+                out[name][..., column] = values
             column += 1
-        score = (
-            out["spearman_abs"][..., -1] if self.order == "cascading" else out["spearman_abs"].mean(axis=2)
-        )
+        first = out[self.similarities[0]]
+        score = first[..., -1] if self.order == "cascading" else first.mean(axis=2)
         return {self.name: score, **out, "layers": np.array([steps[t] for t in shown])}
 
 
