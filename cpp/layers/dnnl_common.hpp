@@ -16,7 +16,7 @@ dnnl::engine& cpu_engine();
 // activations and diffs, and the scratchpads. Per layer they would double the net's activation memory.
 class Workspace {
  public:
-  enum Slot { kInput, kOutput, kScratchpad, kColumns, kSlots };
+  enum Slot { kInput, kOutput, kScratchpad, kColumns, kStack, kSlots };  // kStack: LRP's stacked products
   void* get(Slot slot, std::size_t bytes);
 
  private:
