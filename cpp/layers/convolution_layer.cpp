@@ -58,6 +58,7 @@ namespace {
 struct Geometry {
   dnnl::memory::dim channels, height, width, outputs, out_h, out_w;
   dnnl::memory::dims kernel, strides, dilates, padding_l, padding_r;
+  bool winograd;  // the data backward's algorithm (dnnl_common.hpp's choice, as the gradient's)
 };
 
 // A stack of weights as one oneDNN convolution: the blocks side by side along the input channels and
@@ -163,11 +164,20 @@ class DnnlProduct : public StackedProduct {
   }
   void build_backward(int images) {
     const auto hint = forward_desc(images, dnnl::prop_kind::forward_training, false);
-    backward_pd_ = dnnl::convolution_backward_data::primitive_desc(
-        dnnl::convolution_backward_data::desc(dnnl::algorithm::convolution_direct, src(images, tag::any),
-                                              weights_desc(tag::any), dst(images, tag::any), g_.strides,
-                                              g_.dilates, g_.padding_l, g_.padding_r),
-        user_scratchpad(), cpu_engine(), hint);
+    const auto make = [&](dnnl::algorithm algorithm) {
+      return dnnl::convolution_backward_data::primitive_desc(
+          dnnl::convolution_backward_data::desc(algorithm, src(images, tag::any), weights_desc(tag::any),
+                                                dst(images, tag::any), g_.strides, g_.dilates, g_.padding_l,
+                                                g_.padding_r),
+          user_scratchpad(), cpu_engine(), hint);
+    };
+    try {  // oneDNN has Winograd on avx512_core only: elsewhere the direct kernel
+      backward_pd_ =
+          make(g_.winograd ? dnnl::algorithm::convolution_winograd : dnnl::algorithm::convolution_direct);
+    } catch (const dnnl::error&) {
+      if (!g_.winograd) throw;
+      backward_pd_ = make(dnnl::algorithm::convolution_direct);
+    }
     backward_ = dnnl::convolution_backward_data(backward_pd_);
     backward_diff_dst_ =
         Layout(dst(images, tag::nchw), backward_pd_.diff_dst_desc(), workspace_.get(), Workspace::kInput);

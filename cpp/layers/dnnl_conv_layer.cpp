@@ -21,8 +21,7 @@ BackwardArithmetic backward_arithmetic(bool bf16, const int* kernel, const int* 
   static const bool amx = cpu_has_amx();
   if (bf16 && amx && kernel[0] * kernel[1] > 1) {
     choice.type = dnnl::memory::data_type::bf16;
-  } else if (kernel[0] == 3 && kernel[1] == 3 && stride[0] == 1 && stride[1] == 1 && dilation[0] == 1 &&
-             dilation[1] == 1 && group == 1 && output_pixels >= 28 * 28) {
+  } else if (winograd_pays(kernel, stride, dilation, group, output_pixels)) {
     choice.algorithm = dnnl::algorithm::convolution_winograd;
   }
   return choice;
