@@ -328,7 +328,8 @@ LinearOps RuleConvolutionLayer::ops(const caffe::Blob<float>& bottom, const caff
                {stride[0], stride[1]},
                {dilation[0] - 1, dilation[1] - 1},
                {pad[0], pad[1]},
-               {0, 0}};
+               {0, 0},
+               winograd_pays(kernel, stride, dilation, groups, std::int64_t(out_h) * out_w)};
     const int in_size[2] = {height, width}, out_size[2] = {out_h, out_w};
     bool sizes_agree = true;
     for (int a = 0; a < 2; ++a) {
