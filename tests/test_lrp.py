@@ -188,6 +188,76 @@ def test_rules_against_numpy(tmp_path, rng, rule, fc_rule, which):
     assert np.all(np.abs(ours - expected) <= 1e-4 * scale)
 
 
+# Two convolutions, the second behind a ReLU (an input with no negative value: the rules' one-sided
+# products) and in two groups or one (Caffe's products or oneDNN's), then a product.
+def deep_net(groups):
+    return (
+        _input((2, 6, 6))
+        + conv("conv1", "data", 4)
+        + layer("relu1", "ReLU", "conv1", "act1")
+        + conv("conv2", "act1", 4, group=groups)
+        + layer("relu2", "ReLU", "conv2", "act2")
+        + fc("fc", "act2", 4)
+    )
+
+
+def grouped_conv_matrix(weights, in_shape, pad, stride, groups):
+    """A grouped convolution as a dense matrix: one conv_matrix per group, on the block diagonal."""
+    c, h, w = in_shape
+    per_out, per_in = len(weights) // groups, c // groups
+    blocks = [
+        conv_matrix(weights[g * per_out : (g + 1) * per_out], (per_in, h, w), pad, stride)
+        for g in range(groups)
+    ]
+    rows, cols = blocks[0].shape
+    m = np.zeros((rows * groups, cols * groups))
+    for g, block in enumerate(blocks):
+        m[g * rows : (g + 1) * rows, g * cols : (g + 1) * cols] = block
+    return m
+
+
+def reference_deep_net(net, images, classes, rule, fc_rule, groups):
+    w1, b1 = params(net, "conv1")
+    w2, b2 = params(net, "conv2")
+    wf, bf = params(net, "fc")
+    m1, m2 = conv_matrix(w1, (2, 6, 6), 1, 1), grouped_conv_matrix(w2, (4, 6, 6), 1, 1, groups)
+    ones1 = conv_matrix(np.ones_like(w1), (2, 6, 6), 1, 1)
+    ones2 = grouped_conv_matrix(np.ones_like(w2), (4, 6, 6), 1, 1, groups)
+    out = np.zeros((*classes.shape, 2 * 6 * 6))
+    for n, image in enumerate(images.astype(np.float64)):
+        x = image.ravel()
+        act1 = np.maximum(m1 @ x + np.repeat(b1, 36), 0)
+        act2 = np.maximum(m2 @ act1 + np.repeat(b2, 36), 0)
+        for k, c in enumerate(classes[n]):
+            r = reference_linear(fc_rule, wf, bf, act2, np.eye(4)[c])  # Pass on the ReLUs
+            r = reference_linear(rule, m2, np.repeat(b2, 36), act1, r, ones2)
+            out[n, k] = reference_linear(rule, m1, np.repeat(b1, 36), x, r, ones1)
+    return out.reshape(*classes.shape, 2, 6, 6)
+
+
+@pytest.mark.parametrize("path", ["onednn", "onednn_forward", "caffe"])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_rules_behind_a_relu_against_numpy(tmp_path, rng, rule, groups, path):
+    """The one-sided products (an input with no negative value) and the two-sided ones, oneDNN's stacked
+    products (one group; with exact=False its forward too) and Caffe's, with 3 images a batch (blocks
+    regrouped per image) and 1."""
+    net = make_net(tmp_path, deep_net(groups), seed=5)
+    images = rng.standard_normal((3, 2, 6, 6)).astype(np.float32)
+    classes = rng.integers(0, 4, size=(3, 2))
+    composite = {"conv1": RULES[rule], "conv2": RULES[rule], "fc": RULES["epsilon"], "ReLU": "pass"}
+    expected = reference_deep_net(net, images, classes, RULES[rule], RULES["epsilon"], groups)
+    scale = np.abs(expected).reshape(*classes.shape, -1).max(axis=2)[..., None, None, None]
+    assert (scale > 0).all()
+    engine = {"fast_layers": path != "caffe", "exact": path != "onednn_forward"}
+    for batch_size in (3, 1):
+        attribution = fastsal.Attribution(
+            net, "lrp", composite=composite, reduce="none", batch_size=batch_size, **engine
+        )
+        ours = attribution.compute(images, classes)
+        assert np.all(np.abs(ours - expected) <= 1e-4 * scale), (rule, batch_size)
+
+
 def test_reduce_sum_is_the_default_and_batches_agree(tmp_path, rng):
     net = make_net(tmp_path, SUM_NET, seed=3)
     images = rng.standard_normal((5, 2, 6, 6)).astype(np.float32)
