@@ -2,6 +2,7 @@
 
     .venv/bin/pip install ".[bench]" zennit==0.5.1
     OPENBLAS_CORETYPE=SkylakeX .venv/bin/python bench/bench_lrp.py   # ~15 min on 2 cores: lrp.{json,md}
+    .venv/bin/python bench/bench_lrp.py --out lrp_prescott             # as installed: OpenBLAS's generic kernels
 
 For each model and K (N = 1) it alternates fastsal.Attribution(method="lrp"), the same with exact=False
 (oneDNN's forward) and zennit's Gradient attributor with the same composite (epsilon_gamma_box for
@@ -106,12 +107,13 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--models", nargs="+", default=list(CONFIGS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="lrp", help="results' name in bench/: NAME.json and NAME.md")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(args.models, args.repeats, Path(tmp))
     info = machine()
     result = {"machine": info, "rows": rows}
-    (HERE / "lrp.json").write_text(json.dumps(result, indent=1) + "\n")
+    (HERE / f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
         f"Host: {info['cpu']} (model {info['cpu_model_number']}), {info['cores']} cores, ISA {info['isa']}; "
         f"oneDNN {info['caffe_onednn_isa']}; OPENBLAS_CORETYPE={info['env_OPENBLAS_CORETYPE']}. N = 1; "
@@ -129,7 +131,7 @@ def main(argv=None) -> None:
             f"{r['inexact_speedup_vs_zennit']:.1f}x | {r['load_average'][0]:.1f}-{r['load_average'][1]:.1f} | "
             f"{r['within_1e-3_of_max']:.4f} ({r['inexact_within_1e-3_of_max']:.4f}) |"
         )
-    (HERE / "lrp.md").write_text("\n".join(lines) + "\n")
+    (HERE / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
