@@ -1,14 +1,19 @@
 """LRP (method="lrp") against a NumPy reference written from each rule's formula: every layer of two tiny
 nets as a dense matrix, the activations from pycaffe's forward, the relevance propagated layer by layer in
-float64. Then conservation, and the errors the method gives instead of wrong maps."""
+float64. Then conservation, the products' engine (oneDNN's log), and the errors the method gives instead
+of wrong maps."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import fastsal
-from conftest import _input, conv, fc, layer, make_net
+from conftest import _input, conv, fc, layer, make_net, write
 from fastsal import lrp
 
 # A sum of two convolutions (Caffe splits the input between them), ReLU, average pooling, a product.
@@ -256,6 +261,61 @@ def test_rules_behind_a_relu_against_numpy(tmp_path, rng, rule, groups, path):
         )
         ours = attribution.compute(images, classes)
         assert np.all(np.abs(ours - expected) <= 1e-4 * scale), (rule, batch_size)
+
+
+PRODUCTS_LOG = """
+import sys
+import numpy as np
+import caffe
+import fastsal
+fastsal.set_caffe_log_level(2)
+net = caffe.Net(sys.argv[1], caffe.TEST)
+images = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+composite = {"Convolution": fastsal.lrp.gamma(0.25), "InnerProduct": fastsal.lrp.epsilon(), "ReLU": "pass"}
+attribution = fastsal.Attribution(net, "lrp", composite=composite)
+attribution.compute(images, [0, 1])
+print("SECOND", flush=True)
+attribution.compute(images, [2, 3])
+"""
+
+
+@pytest.mark.skipif(not fastsal.build_info()["onednn_isa"], reason="built without oneDNN")
+def test_rule_products_are_onednn_convolutions_with_weights_laid_out_once(tmp_path):
+    """The issue's "modified weights computed once per engine, not per call": oneDNN's log shows the
+    rules' convolutions (forward and data backward) in both calls, and reorders of 3x3 weights in the
+    first only."""
+    net_text = (
+        _input((3, 8, 8))
+        + conv("conv1", "data", 16)
+        + layer("relu1", "ReLU", "conv1", "act1")
+        + conv("conv2", "act1", 16)
+        + layer("relu2", "ReLU", "conv2", "act2")
+        + fc("fc", "act2", 4)
+    )
+    env = dict(os.environ, DNNL_VERBOSE="1", ONEDNN_VERBOSE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", PRODUCTS_LOG, write(tmp_path, net_text)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = result.stdout.split("SECOND", 1)
+
+    def executed(log):
+        kinds = []
+        for line in log.splitlines():
+            fields = line.split(",")
+            if len(fields) > 6 and fields[1] == "exec":
+                weights = fields[3] == "reorder" and line.rstrip().rsplit(",", 2)[-2].endswith("x3x3")
+                kinds.append("weights" if weights else f"{fields[3]} {fields[5]}")
+        return kinds
+
+    for log in (first, second):
+        kinds = executed(log)
+        assert "convolution forward_inference" in kinds and "convolution backward_data" in kinds, kinds
+    assert "weights" in executed(first)
+    assert "weights" not in executed(second)
 
 
 def test_reduce_sum_is_the_default_and_batches_agree(tmp_path, rng):

@@ -245,7 +245,7 @@ class DnnlProduct : public StackedProduct {
 }  // namespace
 #endif  // FASTSAL_WITH_DNNL
 
-LinearOps RuleConvolutionLayer::ops(const caffe::Blob<float>& bottom, const caffe::Blob<float>& top) {
+LinearOps RuleConvolutionLayer::ops(const caffe::Blob<float>& bottom) {
   LinearOps ops;
   ops.outputs = this->num_output_;
   ops.weight_count = this->blobs_[0]->count();
@@ -352,7 +352,7 @@ LinearOps RuleConvolutionLayer::ops(const caffe::Blob<float>& bottom, const caff
 void RuleConvolutionLayer::Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
                                        const std::vector<caffe::Blob<float>*>& top) {
   if (bottom.size() != 1) throw std::invalid_argument("an LRP rule needs a convolution with one input");
-  const LinearOps o = ops(*bottom[0], *top[0]);
+  const LinearOps o = ops(*bottom[0]);
   const float* w = this->blobs_[0]->cpu_data();
   const float* b = this->bias_term_ ? this->blobs_[1]->cpu_data() : nullptr;
 #ifdef FASTSAL_WITH_DNNL
@@ -383,8 +383,7 @@ void RuleConvolutionLayer::Backward_cpu(const std::vector<caffe::Blob<float>*>& 
                                         const std::vector<bool>& propagate_down,
                                         const std::vector<caffe::Blob<float>*>& bottom) {
   if (!propagate_down[0]) return;
-  rule_.backward(ops(*bottom[0], *top[0]), bottom[0]->cpu_data(), top[0]->cpu_diff(),
-                 bottom[0]->mutable_cpu_diff());
+  rule_.backward(ops(*bottom[0]), bottom[0]->cpu_data(), top[0]->cpu_diff(), bottom[0]->mutable_cpu_diff());
 }
 
 std::int64_t RuleConvolutionLayer::rule_floats_per_image() const {

@@ -40,7 +40,7 @@ class RuleConvolutionLayer : public caffe::ConvolutionLayer<float> {
                     const std::vector<caffe::Blob<float>*>& bottom) override;
 
  private:
-  LinearOps ops(const caffe::Blob<float>& bottom, const caffe::Blob<float>& top);
+  LinearOps ops(const caffe::Blob<float>& bottom);
   LinearRule rule_;
   std::vector<float> columns_;  // one image's im2col
   caffe::Layer<float>* norm_ = nullptr;
