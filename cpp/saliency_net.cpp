@@ -120,6 +120,7 @@ SaliencyNet::SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swa
             "top), and linear layers (Convolution, InnerProduct, BatchNorm, Scale, Bias, Eltwise SUM, "
             "average pooling, Split, Concat, Slice, Dropout, Flatten, Reshape) keep their gradient");
   }
+  const auto scratch = std::make_shared<layers::RuleScratch>();  // LRP rules' transient buffers
   for (std::size_t i = 0; i < layers_.size(); ++i) {
     const std::string type = layers_[i]->type();
     const caffe::LayerParameter& p = layers_[i]->layer_param();
@@ -139,9 +140,13 @@ SaliencyNet::SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swa
       throw std::invalid_argument("layer '" + layer_names_[i] + "' (" + type +
                                   ") cannot take the rule given it");
     if (linear && type == "Convolution") {
-      layer.reset(new RuleConvolutionLayer(p, *rule));
+      auto* conv = new RuleConvolutionLayer(p, *rule, scratch);
+#ifdef FASTSAL_WITH_DNNL
+      if (swaps.fast) conv->use_onednn(workspace, swaps.fast_forward);
+#endif
+      layer.reset(conv);
     } else if (linear) {
-      layer.reset(new RuleInnerProductLayer(p, *rule));
+      layer.reset(new RuleInnerProductLayer(p, *rule, scratch));
     } else if (rule && rule->kind == RuleKind::kNorm && type == "Eltwise") {
       layer.reset(new RuleEltwiseLayer(p, rule->epsilon));
     } else if (rule && rule->kind == RuleKind::kNorm) {
@@ -354,16 +359,22 @@ int SaliencyNet::first_overflowed_row(int last, std::string* layer) const {
 
 std::size_t SaliencyNet::workspace_bytes_per_image() const {
   std::size_t bytes = 0;
-  for (const auto& layer : layers_) {  // LRP rules keep their denominators and products' buffers
-    if (const auto* conv = dynamic_cast<const RuleConvolutionLayer*>(layer.get()))
+  std::int64_t scratch = 0;  // LRP rules keep their denominators, and share their products' buffers
+  for (const auto& layer : layers_) {
+    if (const auto* conv = dynamic_cast<const RuleConvolutionLayer*>(layer.get())) {
       bytes += conv->rule_floats_per_image() * sizeof(float);
-    if (const auto* product = dynamic_cast<const RuleInnerProductLayer*>(layer.get()))
+      scratch = std::max(scratch, conv->rule_scratch_floats_per_image());
+    }
+    if (const auto* product = dynamic_cast<const RuleInnerProductLayer*>(layer.get())) {
       bytes += product->rule_floats_per_image() * sizeof(float);
+      scratch = std::max(scratch, product->rule_scratch_floats_per_image());
+    }
     if (const auto* rescale = dynamic_cast<const RescaleLayer*>(layer.get()))  // DeepLIFT's kept values
       bytes += rescale->floats_per_image() * sizeof(float);
     if (const auto* pooling = dynamic_cast<const RescalePoolingLayer*>(layer.get()))
       bytes += pooling->floats_per_image() * sizeof(float);
   }
+  bytes += scratch * sizeof(float);
 #ifdef FASTSAL_WITH_DNNL
   // Not the scratchpads: measured on a Winograd layer, ~80% of its scratchpad does not grow with the batch.
   for (const auto slot : {Workspace::kInput, Workspace::kOutput}) {

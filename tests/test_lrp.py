@@ -1,14 +1,19 @@
 """LRP (method="lrp") against a NumPy reference written from each rule's formula: every layer of two tiny
 nets as a dense matrix, the activations from pycaffe's forward, the relevance propagated layer by layer in
-float64. Then conservation, and the errors the method gives instead of wrong maps."""
+float64. Then conservation, the products' engine (oneDNN's log), and the errors the method gives instead
+of wrong maps."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import fastsal
-from conftest import _input, conv, conv_matrix, fc, layer, make_net
+from conftest import _input, conv, conv_matrix, fc, layer, make_net, write
 from fastsal import lrp
 
 # A sum of two convolutions (Caffe splits the input between them), ReLU, average pooling, a product.
@@ -169,6 +174,131 @@ def test_rules_against_numpy(tmp_path, rng, rule, fc_rule, which):
     assert (scale > 0).all()
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4 * scale.max())
     assert np.all(np.abs(ours - expected) <= 1e-4 * scale)
+
+
+# Two convolutions, the second behind a ReLU (an input with no negative value: the rules' one-sided
+# products) and in two groups or one (Caffe's products or oneDNN's), then a product.
+def deep_net(groups):
+    return (
+        _input((2, 6, 6))
+        + conv("conv1", "data", 4)
+        + layer("relu1", "ReLU", "conv1", "act1")
+        + conv("conv2", "act1", 4, group=groups)
+        + layer("relu2", "ReLU", "conv2", "act2")
+        + fc("fc", "act2", 4)
+    )
+
+
+def grouped_conv_matrix(weights, in_shape, pad, stride, groups):
+    """A grouped convolution as a dense matrix: one conv_matrix per group, on the block diagonal."""
+    c, h, w = in_shape
+    per_out, per_in = len(weights) // groups, c // groups
+    blocks = [
+        conv_matrix(weights[g * per_out : (g + 1) * per_out], (per_in, h, w), pad, stride)
+        for g in range(groups)
+    ]
+    rows, cols = blocks[0].shape
+    m = np.zeros((rows * groups, cols * groups))
+    for g, block in enumerate(blocks):
+        m[g * rows : (g + 1) * rows, g * cols : (g + 1) * cols] = block
+    return m
+
+
+def reference_deep_net(net, images, classes, rule, fc_rule, groups):
+    w1, b1 = params(net, "conv1")
+    w2, b2 = params(net, "conv2")
+    wf, bf = params(net, "fc")
+    m1, m2 = conv_matrix(w1, (2, 6, 6), 1, 1), grouped_conv_matrix(w2, (4, 6, 6), 1, 1, groups)
+    ones1 = conv_matrix(np.ones_like(w1), (2, 6, 6), 1, 1)
+    ones2 = grouped_conv_matrix(np.ones_like(w2), (4, 6, 6), 1, 1, groups)
+    out = np.zeros((*classes.shape, 2 * 6 * 6))
+    for n, image in enumerate(images.astype(np.float64)):
+        x = image.ravel()
+        act1 = np.maximum(m1 @ x + np.repeat(b1, 36), 0)
+        act2 = np.maximum(m2 @ act1 + np.repeat(b2, 36), 0)
+        for k, c in enumerate(classes[n]):
+            r = reference_linear(fc_rule, wf, bf, act2, np.eye(4)[c])  # Pass on the ReLUs
+            r = reference_linear(rule, m2, np.repeat(b2, 36), act1, r, ones2)
+            out[n, k] = reference_linear(rule, m1, np.repeat(b1, 36), x, r, ones1)
+    return out.reshape(*classes.shape, 2, 6, 6)
+
+
+@pytest.mark.parametrize("path", ["onednn", "onednn_forward", "caffe"])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_rules_behind_a_relu_against_numpy(tmp_path, rng, rule, groups, path):
+    """The one-sided products (an input with no negative value) and the two-sided ones, oneDNN's stacked
+    products (one group; with exact=False its forward too) and Caffe's, with 3 images a batch (blocks
+    regrouped per image) and 1."""
+    net = make_net(tmp_path, deep_net(groups), seed=5)
+    images = rng.standard_normal((3, 2, 6, 6)).astype(np.float32)
+    classes = rng.integers(0, 4, size=(3, 2))
+    composite = {"conv1": RULES[rule], "conv2": RULES[rule], "fc": RULES["epsilon"], "ReLU": "pass"}
+    expected = reference_deep_net(net, images, classes, RULES[rule], RULES["epsilon"], groups)
+    scale = np.abs(expected).reshape(*classes.shape, -1).max(axis=2)[..., None, None, None]
+    assert (scale > 0).all()
+    engine = {"fast_layers": path != "caffe", "exact": path != "onednn_forward"}
+    for batch_size in (3, 1):
+        attribution = fastsal.Attribution(
+            net, "lrp", composite=composite, reduce="none", batch_size=batch_size, **engine
+        )
+        ours = attribution.compute(images, classes)
+        assert np.all(np.abs(ours - expected) <= 1e-4 * scale), (rule, batch_size)
+
+
+PRODUCTS_LOG = """
+import sys
+import numpy as np
+import caffe
+import fastsal
+fastsal.set_caffe_log_level(2)
+net = caffe.Net(sys.argv[1], caffe.TEST)
+images = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+composite = {"Convolution": fastsal.lrp.gamma(0.25), "InnerProduct": fastsal.lrp.epsilon(), "ReLU": "pass"}
+attribution = fastsal.Attribution(net, "lrp", composite=composite)
+attribution.compute(images, [0, 1])
+print("SECOND", flush=True)
+attribution.compute(images, [2, 3])
+"""
+
+
+@pytest.mark.skipif(not fastsal.build_info()["onednn_isa"], reason="built without oneDNN")
+def test_rule_products_are_onednn_convolutions_with_weights_laid_out_once(tmp_path):
+    """The issue's "modified weights computed once per engine, not per call": oneDNN's log shows the
+    rules' convolutions (forward and data backward) in both calls, and reorders of 3x3 weights in the
+    first only."""
+    net_text = (
+        _input((3, 8, 8))
+        + conv("conv1", "data", 16)
+        + layer("relu1", "ReLU", "conv1", "act1")
+        + conv("conv2", "act1", 16)
+        + layer("relu2", "ReLU", "conv2", "act2")
+        + fc("fc", "act2", 4)
+    )
+    env = dict(os.environ, DNNL_VERBOSE="1", ONEDNN_VERBOSE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", PRODUCTS_LOG, write(tmp_path, net_text)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = result.stdout.split("SECOND", 1)
+
+    def executed(log):
+        kinds = []
+        for line in log.splitlines():
+            fields = line.split(",")
+            if len(fields) > 6 and fields[1] == "exec":
+                weights = fields[3] == "reorder" and line.rstrip().rsplit(",", 2)[-2].endswith("x3x3")
+                kinds.append("weights" if weights else f"{fields[3]} {fields[5]}")
+        return kinds
+
+    for log in (first, second):
+        kinds = executed(log)
+        assert "convolution forward_inference" in kinds and "convolution backward_data" in kinds, kinds
+    assert "weights" in executed(first)
+    assert "weights" not in executed(second)
 
 
 def test_reduce_sum_is_the_default_and_batches_agree(tmp_path, rng):

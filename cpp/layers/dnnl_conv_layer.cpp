@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "gemm.hpp"
+#include "layers/convolution_layer.hpp"
 #include "layers/parallel.hpp"
 
 namespace fastsal::layers {
@@ -20,8 +21,7 @@ BackwardArithmetic backward_arithmetic(bool bf16, const int* kernel, const int* 
   static const bool amx = cpu_has_amx();
   if (bf16 && amx && kernel[0] * kernel[1] > 1) {
     choice.type = dnnl::memory::data_type::bf16;
-  } else if (kernel[0] == 3 && kernel[1] == 3 && stride[0] == 1 && stride[1] == 1 && dilation[0] == 1 &&
-             dilation[1] == 1 && group == 1 && output_pixels >= 28 * 28) {
+  } else if (winograd_pays(kernel, stride, dilation, group, output_pixels)) {
     choice.algorithm = dnnl::algorithm::convolution_winograd;
   }
   return choice;
@@ -236,23 +236,8 @@ void DnnlConvolutionLayer::exact_forward(const std::vector<caffe::Blob<float>*>&
   for (std::size_t i = 0; i < bottom.size(); ++i) {
     for (int n = 0; n < this->num_; ++n) {
       const float* image = bottom[i]->cpu_data() + std::int64_t(n) * this->bottom_dim_;
-      if (!this->is_1x1_) {
-#pragma omp parallel for schedule(static) if (channels * per_channel >= (1 << 16))
-        for (int c = 0; c < channels; ++c) {  // caffe::im2col_cpu's values, a channel per task
-          const float* plane = image + std::int64_t(c) * height * width;
-          float* out = columns + c * per_channel;
-          for (int kr = 0; kr < kernel[0]; ++kr)
-            for (int kc = 0; kc < kernel[1]; ++kc)
-              for (int oh = 0; oh < out_h; ++oh) {
-                const int row = -pad[0] + kr * dilation[0] + oh * stride[0];
-                for (int ow = 0; ow < out_w; ++ow) {
-                  const int col = -pad[1] + kc * dilation[1] + ow * stride[1];
-                  *out++ =
-                      (row >= 0 && row < height && col >= 0 && col < width) ? plane[row * width + col] : 0.f;
-                }
-              }
-        }
-      }
+      if (!this->is_1x1_)
+        im2col_on_cores(image, channels, height, width, kernel, pad, stride, dilation, out_h, out_w, columns);
       const float* input = this->is_1x1_ ? image : columns;
       float* output = top[i]->mutable_cpu_data() + std::int64_t(n) * this->top_dim_;
       for (int g = 0; g < group; ++g)  // BaseConvolutionLayer::forward_cpu_gemm's products

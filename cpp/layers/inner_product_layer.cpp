@@ -42,17 +42,28 @@ LinearOps RuleInnerProductLayer::ops() const {
   const bool transposed = this->transpose_;  // W stored (K, N) instead of (N, K)
   ops.outputs = n;
   ops.weight_count = std::int64_t(n) * k;
-  ops.in_count = std::int64_t(m) * k;
-  ops.out_count = std::int64_t(m) * n;
+  ops.images = m;
   ops.in_per_image = k;
-  ops.forward = [m, k, n, transposed](const float* x, const float* w, const float* b, float* z) {
-    gemm(false, !transposed, m, n, k, 1.f, x, w, 0.f, z);
-    if (b)
-      for (int r = 0; r < m; ++r)
-        for (int j = 0; j < n; ++j) z[std::int64_t(r) * n + j] += b[j];
+  ops.out_per_image = n;
+  ops.geometry = {k, n};
+  if (transposed) {
+    ops.forward = [m, k, n](const float* x, const float* w, const float* b, float* z) {
+      gemm(false, false, m, n, k, 1.f, x, w, 0.f, z);
+      if (b)
+        for (int r = 0; r < m; ++r)
+          for (int j = 0; j < n; ++j) z[std::int64_t(r) * n + j] += b[j];
+    };
+    ops.backward_data = [m, k, n](const float* s, const float* w, float* c) {
+      gemm(false, true, m, k, n, 1.f, s, w, 0.f, c);
+    };
+    return ops;
+  }
+  // W read once per call, not packed first (inner_product.hpp): the rule's products are not Caffe's forward
+  ops.forward = [m, k, n](const float* x, const float* w, const float* b, float* z) {
+    inner_product_forward(m, k, n, x, w, b, z);
   };
-  ops.backward_data = [m, k, n, transposed](const float* s, const float* w, float* c) {
-    gemm(false, transposed, m, k, n, 1.f, s, w, 0.f, c);
+  ops.backward_data = [m, k, n](const float* s, const float* w, float* c) {
+    inner_product_backward(m, k, n, s, w, c);
   };
   return ops;
 }

@@ -4,6 +4,7 @@
 
 #include <caffe/layers/inner_product_layer.hpp>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "layers/lrp_rule.hpp"
@@ -29,13 +30,17 @@ class InnerProductLayer : public caffe::InnerProductLayer<float> {
 };
 
 // A fully connected layer whose backward follows an LRP rule (lrp_rule.hpp) instead of the gradient: the
-// rule's products are Caffe's GEMMs with the rule's modified weights. Forward is Caffe's.
+// rule's products are inner_product.hpp's streaming ones (Caffe's GEMMs for a transposed W) with the rule's
+// modified weights. Forward is Caffe's.
 class RuleInnerProductLayer : public caffe::InnerProductLayer<float> {
  public:
-  RuleInnerProductLayer(const caffe::LayerParameter& param, Rule rule)
-      : caffe::InnerProductLayer<float>(param), rule_(std::move(rule)) {}
+  RuleInnerProductLayer(const caffe::LayerParameter& param, Rule rule, std::shared_ptr<RuleScratch> scratch)
+      : caffe::InnerProductLayer<float>(param), rule_(std::move(rule), std::move(scratch)) {}
   std::int64_t rule_floats_per_image() const { return rule_.floats_per_image(this->K_, this->N_); }
   void reload_weights() { rule_.invalidate(); }  // see SaliencyNet::reload_weights
+  std::int64_t rule_scratch_floats_per_image() const {
+    return rule_.scratch_floats_per_image(this->K_, this->N_);
+  }
 
  protected:
   void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
