@@ -185,12 +185,13 @@ def scorecam(forward: Forward, images, classes, options) -> np.ndarray:
     channels = activations.shape[1]
     size = images.shape[2:]
     # Per image, its distinct channels (bit for bit) and, per channel, which of them it equals.
-    distinct, same_as = [], []
-    for values in activations.reshape(n, channels, -1).view(np.uint32):
+    distinct, same_as = [np.empty(0, np.int64)], np.empty((n, channels), np.int64)
+    bits = activations.reshape(n, channels, math.prod(activations.shape[2:])).view(np.uint32)
+    for image, values in enumerate(bits):
         _, first, inverse = np.unique(values, axis=0, return_index=True, return_inverse=True)
         distinct.append(first)
-        same_as.append(first[inverse.reshape(-1)])
-    owners = np.repeat(np.arange(n), [len(d) for d in distinct])
+        same_as[image] = first[inverse.reshape(-1)]
+    owners = np.repeat(np.arange(n), [len(d) for d in distinct[1:]])
     channel_of = np.concatenate(distinct)
     scores = np.empty((n, channels, k), np.float32)
 
@@ -206,7 +207,7 @@ def scorecam(forward: Forward, images, classes, options) -> np.ndarray:
         scores[owner, channel_of[start:stop]] = _pick(batch_scores, classes[owner])
 
     forward.stream(len(owners), rows, consume)
-    scores = scores[np.arange(n)[:, None], np.stack(same_as)]  # each channel takes its twin's scores
+    scores = scores[np.arange(n)[:, None], same_as]  # each channel takes its twin's scores
     return _cam(softmax(scores.transpose(0, 2, 1)), activations, size, options)
 
 
