@@ -8,13 +8,17 @@ the library as its users call it, one target column per call where the library t
 Captum's Occlusion (a 56x56 window over every channel at stride 28: 49 windows; the ratio does not
 depend on the count), RISE's own algorithm in PyTorch (its explanations.py: batches of masked copies,
 softmax, one matrix product for every class; the same 160 masks), pytorch-grad-cam's ScoreCAM and
-AblationCAM at fastsal's default layer. Reports maps/s, the ratios and the maps' Spearman agreement.
+AblationCAM at fastsal's default layer. Reports maps/s, the ratios (of the bests, and the median of
+each repeat's back-to-back ratio), the maps' Spearman agreement and the load average at each row's end
+(the machine is shared). exact=False runs the perturbation forward in bf16 where the CPU has AMX
+(fastsal.build_info()["perturbation_forward"]).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 import warnings
@@ -82,7 +86,7 @@ def library_runner(model, method: str, layer: str | None, images: np.ndarray):
     return per_class
 
 
-def run(models, repeats: int, workdir: Path, methods=tuple(METHODS)) -> list[dict]:
+def run(models, repeats: int, workdir: Path, methods=tuple(METHODS), ks=None) -> list[dict]:
     from fastsal.torch_port import to_torch
 
     rows = []
@@ -97,7 +101,7 @@ def run(models, repeats: int, workdir: Path, methods=tuple(METHODS)) -> list[dic
             theirs = library_runner(model, method, ours.layer, images)
             for fn in (ours.compute, inexact.compute, theirs):  # warm up: the engines, oneDNN's kernels
                 fn(images, np.zeros((1, 1), np.int64))
-            for k in CONFIGS[name]:
+            for k in [k for k in CONFIGS[name] if ks is None or k in ks]:
                 classes = np.arange(k)[None, :]
                 times = {"fastsal": [], "inexact": [], "library": []}
                 results = {}
@@ -119,6 +123,10 @@ def run(models, repeats: int, workdir: Path, methods=tuple(METHODS)) -> list[dic
                     "maps_per_s": {label: k / t for label, t in best.items()},
                     "speedup": best["library"] / best["fastsal"],
                     "inexact_speedup": best["library"] / best["inexact"],
+                    "paired_speedup": float(np.median(np.divide(times["library"], times["fastsal"]))),
+                    "paired_inexact_speedup": float(np.median(np.divide(times["library"], times["inexact"]))),
+                    "inexact_spearman": spearman(results["inexact"], results["fastsal"]),
+                    "load_average": os.getloadavg()[0],
                     "spearman": spearman(results["fastsal"], results["library"]),
                 }
                 rows.append(row)
@@ -129,17 +137,22 @@ def run(models, repeats: int, workdir: Path, methods=tuple(METHODS)) -> list[dic
 def write_markdown(rows: list[dict], info: dict, path: Path) -> None:
     lines = [
         f"Host: {info['cpu']} (model {info['cpu_model_number']}), {info['cores']} cores, ISA {info['isa']}; "
-        f"OPENBLAS_CORETYPE={info['env_OPENBLAS_CORETYPE']}. N = 1; best of the repeats, alternated.",
+        f"OPENBLAS_CORETYPE={info['env_OPENBLAS_CORETYPE']}; perturbation forward of exact=False: "
+        f"{fastsal.build_info()['perturbation_forward']}. N = 1; best of the repeats, alternated; in "
+        "brackets the median of the repeats' back-to-back ratios. Spearman: fastsal (exact) against the "
+        "library, and exact=False against exact. Load: the 1-minute load average at the row's end.",
         "",
         "| model | method | K | fastsal maps/s | library maps/s | fastsal / library | inexact maps/s "
-        "| inexact / library | Spearman |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| inexact / library | Spearman | inexact Spearman | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m = r["maps_per_s"]
         lines.append(
             f"| {r['model']} | {r['method']} | {r['K']} | {m['fastsal']:.3f} | {m['library']:.3f} | "
-            f"{r['speedup']:.2f}x | {m['inexact']:.3f} | {r['inexact_speedup']:.2f}x | {r['spearman']:.4f} |"
+            f"{r['speedup']:.2f}x ({r['paired_speedup']:.2f}x) | {m['inexact']:.3f} | "
+            f"{r['inexact_speedup']:.2f}x ({r['paired_inexact_speedup']:.2f}x) | {r['spearman']:.4f} | "
+            f"{r['inexact_spearman']:.4f} | {r['load_average']:.1f} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
@@ -150,13 +163,14 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--ks", nargs="+", type=int, help="only these K (of each model's)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args(argv)
     fastsal.set_caffe_log_level(2)
     info = machine()
     with tempfile.TemporaryDirectory() as workdir:
-        rows = run(args.models, args.repeats, Path(workdir), args.methods)
+        rows = run(args.models, args.repeats, Path(workdir), args.methods, args.ks)
     (args.out / "perturbation.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
     write_markdown(rows, info, args.out / "perturbation.md")
 

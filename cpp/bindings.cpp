@@ -209,8 +209,8 @@ PYBIND11_MODULE(_core, m) {
   py::class_<fastsal::SaliencyEngine>(m, "Engine")
       .def(py::init([](py::handle net, const std::string& input_blob, const std::string& score_blob,
                        const std::string& gradient_blob, int batch_size, bool fast_layers, bool exact,
-                       bool bf16_backward, bool blocked_layouts, const std::string& rule, int device,
-                       const std::string& layout, std::size_t memory_budget,
+                       bool bf16_backward, bool bf16_forward, bool blocked_layouts, const std::string& rule,
+                       int device, const std::string& layout, std::size_t memory_budget,
                        const std::vector<int>& image_shape, int threads, bool forward_only,
                        const std::vector<RuleEntry>& rules, bool deeplift) {
              fastsal::EngineOptions options;
@@ -221,6 +221,7 @@ PYBIND11_MODULE(_core, m) {
              options.fast_layers = fast_layers;
              options.exact = exact;
              options.bf16_backward = bf16_backward;
+             options.bf16_forward = bf16_forward;
              options.blocked_layouts = blocked_layouts;
              options.relu_rule = relu_rule(rule);
              options.device = device;
@@ -236,11 +237,11 @@ PYBIND11_MODULE(_core, m) {
            }),
            py::arg("net"), py::kw_only(), py::arg("input_blob"), py::arg("score_blob"),
            py::arg("gradient_blob") = "", py::arg("batch_size"), py::arg("fast_layers"),
-           py::arg("exact") = true, py::arg("bf16_backward") = true, py::arg("blocked_layouts") = true,
-           py::arg("relu_rule") = "gradient", py::arg("device"), py::arg("layout"), py::arg("memory_budget"),
-           py::arg("image_shape") = std::vector<int>{}, py::arg("threads") = 0,
-           py::arg("forward_only") = false, py::arg("layer_rules") = std::vector<RuleEntry>{},
-           py::arg("deeplift") = false)
+           py::arg("exact") = true, py::arg("bf16_backward") = true, py::arg("bf16_forward") = false,
+           py::arg("blocked_layouts") = true, py::arg("relu_rule") = "gradient", py::arg("device"),
+           py::arg("layout"), py::arg("memory_budget"), py::arg("image_shape") = std::vector<int>{},
+           py::arg("threads") = 0, py::arg("forward_only") = false,
+           py::arg("layer_rules") = std::vector<RuleEntry>{}, py::arg("deeplift") = false)
       .def_property_readonly("input_blob", &fastsal::SaliencyEngine::input_blob)
       .def_property_readonly("score_blob", &fastsal::SaliencyEngine::score_blob)
       .def_property_readonly("gradient_blob", &fastsal::SaliencyEngine::gradient_blob)
@@ -263,6 +264,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("batch_size", &fastsal::SaliencyEngine::batch_size)
       .def_property_readonly("head_layer", &fastsal::SaliencyEngine::head_layer)
       .def_property_readonly("blocked_blobs", &fastsal::SaliencyEngine::blocked_blobs)
+      .def_property_readonly("fused_relus", &fastsal::SaliencyEngine::fused_relus)
       .def_property_readonly("device", &fastsal::SaliencyEngine::device)
       .def(
           "compute",
@@ -420,6 +422,7 @@ PYBIND11_MODULE(_core, m) {
     info["openblas_core"] = core ? py::object(py::str(core)) : py::object(py::none());
     info["onednn_isa"] = fastsal::onednn_isa();
     info["inexact_backward"] = fastsal::inexact_backward_in_bf16() ? "bf16" : "fp32";
+    info["perturbation_forward"] = fastsal::perturbation_forward_in_bf16() ? "bf16" : "fp32";
     return info;
   });
 }

@@ -209,7 +209,8 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
     net_ = std::make_unique<SaliencyNet>(
         plan_.param,
         LayerSwaps{options.fast_layers && device_ < 0, !options.exact, options.relu_rule,
-                   !options.exact && options.bf16_backward, options.layer_rules, options.deeplift});
+                   !options.exact && options.bf16_backward, !options.exact && options.bf16_forward,
+                   options.layer_rules, options.deeplift});
   }
   check_weights_fit(*net_, user_net);
   {
@@ -238,6 +239,7 @@ SaliencyEngine::SaliencyEngine(const caffe::Net<float>& user_net, const EngineOp
   gradient_shape_.assign(gradient_->shape().begin() + 1, gradient_->shape().end());
   if (options.fast_layers && device_ < 0) {
     net_->fold_batch_norm(stop_layer_, score_layer_);
+    if (forward_only_ && !options.exact) net_->fuse_relus(score_layer_);  // no backward: no masks
     if (!options.exact && options.blocked_layouts)              // the exact forward is Caffe's, on NCHW
       net_->keep_blocked_layouts({input_, score_, gradient_});  // the blobs the engine reads and writes
     if (!forward_only_ && options.layer_rules.empty() && !deeplift_) {  // the head's products: the gradient's

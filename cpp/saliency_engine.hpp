@@ -56,6 +56,7 @@ struct EngineOptions {
       true;  // false (with fast_layers): the forward's convolutions through oneDNN too, not bit for bit
   ReLURule relu_rule = ReLURule::kGradient;  // guided backprop and deconvnet replace plain ReLUs' backward
   bool bf16_backward = true;    // inexact only, on CPUs with AMX: the convolutions' data backward in bf16
+  bool bf16_forward = false;    // inexact only, on CPUs with AMX: the convolutions' forward in bf16 (scores)
   bool blocked_layouts = true;  // inexact only: oneDNN's layout kept between its convolutions (same values)
   std::vector<std::pair<std::string, layers::Rule>> layer_rules;  // LRP: per-layer rules (SaliencyNet's)
   bool deeplift = false;  // DeepLIFT's Rescale rule (SaliencyNet's); compute() then needs baselines
@@ -170,6 +171,7 @@ class SaliencyEngine {
   int batch_size() const { return batch_size_; }
   // The internal net's blobs held in oneDNN's blocked layout (SaliencyNet::keep_blocked_layouts).
   const std::vector<std::string>& blocked_blobs() const { return net_->blocked_blobs(); }
+  const std::vector<std::string>& fused_relus() const { return net_->fused_relus(); }
   // The lowest layer of the class head (class_head.hpp) whose backward runs once for all classes; empty
   // when there is none.
   std::string head_layer() const { return head_ ? net_->layer_names()[head_->first_layer()] : std::string(); }

@@ -102,6 +102,14 @@ bool inexact_backward_in_bf16() {
 #endif
 }
 
+bool perturbation_forward_in_bf16() {
+#ifdef FASTSAL_WITH_DNNL
+  return cpu_has_amx();
+#else
+  return false;
+#endif
+}
+
 SaliencyNet::SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swaps)
     : caffe::Net<float>(param) {
   // Each replacement gets the same parameter and the old layer's blobs (so nothing is re-initialised,
@@ -172,7 +180,8 @@ SaliencyNet::SaliencyNet(const caffe::NetParameter& param, const LayerSwaps& swa
 #ifdef FASTSAL_WITH_DNNL
     } else if (swaps.fast && type == "Convolution" &&
                DnnlConvolutionLayer::supports(p, *bottom_vecs_[i][0])) {
-      layer.reset(new DnnlConvolutionLayer(p, swaps.fast_forward, swaps.bf16_backward, workspace));
+      layer.reset(new DnnlConvolutionLayer(p, swaps.fast_forward, swaps.bf16_forward, swaps.bf16_backward,
+                                           workspace));
 #endif
     } else if (!rule && !rescale) {
       continue;
@@ -251,6 +260,24 @@ void SaliencyNet::fold_batch_norm(int first, int last) {
   }
 #else
   (void)first, (void)last;
+#endif
+}
+
+void SaliencyNet::fuse_relus(int last) {
+#ifdef FASTSAL_WITH_DNNL
+  for (int i = 0; i < last && i < static_cast<int>(layers_.size()); ++i) {
+    auto* conv = dynamic_cast<DnnlConvolutionLayer*>(layers_[i].get());
+    if (!conv || top_vecs_[i].size() != 1) continue;
+    const int j = i + (conv->folds_forward() ? 3 : 1);  // the folded BatchNorm and Scale do nothing
+    auto* relu = j <= last ? dynamic_cast<ReLULayer*>(layers_[j].get()) : nullptr;
+    caffe::Blob<float>* blob = top_vecs_[i][0];
+    if (relu && relu->plain() && bottom_vecs_[j][0] == blob && top_vecs_[j][0] == blob && conv->fuse_relu()) {
+      relu->skip_forward();
+      fused_relus_.push_back(layer_names_[j]);
+    }
+  }
+#else
+  (void)last;
 #endif
 }
 

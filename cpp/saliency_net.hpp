@@ -21,6 +21,7 @@ struct LayerSwaps {
   bool fast_forward = false;  // with fast: the forward's convolutions through oneDNN too (not exact)
   ReLURule relu_rule = ReLURule::kGradient;
   bool bf16_backward = false;  // with fast: the convolutions' data backward in bf16 where the CPU has AMX
+  bool bf16_forward = false;   // with fast_forward: the convolutions' forward in bf16 where the CPU has AMX
   // LRP: each named layer's backward follows its rule (CPU only). A convolution with a rule takes in a
   // BatchNorm (and Scale) applied in place to its output, whose backward then passes relevance through.
   std::vector<std::pair<std::string, layers::Rule>> rules;
@@ -33,6 +34,8 @@ struct LayerSwaps {
 // empty without oneDNN. And whether the inexact mode's convolution backward runs in bf16 (AMX) there.
 std::string onednn_isa();
 bool inexact_backward_in_bf16();
+// And whether the perturbation methods' inexact forward runs its convolutions in bf16 (AMX) there.
+bool perturbation_forward_in_bf16();
 
 class SaliencyNet : public caffe::Net<float> {
  public:
@@ -50,6 +53,11 @@ class SaliencyNet : public caffe::Net<float> {
   // layout, the group's blobs hold that layout, data and diff: no reorders between those convolutions
   // (not exact only; a fifth of open_nsfw's time). Blobs in `plain`, those read by anything else, and
   // those whose channels nChw16c would pad keep Caffe's NCHW. Call after fold_batch_norm.
+  // Forward-only nets, not exact: a plain ReLU in place on a oneDNN convolution's output (after the
+  // BatchNorm and Scale it folds) runs inside the convolution's forward, in layers [0, last].
+  void fuse_relus(int last);
+  const std::vector<std::string>& fused_relus() const { return fused_relus_; }
+
   void keep_blocked_layouts(const std::vector<const caffe::Blob<float>*>& plain);
   const std::vector<std::string>& blocked_blobs() const { return blocked_blobs_; }
 
@@ -74,7 +82,7 @@ class SaliencyNet : public caffe::Net<float> {
  private:
   void merge_batch_norm();  // LRP's canonizer: see LayerSwaps::rules
   layers::DeepLiftState deeplift_;
-  std::vector<std::string> blocked_blobs_;
+  std::vector<std::string> blocked_blobs_, fused_relus_;
 };
 
 }  // namespace fastsal

@@ -314,6 +314,33 @@ def test_blocked_layouts_change_no_value(tmp_path, rng, method, options):
     np.testing.assert_array_equal(maps, plain.compute(images, classes))
 
 
+@pytest.mark.skipif(not fastsal.build_info()["onednn_isa"], reason="built without oneDNN")
+def test_fused_relus_change_no_value(tmp_path, rng):
+    """A forward-only inexact engine applies each plain ReLU in place on a oneDNN convolution (after the
+    BatchNorm and Scale that convolution folds) inside the convolution's forward: the same scores and
+    layer values as the ReLU layers' own forward. Engines with a backward keep the layers (their mask)."""
+    from fastsal._forward import Forward
+
+    net = make_net(tmp_path, RESNET_STAGES, seed=11)
+    images = random_images(rng, net, 3)
+    fused = Forward(net, exact=False, layer="b2")
+    assert sorted(fused._engine._engine.fused_relus) == [
+        "relu_a1",
+        "relu_a2",
+        "relu_b1",
+        "relu_b2",
+        "relu_conv1",
+    ]
+    plain = fastsal.Saliency(net, exact=False, _gradient_blob="b2")
+    assert plain._engine.fused_relus == []
+    values, scores = fused.activations(images)
+    np.testing.assert_array_equal(scores, plain._scores(images))
+    assert (values == 0).any() and (values > 0).any()  # relu_b2 cut something
+    expected = np.empty_like(values)
+    plain._engine.scores(images, np.empty_like(scores), 0, activations=expected)
+    np.testing.assert_array_equal(values, expected)
+
+
 def _agreement(inexact: np.ndarray, exact: np.ndarray) -> tuple[list[float], list[float]]:
     """Per (image, class) map: the Spearman rank correlation, and the fraction of pixels within 1e-2 of
     the exact map's max."""

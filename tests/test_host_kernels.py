@@ -113,3 +113,61 @@ def test_data_backward_arithmetic_follows_the_layer_and_the_cpu(tmp_path, mode):
         assert "amx_bf16" in kernels["big"] and "amx_bf16" in kernels["small"], kernels
     else:
         assert "wino" in kernels["big"] and "wino" not in kernels["small"], kernels
+
+
+FORWARD_LOG = """
+import sys
+import numpy as np
+import caffe
+import fastsal
+fastsal.set_caffe_log_level(2)
+net = caffe.Net(sys.argv[1], caffe.TEST)
+images = np.random.default_rng(0).standard_normal((1, 16, 32, 32)).astype(np.float32)
+exact = sys.argv[2] == "exact"
+if sys.argv[3] == "perturbation":
+    fastsal.attribute(net, images, 0, "occlusion", exact=exact, sliding_window_shapes=(16, 16), strides=16)
+else:
+    fastsal.compute(net, images, [0], exact=exact)
+"""
+
+
+def _forward_kernels(prototxt: str, mode: str, methods: str) -> dict[str, str]:
+    """{"big" | "small" | "1x1": implementation, + " relu" where the convolution applies a ReLU post-op}
+    of each layer's forward, from oneDNN's log."""
+    env = dict(os.environ, DNNL_VERBOSE="1", ONEDNN_VERBOSE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", FORWARD_LOG, prototxt, mode, methods], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    kernels = {}
+    for line in result.stdout.splitlines():
+        fields = line.split(",")
+        if (
+            len(fields) > 5
+            and fields[1] == "exec"
+            and fields[3] == "convolution"
+            and fields[5].startswith("forward")
+        ):
+            layer = "1x1" if "kh1s" in line else "big" if "ih32" in line else "small"
+            kernels[layer] = fields[4] + (" relu" if "eltwise_relu" in line else "")
+    return kernels
+
+
+@pytest.mark.skipif(not fastsal.build_info()["onednn_isa"], reason="built without oneDNN")
+@pytest.mark.parametrize("mode", ["exact", "inexact"])
+def test_perturbation_forward_runs_in_bf16_with_its_relus_fused(tmp_path, mode):
+    """The perturbation methods' inexact forward: bf16 convolutions where the CPU has AMX (fp32
+    accumulation) and a plain ReLU in place on a convolution applied by it; the gradient methods' inexact
+    forward stays fp32 without post-ops (their masks follow every rounding); the exact forward is Caffe's."""
+    prototxt = write(tmp_path, THREE_LAYERS)
+    perturbation, gradient = (_forward_kernels(prototxt, mode, m) for m in ("perturbation", "gradient"))
+    if mode == "exact":
+        assert perturbation == gradient == {}, (perturbation, gradient)
+        return
+    assert set(perturbation) == set(gradient) == {"big", "small", "1x1"}, (perturbation, gradient)
+    for name, kernel in perturbation.items():
+        assert kernel.endswith(" relu") == (name == "big"), perturbation  # only conv_big has a ReLU on it
+    bf16 = fastsal.build_info()["perturbation_forward"] == "bf16"
+    assert all(("amx_bf16" in kernel) == bf16 for kernel in perturbation.values()), perturbation
+    for kernel in gradient.values():
+        assert "bf16" not in kernel and "relu" not in kernel, gradient

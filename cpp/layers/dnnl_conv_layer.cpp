@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -34,7 +35,7 @@ dnnl::memory::format_tag DnnlConvolutionLayer::chosen_layout(bool bottom) const 
   if (!usable_ || !dnnl_forward_ || weight_gradients()) return tag::undef;
   const dnnl::memory::desc chosen = bottom ? forward_pd_.src_desc() : forward_pd_.dst_desc();
   for (const tag layout : {tag::aBcd16b, tag::aBcd8b, tag::aBcd4b, tag::acdb})
-    if (chosen == dnnl::memory::desc(chosen.dims(), dnnl::memory::data_type::f32, layout)) return layout;
+    if (chosen == dnnl::memory::desc(chosen.dims(), chosen.data_type(), layout)) return layout;
   return tag::undef;
 }
 
@@ -49,7 +50,18 @@ void DnnlConvolutionLayer::Reshape(const std::vector<caffe::Blob<float>*>& botto
 void DnnlConvolutionLayer::Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
                                        const std::vector<caffe::Blob<float>*>& top) {
   weights_current_ = false;  // the user may have changed the weights since the last pass
-  if (!usable_ || !dnnl_forward_) return exact_forward(bottom, top);
+  if (!usable_ || !dnnl_forward_) {
+    exact_forward(bottom, top);
+    if (fused_relu_)  // a shape oneDNN cannot size: the fused ReLU's values, as Caffe's layer computes them
+      for (auto* blob : top) {
+        float* data = blob->mutable_cpu_data();
+        const std::int64_t count = blob->count();
+#pragma omp parallel for simd schedule(static) if (count >= (1 << 16))
+        for (std::int64_t i = 0; i < count; ++i)
+          data[i] = std::max(data[i], 0.f) + 0.f * std::min(data[i], 0.f);
+      }
+    return;
+  }
   dnnl::stream stream(cpu_engine());
   const dnnl::memory weights = weights_in(stream, forward_weights_, fold_forward_);
   for (std::size_t i = 0; i < bottom.size(); ++i) {
@@ -88,13 +100,18 @@ void DnnlConvolutionLayer::Backward_cpu(const std::vector<caffe::Blob<float>*>& 
 }
 
 dnnl::memory DnnlConvolutionLayer::weights_in(dnnl::stream& stream, const Layout& layout, bool folded) {
+  // Each copy is refreshed at its first use after a forward: a forward-only net never reorders the
+  // backward's weights (open_nsfw at 16 rows: 36 reorders, 21 ms a forward).
   if (!weights_current_) {
     if (fold_forward_ || fold_backward_) fold_weights();
-    if (forward_weights_.kept()) forward_weights_.in(stream, weights(fold_forward_));
-    if (backward_weights_.kept()) backward_weights_.in(stream, weights(fold_backward_));
+    forward_weights_current_ = backward_weights_current_ = false;
     weights_current_ = true;
   }
-  return layout.kept() ? layout.kept() : layout.in(stream, weights(folded));
+  bool& current = &layout == &forward_weights_ ? forward_weights_current_ : backward_weights_current_;
+  if (!layout.kept()) return layout.in(stream, weights(folded));
+  if (!current) layout.in(stream, weights(folded));
+  current = true;
+  return layout.kept();
 }
 
 void DnnlConvolutionLayer::fold_weights() {
@@ -146,24 +163,38 @@ void DnnlConvolutionLayer::build_primitives(const caffe::Blob<float>& bottom, co
   const desc src(src_dims, f32, bottom_layout_ == tag::undef ? tag::nchw : bottom_layout_),
       dst(dst_dims, f32, top_layout_ == tag::undef ? tag::nchw : top_layout_),
       weights(weight_dims, f32, g == 1 ? tag::oihw : tag::goihw);
-  const desc src_any(src_dims, f32, tag::any), dst_any(dst_dims, f32, tag::any),
-      weights_any(weight_dims, f32, tag::any), bias(dims{dst_dims[1]}, f32, tag::x);
+  const desc dst_any(dst_dims, f32, tag::any), bias(dims{dst_dims[1]}, f32, tag::x);
   const dims strides = {stride[0], stride[1]}, dilates = {dilation[0] - 1, dilation[1] - 1},
              padding_l = {pad[0], pad[1]};
   // The forward direct and fp32, never Winograd or bf16: their rounding reroutes gradients at ReLU's kink
-  // (Spearman 0.91 and 0.57 with the exact maps on VGG-16). The scratchpads are the layer's own: oneDNN's
-  // shared one would tie the primitives to the thread that created them.
+  // (Spearman 0.91 and 0.57 with the exact maps on VGG-16). Forward-only nets (scores, no gradient) may
+  // ask for bf16 on AMX (fp32 accumulation and output): their scores move by about 1% of the largest and
+  // the perturbation maps keep Spearman >= 0.998 (docs/design.md). The scratchpads are the layer's own:
+  // oneDNN's shared one would tie the primitives to the thread that created them.
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  const auto forward_desc =
-      this->bias_term_ || fold_forward_
-          ? dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training,
-                                            dnnl::algorithm::convolution_direct, src_any, weights_any, bias,
-                                            dst_any, strides, dilates, padding_l, padding_r)
-          : dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training,
-                                            dnnl::algorithm::convolution_direct, src_any, weights_any,
-                                            dst_any, strides, dilates, padding_l, padding_r);
-  forward_pd_ = dnnl::convolution_forward::primitive_desc(forward_desc, attr, cpu_engine());
+  dnnl::primitive_attr forward_attr;  // (a copy of attr would share its handle)
+  forward_attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  if (fused_relu_) {
+    dnnl::post_ops relu;
+    relu.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    forward_attr.set_post_ops(relu);
+  }
+  static const bool amx = cpu_has_amx();
+  for (const auto type : {bf16_forward_ && amx ? dnnl::memory::data_type::bf16 : f32, f32}) {
+    const desc src_any(src_dims, type, tag::any), weights_any(weight_dims, type, tag::any);
+    const auto forward_desc =
+        this->bias_term_ || fold_forward_
+            ? dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training,
+                                              dnnl::algorithm::convolution_direct, src_any, weights_any, bias,
+                                              dst_any, strides, dilates, padding_l, padding_r)
+            : dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training,
+                                              dnnl::algorithm::convolution_direct, src_any, weights_any,
+                                              dst_any, strides, dilates, padding_l, padding_r);
+    forward_pd_ = dnnl::convolution_forward::primitive_desc(forward_desc, forward_attr, cpu_engine());
+    // A shape AMX's kernels do not take would run oneDNN's reference code: fp32 then.
+    if (type == f32 || std::string(forward_pd_.impl_info_str()).find("amx") != std::string::npos) break;
+  }
   backward_pd_ = backward_primitive(
       backward_arithmetic(bf16_backward_, kernel, stride, dilation, this->group_, dst_dims[2] * dst_dims[3]),
       src_dims, weight_dims, dst_dims, strides, dilates, padding_l, padding_r, attr);
@@ -192,7 +223,7 @@ dnnl::convolution_backward_data::primitive_desc DnnlConvolutionLayer::backward_p
   try {
     // The forward primitive only hints the layouts; the bf16 one is never run.
     const auto hint =
-        type == f32
+        type == f32 && forward_pd_.src_desc().data_type() == f32
             ? forward_pd_
             : dnnl::convolution_forward::primitive_desc(
                   dnnl::convolution_forward::desc(

@@ -38,12 +38,14 @@ struct BackwardArithmetic {
 // masks, so another summation order changes only rounding. The forward only on request (not exact):
 // a forward computed in another order rounds differently, and at ReLU's kink and max pooling's
 // near-ties that rounding reroutes whole gradients.
+// `bf16_forward` (forward-only nets: scores, no gradient) runs that forward in bf16 where the CPU has AMX.
 class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
  public:
-  DnnlConvolutionLayer(const caffe::LayerParameter& param, bool forward, bool bf16_backward,
-                       std::shared_ptr<Workspace> workspace)
+  DnnlConvolutionLayer(const caffe::LayerParameter& param, bool forward, bool bf16_forward,
+                       bool bf16_backward, std::shared_ptr<Workspace> workspace)
       : caffe::ConvolutionLayer<float>(param),
         dnnl_forward_(forward),
+        bf16_forward_(forward && bf16_forward),
         bf16_backward_(bf16_backward),
         workspace_(std::move(workspace)) {}
 
@@ -57,9 +59,17 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
   // folded weights change only rounding; in the forward they do not round as Caffe does (inexact only).
   bool can_fold() const { return usable_ && !weight_gradients(); }
   bool dnnl_forward() const { return dnnl_forward_; }
+  bool folds_forward() const { return fold_forward_; }
+  // A plain ReLU in place on the output, applied by the forward primitive (a post-op) while the output is
+  // hot; the ReLU layer then skips its forward. Forward-only nets: the backward would need its mask.
+  bool fuse_relu() {
+    if (!usable_ || !dnnl_forward_) return false;
+    if (!fused_relu_) fused_relu_ = true, primed_shape_.clear();
+    return true;
+  }
   // The layout the oneDNN forward, as built, reads its input (bottom) or writes its output in, where it
   // is one of oneDNN's channel-blocked ones or NHWC (tag::undef otherwise): a blob that holds it spares
-  // the reorder.
+  // the reorder (a bf16 forward's input then only converts, element for element).
   dnnl::memory::format_tag chosen_layout(bool bottom) const;
   // The layouts the bottom's and the top's blobs hold, data and diff; undef: Caffe's NCHW.
   void hold_layouts(dnnl::memory::format_tag bottom, dnnl::memory::format_tag top) {
@@ -126,15 +136,17 @@ class DnnlConvolutionLayer : public caffe::ConvolutionLayer<float> {
     return dnnl::memory(desc, cpu_engine(), workspace_->get(Workspace::kScratchpad, desc.get_size()));
   }
 
-  bool dnnl_forward_, bf16_backward_;
+  bool dnnl_forward_, bf16_forward_, bf16_backward_;
   std::shared_ptr<Workspace> workspace_;
   std::vector<float> ones_;
   std::vector<int> primed_shape_;
   bool usable_ = false;
-  bool weights_current_ = false;
+  bool weights_current_ = false;  // the folded weights; and each blocked copy below
+  bool forward_weights_current_ = false, backward_weights_current_ = false;
   const BatchNormLayer* norm_ = nullptr;
   const ScaleLayer* scale_ = nullptr;
   bool fold_forward_ = false, fold_backward_ = false;
+  bool fused_relu_ = false;
   dnnl::memory::format_tag bottom_layout_ = dnnl::memory::format_tag::undef,
                            top_layout_ = dnnl::memory::format_tag::undef;
   std::vector<float> folded_weights_, folded_bias_;

@@ -37,6 +37,7 @@ void relu_backward(const std::uint8_t* positive, const float* top_diff, float* b
 
 void ReLULayer::Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
                             const std::vector<caffe::Blob<float>*>& top) {
+  if (skip_forward_) return;
   const std::int64_t count = bottom[0]->count();
   positive_.resize(count);
   relu_forward(bottom[0]->cpu_data(), top[0]->mutable_cpu_data(), positive_.data(), count, slope());

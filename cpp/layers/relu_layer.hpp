@@ -12,6 +12,11 @@ class ReLULayer : public caffe::ReLULayer<float> {
  public:
   using caffe::ReLULayer<float>::ReLULayer;
 
+  bool plain() const { return slope() == 0.f; }
+  // The convolution below applies it (SaliencyNet::fuse_relus, forward-only nets): the forward then does
+  // nothing, and there is no backward to keep a mask for.
+  void skip_forward() { skip_forward_ = true; }
+
  protected:
   void Forward_cpu(const std::vector<caffe::Blob<float>*>& bottom,
                    const std::vector<caffe::Blob<float>*>& top) override;
@@ -21,6 +26,7 @@ class ReLULayer : public caffe::ReLULayer<float> {
  private:
   float slope() const { return this->layer_param_.relu_param().negative_slope(); }
   std::vector<std::uint8_t> positive_;  // x > 0, from the forward pass every backward pass follows
+  bool skip_forward_ = false;
 };
 
 // A ReLU whose backward follows an attribution rule instead of the gradient, as Captum's hooks on

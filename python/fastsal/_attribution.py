@@ -251,6 +251,7 @@ class Attribution:
         device: int | None = None,
         threads: int | None = None,
         _bf16_backward: bool = True,
+        _bf16_forward: bool = True,
         _blocked_layouts: bool = True,
         **options,
     ):
@@ -275,7 +276,7 @@ class Attribution:
         self._input = self._cam = self._forward = None
         layer = self._layer_blob(net, score) if method in LAYER_METHODS else None
         if method in PERTURBATION_METHODS:
-            self._forward = Forward(net, layer=layer, **engine)
+            self._forward = Forward(net, layer=layer, **engine, _bf16_forward=_bf16_forward)
             self._check_layer_shape(layer, self._forward._engine)
             if method == "ablationcam":  # refuses a layer a later layer bypasses, before any work
                 self._forward.stream(0, None, None, from_layer=True)

@@ -12,7 +12,9 @@ from . import _core
 def build_info() -> dict:
     """The Caffe fastsal was built against (version, BLAS, CUDA/cuDNN, the libcaffe file loaded) and the
     kernels this CPU gets: ``openblas_core`` (OpenBLAS's choice, None with another BLAS), ``onednn_isa``
-    (oneDNN's) and ``inexact_backward`` (``"bf16"`` where the CPU has AMX, else ``"fp32"``); and how
+    (oneDNN's), ``inexact_backward`` and ``perturbation_forward`` (the inexact mode's convolution
+    backward, and the perturbation methods' inexact forward: ``"bf16"`` where the CPU has AMX, else
+    ``"fp32"``); and how
     fastsal's threads behave here: ``threads`` (the default count) and ``omp_wait`` (how idle OpenMP
     threads wait: fastsal bounds libgomp's spinning unless you set a policy)."""
     from . import _threads

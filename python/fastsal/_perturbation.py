@@ -178,25 +178,36 @@ def _cam(weights: np.ndarray, activations: np.ndarray, size, options) -> np.ndar
 def scorecam(forward: Forward, images, classes, options) -> np.ndarray:
     """Score-CAM (Wang et al. 2020) with pytorch-grad-cam's semantics: each channel of the layer,
     upsampled to the input (bilinear, align_corners=True) and scaled to [0, 1], masks the image; the
-    softmax over channels of the masked images' class scores weighs the channels."""
+    softmax over channels of the masked images' class scores weighs the channels. Channels with the same
+    values (all-zero ones after a ReLU) make the same masked image: one forward serves them all."""
     n, k = classes.shape
     activations, _ = forward.activations(images)
     channels = activations.shape[1]
     size = images.shape[2:]
+    # Per image, its distinct channels (bit for bit) and, per channel, which of them it equals.
+    distinct, same_as = [np.empty(0, np.int64)], np.empty((n, channels), np.int64)
+    bits = activations.reshape(n, channels, math.prod(activations.shape[2:])).view(np.uint32)
+    for image, values in enumerate(bits):
+        _, first, inverse = np.unique(values, axis=0, return_index=True, return_inverse=True)
+        distinct.append(first)
+        same_as[image] = first[inverse.reshape(-1)]
+    owners = np.repeat(np.arange(n), [len(d) for d in distinct[1:]])
+    channel_of = np.concatenate(distinct)
     scores = np.empty((n, channels, k), np.float32)
 
     def rows(start, stop):
-        owners, channel = np.divmod(np.arange(start, stop), channels)
-        masks = upsample(activations[owners, channel], size, "bilinear_corners")
+        owner, channel = owners[start:stop], channel_of[start:stop]
+        masks = upsample(activations[owner, channel], size, "bilinear_corners")
         low = masks.min(axis=(1, 2), keepdims=True)
         masks = (masks - low) / (masks.max(axis=(1, 2), keepdims=True) - low + 1e-8)
-        return images[owners] * masks[:, None]
+        return images[owner] * masks[:, None]
 
     def consume(start, stop, batch_scores):
-        owners, channel = np.divmod(np.arange(start, stop), channels)
-        scores[owners, channel] = _pick(batch_scores, classes[owners])
+        owner = owners[start:stop]
+        scores[owner, channel_of[start:stop]] = _pick(batch_scores, classes[owner])
 
-    forward.stream(n * channels, rows, consume)
+    forward.stream(len(owners), rows, consume)
+    scores = scores[np.arange(n)[:, None], same_as]  # each channel takes its twin's scores
     return _cam(softmax(scores.transpose(0, 2, 1)), activations, size, options)
 
 

@@ -93,6 +93,7 @@ class Saliency:
         _image_shape: tuple[int, ...] = (),
         _warn: bool = True,
         _bf16_backward: bool = True,
+        _bf16_forward: bool = False,
         _blocked_layouts: bool = True,
         _forward_only: bool = False,
     ):
@@ -122,6 +123,7 @@ class Saliency:
             fast_layers=bool(fast_layers),
             exact=bool(exact),
             bf16_backward=bool(_bf16_backward),
+            bf16_forward=bool(_bf16_forward),
             blocked_layouts=bool(_blocked_layouts),
             device=-1 if device is None else int(device),
             layout=batch_layout,
