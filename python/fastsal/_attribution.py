@@ -835,7 +835,8 @@ def attribute(
     )
     with _cache_lock:
         cached = _cache.get(net)
-        if cached is None or cached[0] != key:
+        hit = cached is not None and cached[0] == key
+        if not hit:
             cached = _cache[net] = (
                 key,
                 Attribution(
@@ -849,4 +850,6 @@ def attribute(
                     **options,
                 ),
             )
+    if hit and method == "lrp":  # its engine keeps weights derived from the net's, which may be rewritten
+        cached[1].reload_weights()
     return cached[1].compute(images, classes, return_convergence_delta=return_convergence_delta)
