@@ -309,9 +309,10 @@ def randomise_in_place(net, seed):
         ("saliency", {"exact": False}),  # oneDNN's forward: BatchNorm folded, weights reordered
         ("lrp", {}),  # modified weights built once per engine
         ("lrp", {"composite": "epsilon_gamma_box", "low": -3.0, "high": 3.0}),
+        ("lrp", {"exact": False}),  # the rule convolutions' own oneDNN forward holds a copy of the weights
         ("gradcam", {}),
     ],
-    ids=["saliency", "inexact", "lrp", "lrp_gamma_box", "gradcam"],
+    ids=["saliency", "inexact", "lrp", "lrp_gamma_box", "lrp_inexact", "gradcam"],
 )
 def test_a_reloaded_engine_gives_a_fresh_engine_s_maps(small_net, rng, method, options):
     """MPRT's one engine per run: after the net's weights are re-drawn in place and reload_weights(),
