@@ -189,6 +189,23 @@ def test_baseline_forms_and_reductions_agree(tmp_path, rng):
     np.testing.assert_array_equal(delta, attribution.compute(images, top, return_convergence_delta=True)[1])
 
 
+@pytest.mark.parametrize("method", ["deeplift", "integrated_gradients", "occlusion"])
+def test_per_channel_baselines_follow_net_reshape(tmp_path, rng, method):
+    """One value per channel fits every image size: after net.reshape() to a new size, the maps of an
+    Attribution built then with those values spread over the new image (they were kept as the old
+    size's image and refused)."""
+    net = make_net(tmp_path, NETS["resnet_block_bn_scale_eltwise"][0], seed=4)
+    per_channel = np.array([0.5, -0.25, 1.0], np.float32)
+    attribution = fastsal.Attribution(net, method, baselines=per_channel)
+    attribution.compute(random_images(rng, net, 2), [0, 1])
+    net.blobs["data"].reshape(2, 3, 12, 12)
+    net.reshape()
+    images = random_images(rng, net, 2)
+    spread = np.broadcast_to(per_channel[:, None, None], (3, 12, 12))
+    expected = fastsal.Attribution(net, method, baselines=spread).compute(images, [0, 1])
+    np.testing.assert_array_equal(attribution.compute(images, [0, 1]), expected)
+
+
 def test_engine_counts_the_kept_values(tmp_path):
     """The batch sizing counts what the rule layers keep between the forwards and the backwards: one float
     per activation input, and per max pooling its input plus three per output (r and the two shares, or

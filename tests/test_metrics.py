@@ -11,7 +11,7 @@ import scipy.ndimage
 import scipy.signal
 
 import fastsal
-from conftest import producer_layer, random_images
+from conftest import NETS, make_net, producer_layer, random_images
 
 TOL = 1e-4
 
@@ -309,9 +309,10 @@ def randomise_in_place(net, seed):
         ("saliency", {"exact": False}),  # oneDNN's forward: BatchNorm folded, weights reordered
         ("lrp", {}),  # modified weights built once per engine
         ("lrp", {"composite": "epsilon_gamma_box", "low": -3.0, "high": 3.0}),
+        ("lrp", {"exact": False}),  # the rule convolutions' own oneDNN forward holds a copy of the weights
         ("gradcam", {}),
     ],
-    ids=["saliency", "inexact", "lrp", "lrp_gamma_box", "gradcam"],
+    ids=["saliency", "inexact", "lrp", "lrp_gamma_box", "lrp_inexact", "gradcam"],
 )
 def test_a_reloaded_engine_gives_a_fresh_engine_s_maps(small_net, rng, method, options):
     """MPRT's one engine per run: after the net's weights are re-drawn in place and reload_weights(),
@@ -331,6 +332,21 @@ def test_a_reloaded_engine_gives_a_fresh_engine_s_maps(small_net, rng, method, o
     fresh = fastsal.Attribution(copy, method, score=score, **options).compute(images, classes)
     assert np.abs(fresh - before).max() > 1e-3 * np.abs(before).max()  # the weights did change the maps
     np.testing.assert_array_equal(reloaded, fresh)
+
+
+@pytest.mark.parametrize("method", ["saliency", "lrp", "deeplift"])
+def test_attribute_follows_weights_written_in_place(tmp_path, rng, method):
+    """fastsal.attribute's cached engine after the user writes the net's weights in place (as
+    net.copy_from does): the maps of an Attribution built afresh, bit for bit (LRP's cached engine kept
+    the modified weights of the old ones)."""
+    net = make_net(tmp_path, NETS["conv_maxpool_fc_softmax"][0], seed=2)
+    images = random_images(rng, net, 2)
+    before = fastsal.attribute(net, images, [0, 1], method)
+    randomise_in_place(net, seed=5)
+    after = fastsal.attribute(net, images, [0, 1], method)
+    fresh = fastsal.Attribution(net, method).compute(images, [0, 1])
+    assert np.abs(fresh - before).max() > 1e-3 * np.abs(before).max()  # the weights did change the maps
+    np.testing.assert_array_equal(after, fresh)
 
 
 def randomised_by_hand(net, path, layers, seed, cascading_upto):
@@ -461,6 +477,15 @@ def test_mprt_independent_and_final_only(small_net, rng):
         fastsal.evaluate(net, images, classes, "mprt", maps=original, score=score)
     with pytest.raises(ValueError, match="layers must name"):
         fastsal.evaluate(net, images, classes, fastsal.metrics.MPRT(layers=["nope"]), score=score)
+    last = list(net.params)[-1]  # one layer by name, as similarities= takes one (it was split into letters)
+    np.testing.assert_array_equal(
+        fastsal.evaluate(net, images, classes, fastsal.metrics.MPRT(layers=last, seed=1), score=score)[
+            "mprt"
+        ],
+        fastsal.evaluate(net, images, classes, fastsal.metrics.MPRT(layers=[last], seed=1), score=score)[
+            "mprt"
+        ],
+    )
 
 
 def test_mprt_matches_quantus_on_the_same_randomised_weights(tmp_path, rng):

@@ -31,7 +31,14 @@ class RuleConvolutionLayer : public caffe::ConvolutionLayer<float> {
     norm_ = norm, scale_ = scale;
   }
   std::int64_t rule_floats_per_image() const;
-  void reload_weights() { rule_.invalidate(); }  // see SaliencyNet::reload_weights
+  // SaliencyNet::reload_weights: the rule's weights and the inexact forward's copy are rebuilt from the
+  // blobs.
+  void reload_weights() {
+    rule_.invalidate();
+#ifdef FASTSAL_WITH_DNNL
+    forward_.reset();
+#endif
+  }
   std::int64_t rule_scratch_floats_per_image() const;
 
  protected:

@@ -424,9 +424,11 @@ class Attribution:
         if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
             raise TypeError(f"baselines must hold real numbers, got dtype {array.dtype}")
         shape = self.image_shape
-        if array.shape in ((shape[0],), (shape[0], 1, 1)):  # one value per channel
-            array = np.broadcast_to(array.reshape(shape[0], 1, 1), shape)
-        if array.shape not in ((), shape) and not (array.ndim == 4 and array.shape[1:] == shape):
+        if array.shape in ((shape[0],), (shape[0], 1, 1)):  # one value per channel, kept so: any image size
+            array = array.reshape(shape[0], 1, 1)
+        if array.shape not in ((), shape, (shape[0], 1, 1)) and not (
+            array.ndim == 4 and array.shape[1:] == shape
+        ):
             raise ValueError(
                 f"baselines must be a scalar, one value per channel ({shape[0]},), a {shape} image or an "
                 f"(N, *{shape}) array, got shape {array.shape}"
@@ -524,17 +526,8 @@ class Attribution:
             raise ValueError(
                 "return_convergence_delta is for method='integrated_gradients' or 'deeplift' only"
             )
-        if method in BASELINE_METHODS and self._baselines.ndim == 4 and len(self._baselines) != len(images):
-            raise ValueError(f"baselines has {len(self._baselines)} images but there are {len(images)}")
-        if (
-            method in BASELINE_METHODS
-            and self._baselines.ndim
-            and self._baselines.shape[-3:] != self.image_shape
-        ):
-            raise ValueError(
-                f"baselines are {self._baselines.shape[-3:]} images, but the net now takes {self.image_shape} "
-                "(after net.reshape()); make an Attribution with baselines of that size"
-            )
+        if method in BASELINE_METHODS:
+            self._check_baselines_fit(len(images))
         scores = None
         if method in PERTURBATION_METHODS:
             return (*self._perturb(images, classes, k), None)
@@ -567,15 +560,8 @@ class Attribution:
         classes = np.asarray(classes, np.int64)
         options = dict(self.options)
         if self.method == "occlusion":
-            baselines = self._baselines
-            if baselines.ndim == 4 and len(baselines) != len(images):
-                raise ValueError(f"baselines has {len(baselines)} images but there are {len(images)}")
-            if baselines.ndim and baselines.shape[-3:] != self.image_shape:
-                raise ValueError(
-                    f"baselines are {baselines.shape[-3:]} images, but the net now takes {self.image_shape} "
-                    "(after net.reshape()); make an Attribution with baselines of that size"
-                )
-            raw = occlusion(self._forward, images, classes, clean, baselines, options)
+            self._check_baselines_fit(len(images))
+            raw = occlusion(self._forward, images, classes, clean, self._baselines, options)
             maps = (
                 raw.mean(axis=2, dtype=np.float32)
                 if options["reduce"] == "mean"
@@ -711,6 +697,17 @@ class Attribution:
                 )
         return out, (classes if top is None else top).astype(np.int64), scores
 
+    def _check_baselines_fit(self, count: int) -> None:
+        """The baselines against the images of this call and the net as it is now (after net.reshape())."""
+        b, shape = self._baselines, self.image_shape
+        if b.ndim == 4 and len(b) != count:
+            raise ValueError(f"baselines has {len(b)} images but there are {count}")
+        if b.ndim and b.shape[-3:] not in (shape, (shape[0], 1, 1)):
+            raise ValueError(
+                f"baselines are {b.shape[-3:]} images, but the net now takes {shape} "
+                "(after net.reshape()); make an Attribution with baselines of that size"
+            )
+
     def _baseline_for(self, start: int, count: int) -> np.ndarray:
         b = self._baselines
         if b.ndim == 4:
@@ -839,7 +836,8 @@ def attribute(
     )
     with _cache_lock:
         cached = _cache.get(net)
-        if cached is None or cached[0] != key:
+        hit = cached is not None and cached[0] == key
+        if not hit:
             cached = _cache[net] = (
                 key,
                 Attribution(
@@ -853,4 +851,6 @@ def attribute(
                     **options,
                 ),
             )
+    if hit and method == "lrp":  # its engine keeps weights derived from the net's, which may be rewritten
+        cached[1].reload_weights()
     return cached[1].compute(images, classes, return_convergence_delta=return_convergence_delta)

@@ -587,7 +587,8 @@ class MPRT(Metric):
 
     def steps(self, net: caffe.Net) -> list[str]:
         names = list(net.params)
-        chosen = names if self.layers is None else list(self.layers)
+        layers = [self.layers] if isinstance(self.layers, str) else self.layers  # one name, as similarities
+        chosen = names if layers is None else list(layers)
         unknown = [name for name in chosen if name not in names]
         if unknown or not chosen:
             raise ValueError(f"layers must name layers with parameters ({', '.join(names)}), got {chosen}")
