@@ -230,3 +230,20 @@ def test_a_one_pixel_wide_photo_is_not_enlarged_past_the_limit(tmp_path):
     save_overlay(tmp_path / "tall.png", photo_, np.ones((2000, 1), np.float32), "tall", OverlayStyle(), False)
     with Image.open(tmp_path / "tall.png") as image:
         assert image.size[1] < 5000
+
+
+def test_colour_bar_labels_carry_the_scale(tmp_path, monkeypatch):
+    """A map of small values: every colour-bar label says its value (the axis's "1e-5" offset text fell
+    outside the figure, so a bar of 1e-5 values read -7.5 ... 7.5)."""
+    from matplotlib.figure import Figure
+
+    from fastsal._visualize import OverlayStyle, save_overlay
+
+    drawn = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (drawn.append(self), savefig(self, *a, **k)))
+    rng = np.random.default_rng(0)
+    photo = (rng.random((40, 40, 3)) * 255).astype(np.uint8)
+    save_overlay(tmp_path / "o.png", photo, rng.normal(0, 1e-5, (40, 40)), "small", OverlayStyle(), True)
+    labels = [t.get_text() for t in drawn[0].axes[1].get_xticklabels()]
+    assert any("e-05" in label for label in labels), labels

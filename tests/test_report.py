@@ -19,7 +19,7 @@ import zarr
 from matplotlib import colormaps
 from PIL import Image
 
-from fastsal import cli, jobs
+from fastsal import cli, jobs, report
 from fastsal.report import ReportError, quantise, shrink, write_report
 
 SCREENS = Path(__file__).resolve().parents[1] / "out" / "report-screens"
@@ -72,6 +72,9 @@ def stores(model, tmp_path_factory):
     deletion = rng.uniform(0, 1, group["classes"].shape).astype(np.float32)
     deletion[group["status"][:] != jobs.OK] = np.nan  # an evaluation has nothing to say of a failed image
     group.create_array("metrics/deletion", data=deletion)
+    # fastsal evaluate writes each metric's curves beside it (and MPRT its per-step values): not columns
+    group.create_array("metrics/deletion_curve", data=np.repeat(deletion[..., None], 5, axis=2))
+    group.create_array("metrics/mprt_spearman", data=np.repeat(deletion[..., None], 2, axis=2))
     labels = folder / "synset_words.txt"
     labels.write_text("\n".join(LABELS) + "\n")
     return made, labels, folder
@@ -250,6 +253,13 @@ def test_report_in_chromium(stores, browser, tmp_path):
     assert LABELS[classes[first_ok, 0]].split(" ", 1)[1] in browser.find_element("id", f"i-{first_ok}").text
     assert Path(paths[first_ok]).name in browser.find_element("id", f"i-{first_ok}").text
     screenshot(browser, tmp_path, "page-1-sorted.png")
+
+
+def test_metric_columns_leave_out_curves(stores):
+    """A store fastsal evaluate wrote to holds curves and per-step arrays beside each (image, class)
+    metric: the report's columns are the metrics alone (it refused such stores before)."""
+    made, _, _ = stores
+    assert sorted(report._open(str(made["saliency"][0])).metrics) == ["deletion"]
 
 
 def test_probabilities_only_when_the_store_has_them(stores, tmp_path):

@@ -98,6 +98,7 @@ def save_overlay(path, photo, saliency_map, caption: str, style: OverlayStyle, s
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter
 
     height, width = photo.shape[:2]
     scale, top, total = figure_layout(height, width)
@@ -117,6 +118,8 @@ def save_overlay(path, photo, saliency_map, caption: str, style: OverlayStyle, s
     bar = fig.add_axes((0.06, 0.5 * _BAR_PX / total, 0.88, 0.22 * _BAR_PX / total))
     norm = Normalize(-limit if signed else 0.0, limit)
     fig.colorbar(ScalarMappable(norm=norm, cmap=colormap), cax=bar, orientation="horizontal")
+    # the value in every label: the axis's offset text ("1e-5") falls outside this short figure
+    bar.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
     bar.tick_params(labelsize=7)
     fig.savefig(path, dpi=_DPI)
 

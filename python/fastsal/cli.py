@@ -43,7 +43,7 @@ METHOD_FLAGS = {  # flag -> (option name, type, help)
     "--reduce": (
         "reduce",
         str,
-        "channel reduction of the maps: absmax (default) or sum; occlusion: mean (default)",
+        "channel reduction of the maps: absmax (default) or sum; occlusion: mean (default); lrp: sum (default)",
     ),
     "--samples": ("samples", int, "noise samples (smoothgrad, smoothgrad_sq, vargrad; default 25)"),
     "--noise-level": ("noise_level", float, "noise sigma relative to each image's max - min (default 0.15)"),

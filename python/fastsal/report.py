@@ -62,7 +62,9 @@ def _open(path: str) -> _Store:
     metrics = {}
     if "metrics" in group:
         for name, array in sorted(group["metrics"].arrays()):
-            if array.ndim != 2 or array.shape[0] != info["images"]:
+            if array.ndim != 2:  # a metric's curves or per-step values (evaluate's <name>_curve, mprt_*)
+                continue
+            if array.shape[0] != info["images"]:
                 raise ReportError(
                     f"{path}: metrics/{name} has shape {array.shape}; a metric holds (image, class) values"
                 )
