@@ -142,7 +142,7 @@ def write_markdown(results: dict, path: Path) -> None:
         "cascading randomisation of the top layer only and of every layer (seed 42).",
         "",
         "| method | deletion AUC (lower is better) | insertion AUC (higher is better) | MPRT, top layer random "
-        "| MPRT, all layers random (lower is better) | seconds |",
+        "| MPRT, all layers random (lower is better) | seconds (one run, a loaded machine) |",
         "|---|---|---|---|---|---|",
     ]
 
