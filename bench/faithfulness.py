@@ -69,17 +69,16 @@ def method_maps(net, row: str, images, classes) -> np.ndarray:
 def evaluate_row(net, row: str, images, classes, step: int) -> dict:
     method, options = METHODS[row]
     start = time.perf_counter()
-    maps = method_maps(net, row, images, classes)
     causal = [metrics.Deletion(step=step), metrics.Insertion(step=step)]
-    scores = fastsal.evaluate(net, images, classes, causal, maps=maps)
-    result = {name: scores[name][:, 0].tolist() for name in ("deletion", "insertion")}
-    if method is not None:  # MPRT recomputes the method: a random map has none
-        top = [layer for layer in net.params][-1:]
-        for key, layers in (("mprt_top", top), ("mprt", None)):
-            mprt = metrics.MPRT(layers=layers, final_only=True)
-            result[key] = fastsal.evaluate(net, images, classes, [mprt], method=method, **options)["mprt"][
-                :, 0
-            ].tolist()
+    if method is None:  # a random map: no method for MPRT to recompute
+        scores = fastsal.evaluate(net, images, classes, causal, maps=method_maps(net, row, images, classes))
+    else:  # one evaluate computes the method's maps once for the curves and full randomisation
+        every = [*causal, metrics.MPRT(final_only=True)]
+        scores = fastsal.evaluate(net, images, classes, every, method=method, **options)
+        top = metrics.MPRT(layers=list(net.params)[-1:], final_only=True)
+        scores["mprt_top"] = fastsal.evaluate(net, images, classes, [top], method=method, **options)["mprt"]
+    keys = ("deletion", "insertion", "mprt_top", "mprt")
+    result = {key: scores[key][:, 0].tolist() for key in keys if key in scores}
     result["seconds"] = time.perf_counter() - start
     return result
 

@@ -851,6 +851,6 @@ def attribute(
                     **options,
                 ),
             )
-    if hit and method == "lrp":  # its engine keeps weights derived from the net's, which may be rewritten
+    if hit:  # the net's weights may have been rewritten since: what an engine derived from them is redone
         cached[1].reload_weights()
     return cached[1].compute(images, classes, return_convergence_delta=return_convergence_delta)
