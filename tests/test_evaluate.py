@@ -21,7 +21,7 @@ import fastsal
 from conftest import _input, conv, fc, layer, make_net
 from fastsal import _evaluate_job, cli, jobs
 from fastsal._preprocess import Preprocessing, decode_image
-from fastsal.metrics import Deletion
+from fastsal.metrics import MPRT, Deletion
 
 METRICS = "deletion,insertion,mprt"
 
@@ -193,6 +193,71 @@ def test_run_evaluate_after_the_run(model, images, evaluated, tmp_path):
     found, reference = metric_arrays(out), metric_arrays(evaluated)
     for name in reference:
         np.testing.assert_array_equal(found[name], reference[name], err_msg=name)
+
+
+def test_metric_options_reach_the_metrics_and_the_plan(model, evaluated, tmp_path):
+    """--metric-option sets a metric's own keyword: the store holds what fastsal.evaluate gives with
+    those objects, records the settings, and a rerun with other settings is refused without --overwrite."""
+    out = tmp_path / "maps.zarr"
+    shutil.copytree(evaluated, out)
+    options = ["--metric-option", "deletion.step=448", "--metric-option", "mprt.similarities=spearman,ssim"]
+    refused = cli_evaluate(out, *options)
+    assert refused.returncode == 2 and "other settings" in refused.stderr  # the store holds the defaults
+    done = cli_evaluate(out, *options, "--overwrite")
+    assert done.returncode == 0, done.stderr
+    found = metric_arrays(out)
+    group = zarr.open_group(str(out), mode="r")
+    images, ok = inputs_of(out)
+    classes, maps = group["classes"][:][ok], group["maps"][:][ok]
+    net = fastsal.load(*model)
+    reference = fastsal.evaluate(net, images, classes, [Deletion(step=448)], method=None, maps=maps)
+    reference |= fastsal.evaluate(net, images, classes, [MPRT(similarities=["spearman", "ssim"])])
+    assert found["deletion_curve"].shape[2] == reference["deletion_curve"].shape[2] == 32 * 32 // 448 + 2
+    for name in ("deletion", "deletion_curve", "mprt", "mprt_spearman", "mprt_ssim"):
+        np.testing.assert_allclose(found[name][ok], reference[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert "mprt_hog" not in found and "mprt_spearman_abs" not in found
+    settings = group["metrics"].attrs["settings"]
+    assert settings["deletion"]["step"] == 448 and settings["mprt"]["similarities"] == ["spearman", "ssim"]
+    np.testing.assert_array_equal(found["insertion"], metric_arrays(evaluated)["insertion"])  # untouched
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("deletion.steps=4", "deletion takes step, baseline, softmax"),
+        ("mprt.similarities=pearson", "similarities must name some of"),
+        ("deletion.step=-1", "step"),
+        ("insertion.step=4", "insertion is not among the metrics"),
+        ("nosuch.step=4", "unknown metric 'nosuch'"),
+        ("deletion=4", "expected METRIC.OPTION=VALUE"),
+    ],
+)
+def test_a_bad_metric_option_is_refused_before_any_work(evaluated, tmp_path, option, message):
+    out = tmp_path / "maps.zarr"
+    shutil.copytree(evaluated, out)
+    before = metric_arrays(out)
+    done = subprocess.run(
+        [sys.executable, "-m", "fastsal.cli", "evaluate", str(out), "--metrics", "deletion,mprt"]
+        + ["--metric-option", option, "--overwrite", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    after = metric_arrays(out)
+    assert after.keys() == before.keys()
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+
+
+def test_run_refuses_a_metric_option_without_evaluate(model, images, tmp_path):
+    out = tmp_path / "maps.zarr"
+    done = cli_run(model, images, out, "--metric-option", "deletion.step=448")
+    assert done.returncode == 2 and "give --evaluate too" in done.stderr
+    assert not out.exists()
+    done = cli_run(model, images, out, "--evaluate", "deletion", "--metric-option", "deletion.stp=4")
+    assert done.returncode == 2 and "deletion takes step" in done.stderr
+    assert not out.exists()  # refused before the run
 
 
 # A TanH net saturates: integrated gradients with few steps misses most of F(x) - F(baseline).

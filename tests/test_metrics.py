@@ -147,6 +147,10 @@ def test_refusals(case):
         )
     with pytest.raises(ValueError, match="once"):
         fastsal.evaluate(net, images, classes, ["deletion", "deletion"], maps=maps, score=score)
+    with pytest.raises(TypeError, match=r"fastsal.metrics.MPRT\(similarities=...\)"):
+        fastsal.evaluate(net, images, classes, ["deletion", "mprt"], score=score, similarities=["ssim"])
+    with pytest.raises(TypeError, match=r"fastsal.metrics.Deletion\(step=...\)"):
+        fastsal.evaluate(net, images, classes, "deletion", maps=maps, score=score, step=4)
 
 
 def test_layer_sized_maps_are_refused(tmp_path, rng):
@@ -433,7 +437,7 @@ def test_mprt_computes_the_similarities_asked_for(small_net, rng):
     for name in ("hog", "spearman"):
         np.testing.assert_array_equal(some[f"mprt_{name}"], full[f"mprt_{name}"])
     np.testing.assert_array_equal(some["mprt"], full["mprt_hog"][..., -1])  # the first one named
-    for bad in (["pearson"], [], ["ssim", "ssim"]):
+    for bad in (["pearson"], [], ["ssim", "ssim"], None, 3):
         with pytest.raises(ValueError, match="similarities must name"):
             fastsal.metrics.MPRT(similarities=bad)
 

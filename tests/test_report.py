@@ -20,6 +20,7 @@ from matplotlib import colormaps
 from PIL import Image
 
 from fastsal import cli, jobs, report
+from fastsal._export import signed_maps
 from fastsal.report import ReportError, quantise, shrink, write_report
 
 SCREENS = Path(__file__).resolve().parents[1] / "out" / "report-screens"
@@ -260,6 +261,21 @@ def test_metric_columns_leave_out_curves(stores):
     metric: the report's columns are the metrics alone (it refused such stores before)."""
     made, _, _ = stores
     assert sorted(report._open(str(made["saliency"][0])).metrics) == ["deletion"]
+
+
+def test_signed_as_export_decides(stores, tmp_path):
+    """A store whose plan makes signed maps (reduce="sum") takes the diverging scale even where no map
+    happens to be negative, as fastsal export's overlays do: one rule for both."""
+    made, _, _ = stores
+    copy = tmp_path / "ig.zarr"
+    shutil.copytree(made["integrated_gradients"][0], copy)
+    maps = zarr.open_group(str(copy), mode="r+")["maps"]
+    maps[...] = np.abs(maps[:])  # no negative value left
+    out = tmp_path / "report"
+    write_report([copy], out)
+    assert "diverging, centred on zero" in (out / "index.html").read_text()
+    assert report._open(str(copy)).signed == signed_maps(jobs.status(str(copy))["plan"]) is True
+    assert report._open(str(made["saliency"][0])).signed is False  # absmax maps: sequential
 
 
 def test_probabilities_only_when_the_store_has_them(stores, tmp_path):

@@ -4,6 +4,7 @@ and deep dream. Flag names follow Caffe's python/classify.py, hyphenated."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -158,6 +159,10 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 METRIC_NAMES = tuple(METRICS)
+OPTION_HELP = (
+    "a metric's option, as fastsal.metrics' classes take them (repeatable), e.g. deletion.step=448, "
+    "mprt.similarities=spearman_abs, mprt.final_only=true, road_morf.percentages=10,50,90"
+)
 
 
 def _metric_names(text: str) -> list[str]:
@@ -168,6 +173,46 @@ def _metric_names(text: str) -> list[str]:
             f"unknown metric {unknown or text!r}; fastsal has: {', '.join(METRIC_NAMES)}"
         )
     return names
+
+
+def _metric_option(text: str) -> tuple[str, str, object]:
+    """METRIC.NAME=VALUE -> (metric, name, value): VALUE read as JSON (448, 0.5, true, "a"), else
+    comma-separated items each read so (10,50,90 -> [10, 50, 90]), else the text itself."""
+    key, sep, value = text.partition("=")
+    metric, dot, name = key.strip().partition(".")
+    if not (sep and dot and metric and name.strip()):
+        raise argparse.ArgumentTypeError(
+            f"expected METRIC.OPTION=VALUE, e.g. deletion.step=448, got {text!r}"
+        )
+    if metric not in METRIC_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown metric {metric!r}; fastsal has: {', '.join(METRIC_NAMES)}")
+
+    def read(item: str):
+        try:
+            return json.loads(item)
+        except ValueError:
+            return item.strip()
+
+    parsed = [read(item) for item in value.split(",")] if "," in value else read(value)
+    return metric, name.strip(), parsed
+
+
+def _metric_objects(names: list[str], settings: list | None) -> list:
+    """The metric objects of ``names`` with their --metric-option settings (each option checked by
+    the metric's own constructor: its message names what is wrong)."""
+    import inspect
+
+    chosen = {name: {} for name in names}
+    for metric, name, value in settings or []:
+        if metric not in chosen:
+            raise ValueError(
+                f"--metric-option {metric}.{name}: {metric} is not among the metrics ({', '.join(names)})"
+            )
+        known = list(inspect.signature(METRICS[metric]).parameters)
+        if name not in known:
+            raise ValueError(f"--metric-option {metric}.{name}: {metric} takes {', '.join(known)}")
+        chosen[metric][name] = value
+    return [METRICS[name](**options) for name, options in chosen.items()]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -229,11 +274,25 @@ def parser() -> argparse.ArgumentParser:
         type=_metric_names,
         help="after the run, fastsal evaluate these metrics, e.g. deletion,insertion",
     )
+    run.add_argument(
+        "--metric-option",
+        type=_metric_option,
+        action="append",
+        metavar="METRIC.OPTION=VALUE",
+        help=OPTION_HELP,
+    )
 
     evaluation = command("evaluate", "metrics of a store's maps, into the store (resumable; exit 0 / 2 / 3)")
     evaluation.add_argument("output", metavar="STORE", help="the Zarr store fastsal run wrote")
     evaluation.add_argument(
         "--metrics", type=_metric_names, required=True, help="comma-separated: " + ", ".join(METRIC_NAMES)
+    )
+    evaluation.add_argument(
+        "--metric-option",
+        type=_metric_option,
+        action="append",
+        metavar="METRIC.OPTION=VALUE",
+        help=OPTION_HELP,
     )
     evaluation.add_argument("--batch-size", type=int, help="rows per forward pass (default: fit 1 GiB)")
     evaluation.add_argument("--threads", type=int, help="CPU threads (default: as fastsal run)")
@@ -405,7 +464,10 @@ def _command(args) -> int:
     if args.command in ("visualize", "dream"):
         return _picture(args)
     if args.command == "evaluate":
-        return _evaluate(args.output, args)
+        return _evaluate(args.output, args, _metric_objects(args.metrics, args.metric_option))
+    if args.metric_option and not args.evaluate:
+        raise ValueError("--metric-option sets an option of an --evaluate metric; give --evaluate too")
+    metrics = _metric_objects(args.evaluate, args.metric_option) if args.evaluate else None  # checked first
     options = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _, _) in METHOD_FLAGS.items()}
     if options["composite"] == "epsilon_gamma_box":
         options.update(_picture_bounds(args))
@@ -439,15 +501,14 @@ def _command(args) -> int:
         quiet=args.quiet,
     )
     print(summary.line(args.output))
-    if args.evaluate:  # after the run: evaluation is its own resumable stage, on a finished store
-        _evaluate(args.output, args)
+    if metrics:  # after the run: evaluation is its own resumable stage, on a finished store
+        _evaluate(args.output, args, metrics)
     return summary.exit_code
 
 
-def _evaluate(output: str, args) -> int:
+def _evaluate(output: str, args, metrics: list) -> int:
     from ._evaluate_job import evaluate_store
 
-    metrics = args.metrics if args.command == "evaluate" else args.evaluate
     summary = evaluate_store(
         output,
         metrics,

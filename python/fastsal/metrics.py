@@ -5,6 +5,7 @@ perturbed copy of an image is built on demand and streamed through fastsal's for
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
 import os
@@ -576,8 +577,12 @@ class MPRT(Metric):
         _check_number("seed", seed, 0, integer=True)
         if not isinstance(final_only, bool):
             raise TypeError(f"final_only must be True or False, got {final_only!r}")
-        chosen = [similarities] if isinstance(similarities, str) else list(similarities)
-        unknown = [name for name in chosen if name not in self.SIMILARITIES]
+        chosen = [similarities] if isinstance(similarities, str) else similarities
+        try:
+            chosen = list(chosen)
+            unknown = [name for name in chosen if name not in self.SIMILARITIES]
+        except TypeError:  # None, a number: no names at all
+            chosen, unknown = [], [similarities]
         if unknown or not chosen or len(set(chosen)) != len(chosen):
             raise ValueError(
                 f"similarities must name some of {', '.join(self.SIMILARITIES)}, each once, got {similarities!r}"
@@ -796,6 +801,17 @@ def evaluate(
     if len(set(names)) != len(names):
         raise ValueError(f"each metric may appear once, got {names}")
     engine = {key: options.pop(key) for key in ENGINE_OPTIONS if key in options}
+    misplaced = sorted(
+        (key, type(metric).__name__)
+        for metric in chosen
+        for key in inspect.signature(type(metric)).parameters
+        if key in options
+    )
+    if misplaced:  # a metric's option given to evaluate would reach the method as an unknown option
+        raise TypeError(
+            "evaluate's keyword options go to the method; a metric's go to its object: "
+            + ", ".join(f"fastsal.metrics.{cls}({key}=...)" for key, cls in misplaced)
+        )
     if maps is not None and convergence_delta:
         raise ValueError("convergence_delta needs method='integrated_gradients', not precomputed maps")
     forward = Forward(net, **engine)

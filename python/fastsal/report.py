@@ -21,6 +21,7 @@ from urllib.parse import quote
 import numpy as np
 
 from . import jobs
+from ._export import signed_maps
 from ._labels import read_labels
 from ._load import _listed
 
@@ -50,7 +51,7 @@ class _Store:
     metrics: dict[str, object]  # name -> (image, class) array
     overlays: Path | None = None
     overlay_files: frozenset = frozenset()
-    signed: bool = False  # some map has negative values: a diverging colour scale centred on zero
+    signed: bool = False  # signed by its plan, or some map has negative values: a diverging colour scale
 
 
 def _open(path: str) -> _Store:
@@ -78,6 +79,7 @@ def _open(path: str) -> _Store:
         paths=[str(p) for p in group["paths"][:]] if "paths" in group else None,
         reasons={f["index"]: f["reason"] for f in info["failed"]},
         metrics=metrics,
+        signed=signed_maps(info["plan"]),  # as fastsal export decides; negative values found add to it
     )
 
 
