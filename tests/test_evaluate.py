@@ -216,7 +216,7 @@ def test_metric_options_reach_the_metrics_and_the_plan(model, evaluated, tmp_pat
     for name in ("deletion", "deletion_curve", "mprt", "mprt_spearman", "mprt_ssim"):
         np.testing.assert_allclose(found[name][ok], reference[name], rtol=1e-5, atol=1e-6, err_msg=name)
     assert "mprt_hog" not in found and "mprt_spearman_abs" not in found
-    settings = group["metrics"].attrs["settings"]
+    settings = group["metrics"].attrs[_evaluate_job.SETTINGS]
     assert settings["deletion"]["step"] == 448 and settings["mprt"]["similarities"] == ["spearman", "ssim"]
     np.testing.assert_array_equal(found["insertion"], metric_arrays(evaluated)["insertion"])  # untouched
 

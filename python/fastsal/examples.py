@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +122,14 @@ layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2"
 layer { name: "fc" type: "InnerProduct" bottom: "pool2" top: "fc"
   inner_product_param { num_output: 10 weight_filler { type: "xavier" } } }
 """
+SOLVER = """base_lr: 0.01
+momentum: 0.9
+weight_decay: 0.0005
+lr_policy: "fixed"
+display: 0
+snapshot_after_train: false
+solver_mode: CPU
+"""
 
 
 def _digits_input(*shapes: tuple[int, ...]) -> str:
@@ -171,7 +178,8 @@ def digits_net(
         if value < low:  # Caffe's solver CHECKs abort the interpreter: refuse before it sees them
             raise ValueError(f"{name} must be at least {low}, got {value}")
     target = Path(folder) if folder is not None else cache_dir() / "models"
-    stem = f"digits_{iterations}_{seed}"
+    recipe = hashlib.sha256(f"{DIGITS_LAYERS}{DIGITS_SIZE}{DIGITS_BATCH}{SOLVER}".encode()).hexdigest()[:10]
+    stem = f"digits_{iterations}_{seed}_{recipe}"  # a changed net or solver is trained anew, not reused
     deploy, weights = target / f"{stem}.prototxt", target / f"{stem}.caffemodel"
     if deploy.exists() and weights.exists():
         return deploy, weights
@@ -190,20 +198,7 @@ def digits_net(
             + 'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }\n'
         )
         solver_file = Path(tmp) / "solver.prototxt"
-        solver_file.write_text(
-            textwrap.dedent(f"""\
-                net: "{train}"
-                base_lr: 0.01
-                momentum: 0.9
-                weight_decay: 0.0005
-                lr_policy: "fixed"
-                max_iter: {iterations}
-                display: 0
-                snapshot_after_train: false
-                random_seed: {seed}
-                solver_mode: CPU
-            """)
-        )
+        solver_file.write_text(f'net: "{train}"\nmax_iter: {iterations}\nrandom_seed: {seed}\n{SOLVER}')
         with _quiet_caffe():  # the solver logs every layer it sets up
             solver = caffe.get_solver(str(solver_file))
         rng = np.random.default_rng(seed)

@@ -19,6 +19,7 @@ import scipy.sparse
 import scipy.sparse.linalg
 
 from . import _core
+from ._attribution import _OPTIONS as _METHOD_OPTIONS
 from ._attribution import Attribution
 from ._forward import Forward, softmax
 
@@ -801,11 +802,12 @@ def evaluate(
     if len(set(names)) != len(names):
         raise ValueError(f"each metric may appear once, got {names}")
     engine = {key: options.pop(key) for key in ENGINE_OPTIONS if key in options}
+    method_takes = _METHOD_OPTIONS.get(method, {}) if maps is None else {}
     misplaced = sorted(
         (key, type(metric).__name__)
         for metric in chosen
         for key in inspect.signature(type(metric)).parameters
-        if key in options
+        if key in options and key not in method_takes  # seed: SmoothGrad's and MPRT's alike
     )
     if misplaced:  # a metric's option given to evaluate would reach the method as an unknown option
         raise TypeError(
