@@ -172,11 +172,15 @@ def digits_net(
     0.9, the solver's ``random_seed`` and the batch order from ``seed``. About 97% on the test split, in
     15-30 s on two cores. The files go in ``folder`` (default: fastsal's cache); ones already there
     from the same arguments are reused."""
-    for name, value, low in (("iterations", iterations, 1), ("seed", seed, 0)):
+    # Caffe's solver CHECKs abort the interpreter: refuse before it sees them (max_iter is an int32,
+    # random_seed an int64 in caffe.proto: a larger number fails to parse, and that aborts too)
+    for name, value, low, high in (("iterations", iterations, 1, 2**31 - 1), ("seed", seed, 0, 2**63 - 1)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an integer, got {value!r}")
-        if value < low:  # Caffe's solver CHECKs abort the interpreter: refuse before it sees them
+        if value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}")
+        if value > high:
+            raise ValueError(f"{name} must be at most {high}, got {value}")
     target = Path(folder) if folder is not None else cache_dir() / "models"
     recipe = hashlib.sha256(f"{DIGITS_LAYERS}{DIGITS_SIZE}{DIGITS_BATCH}{SOLVER}".encode()).hexdigest()[:10]
     stem = f"digits_{iterations}_{seed}_{recipe}"  # a changed net or solver is trained anew, not reused
