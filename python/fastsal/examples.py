@@ -221,6 +221,10 @@ def digits_net(
             + DIGITS_LAYERS
             + 'layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }\n'
         )
-        weights.write_bytes(partial.read_bytes())
-        deploy.write_text(deploy_text)  # last: its presence says the pair is complete
+        # Each file whole or absent (a killed write, or a second process training into the folder, never
+        # leaves half a file under the final name); the deploy last: its presence says the pair is complete.
+        for final, content in ((weights, partial.read_bytes()), (deploy, deploy_text.encode())):
+            temporary = target / f".{final.name}.{os.getpid()}"
+            temporary.write_bytes(content)
+            os.replace(temporary, final)
     return deploy, weights
