@@ -250,6 +250,40 @@ def test_a_bad_metric_option_is_refused_before_any_work(evaluated, tmp_path, opt
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
 
 
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("deletion.baseline=[[1, 2], [3, 4]]", [[1, 2], [3, 4]]),  # JSON with commas is one value
+        ("road_morf.percentages=[10,50]", [10, 50]),
+        ("road_morf.percentages=10,50", [10, 50]),
+        ("mprt.layers=conv1", "conv1"),
+        ("mprt.layers=a=b", "a=b"),
+        ('mprt.layers="a,b"', "a,b"),
+    ],
+)
+def test_a_metric_option_s_value(text, value):
+    assert cli._metric_option(text)[2] == value
+
+
+def test_settings_of_a_metric_that_failed_before_writing_do_not_block_a_rerun(evaluated, tmp_path):
+    """A setting the metric's class takes but the evaluation refuses (a baseline of the wrong shape)
+    records nothing the store holds: a rerun with other settings needs no --overwrite."""
+    out = tmp_path / "maps.zarr"
+    shutil.copytree(evaluated, out)
+    before = metric_arrays(out)
+    bad = ["--metrics", "deletion", "--metric-option", "deletion.baseline=[[1]]"]
+    failed = cli_evaluate(out, *bad, "--overwrite")
+    assert failed.returncode == 2 and "baseline must be" in failed.stderr, failed.stderr
+    assert not any(name.startswith("deletion") for name in metric_arrays(out))  # --overwrite removed it
+    done = cli_evaluate(out, "--metrics", "deletion", "--metric-option", "deletion.step=448")
+    assert done.returncode == 0, done.stderr
+    after = metric_arrays(out)
+    assert after["deletion_curve"].shape[2] == 32 * 32 // 448 + 2
+    assert np.isfinite(after["deletion"]).sum() == np.isfinite(before["deletion"]).sum()
+    for name in ("insertion", "mprt"):
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+
+
 def test_run_refuses_a_metric_option_without_evaluate(model, images, tmp_path):
     out = tmp_path / "maps.zarr"
     done = cli_run(model, images, out, "--metric-option", "deletion.step=448")

@@ -67,6 +67,8 @@ def test_caffe_s_solver_trains_the_digits_net(digits):
         ({"iterations": 0}, ValueError, "iterations must be at least 1, got 0"),
         ({"iterations": 2.5}, TypeError, "iterations must be an integer"),
         ({"seed": -1}, ValueError, "seed must be at least 0, got -1"),
+        ({"iterations": 2**31}, ValueError, "iterations must be at most 2147483647"),  # Caffe's int32
+        ({"seed": 2**63}, ValueError, "seed must be at most 9223372036854775807"),  # Caffe's int64
     ],
 )
 def test_digits_net_refuses_bad_options_before_caffe_sees_them(tmp_path, options, error, match):

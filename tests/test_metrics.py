@@ -153,6 +153,24 @@ def test_refusals(case):
         fastsal.evaluate(net, images, classes, "deletion", maps=maps, score=score, step=4)
 
 
+def test_odd_but_valid_metric_settings(case):
+    """A step beyond the image's pixels deletes everything at once, as a step of H * W (no int64
+    overflow mid-evaluation); one number is one ROAD percentage; a baseline that is no array of
+    numbers is named as such."""
+    net, score, images, classes, maps = case
+    pixels = images.shape[2] * images.shape[3]
+    huge, exact = (
+        fastsal.evaluate(net, images, classes, fastsal.metrics.Deletion(step=step), maps=maps, score=score)
+        for step in (10**30, pixels)
+    )
+    assert huge["deletion_curve"].shape[-1] == 2
+    for key in exact:
+        np.testing.assert_array_equal(huge[key], exact[key], err_msg=key)
+    assert fastsal.metrics.RoadMoRF(percentages=50).percentages == [50]
+    with pytest.raises(TypeError, match="baseline must be a number or an array of numbers"):
+        fastsal.metrics.Deletion(baseline={"a": 1})
+
+
 def test_layer_sized_maps_are_refused(tmp_path, rng):
     from conftest import NETS, make_net
 

@@ -75,9 +75,19 @@ def _consolidate(out: Path) -> None:
         zarr.consolidate_metadata(str(out))  # xarray and zarr readers see the new arrays
 
 
+def _arrays(group, name: str) -> list[str]:
+    return [a for a in group.array_keys() if a == name or a.startswith(f"{name}_")]
+
+
+def _holds(out: Path, group, name: str) -> bool:
+    """Whether the store holds any of the metric's results (settings alone, of a run that failed
+    before writing, protect nothing)."""
+    return bool(_arrays(group, name)) or any((out / MARKERS).glob(f"metrics-{name}-*.json"))
+
+
 def _remove_metric(out: Path, group, name: str) -> None:
     """--overwrite: the metric's own arrays and markers, nothing else (jobs' rule for fastsal's files)."""
-    for array in [a for a in group.array_keys() if a == name or a.startswith(f"{name}_")]:
+    for array in _arrays(group, name):
         for root, _, files in os.walk(out / GROUP / array, topdown=False):
             for file in files:
                 path = os.path.join(root, file)
@@ -171,12 +181,13 @@ def evaluate_store(
         metrics_group = group.require_group(GROUP)
         recorded = dict(metrics_group.attrs.get(SETTINGS, {}))
         changed = [n for n in names if n in recorded and recorded[n] != settings[n]]
-        if changed and not overwrite:
+        held = [n for n in changed if _holds(out, metrics_group, n)]
+        if held and not overwrite:
             raise JobError(
-                f"{output} holds {', '.join(changed)} with other settings; give --overwrite to replace "
+                f"{output} holds {', '.join(held)} with other settings; give --overwrite to replace "
                 "them (only those metrics' arrays)"
             )
-        for name in changed:
+        for name in held:
             _remove_metric(out, metrics_group, name)
         recorded.update(settings)
         metrics_group.attrs[SETTINGS] = recorded  # before any array or marker: they follow these settings

@@ -176,7 +176,7 @@ def _metric_names(text: str) -> list[str]:
 
 
 def _metric_option(text: str) -> tuple[str, str, object]:
-    """METRIC.NAME=VALUE -> (metric, name, value): VALUE read as JSON (448, 0.5, true, "a"), else
+    """METRIC.NAME=VALUE -> (metric, name, value): VALUE read as JSON (448, 0.5, true, [1, 2]), else
     comma-separated items each read so (10,50,90 -> [10, 50, 90]), else the text itself."""
     key, sep, value = text.partition("=")
     metric, dot, name = key.strip().partition(".")
@@ -193,7 +193,10 @@ def _metric_option(text: str) -> tuple[str, str, object]:
         except ValueError:
             return item.strip()
 
-    parsed = [read(item) for item in value.split(",")] if "," in value else read(value)
+    try:
+        parsed = json.loads(value)  # as a whole first: [1, 2] or "a,b" is one value
+    except ValueError:
+        parsed = [read(item) for item in value.split(",")] if "," in value else value.strip()
     return metric, name.strip(), parsed
 
 

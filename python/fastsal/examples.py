@@ -172,11 +172,15 @@ def digits_net(
     0.9, the solver's ``random_seed`` and the batch order from ``seed``. About 97% on the test split, in
     15-30 s on two cores. The files go in ``folder`` (default: fastsal's cache); ones already there
     from the same arguments are reused."""
-    for name, value, low in (("iterations", iterations, 1), ("seed", seed, 0)):
+    # Caffe's solver CHECKs abort the interpreter: refuse before it sees them (max_iter is an int32,
+    # random_seed an int64 in caffe.proto: a larger number fails to parse, and that aborts too)
+    for name, value, low, high in (("iterations", iterations, 1, 2**31 - 1), ("seed", seed, 0, 2**63 - 1)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an integer, got {value!r}")
-        if value < low:  # Caffe's solver CHECKs abort the interpreter: refuse before it sees them
+        if value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}")
+        if value > high:
+            raise ValueError(f"{name} must be at most {high}, got {value}")
     target = Path(folder) if folder is not None else cache_dir() / "models"
     recipe = hashlib.sha256(f"{DIGITS_LAYERS}{DIGITS_SIZE}{DIGITS_BATCH}{SOLVER}".encode()).hexdigest()[:10]
     stem = f"digits_{iterations}_{seed}_{recipe}"  # a changed net or solver is trained anew, not reused
@@ -217,6 +221,10 @@ def digits_net(
             + DIGITS_LAYERS
             + 'layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }\n'
         )
-        weights.write_bytes(partial.read_bytes())
-        deploy.write_text(deploy_text)  # last: its presence says the pair is complete
+        # Each file whole or absent (a killed write, or a second process training into the folder, never
+        # leaves half a file under the final name); the deploy last: its presence says the pair is complete.
+        for final, content in ((weights, partial.read_bytes()), (deploy, deploy_text.encode())):
+            temporary = target / f".{final.name}.{os.getpid()}"
+            temporary.write_bytes(content)
+            os.replace(temporary, final)
     return deploy, weights

@@ -141,7 +141,10 @@ class Deletion(_Causal):
 
     def __init__(self, *, step: int | None = None, baseline=0.0, softmax: bool = True):
         super().__init__(step=step, softmax=softmax)
-        self.baseline = np.asarray(baseline, np.float32)
+        try:
+            self.baseline = np.asarray(baseline, np.float32)
+        except (TypeError, ValueError):
+            raise TypeError(f"baseline must be a number or an array of numbers, got {baseline!r}") from None
         if not np.isfinite(self.baseline).all():
             raise ValueError("baseline contains NaN or Inf")
 
@@ -186,7 +189,7 @@ def causal_curves(context: _Context, metrics: list[_Causal]) -> dict[str, dict[s
     plans = []  # (metric, first row, points, step, start, finish)
     first = 0
     for metric in metrics:
-        step = metric.step or w
+        step = min(metric.step or w, pixels)  # a larger step is the same one-step curve, no overflow
         points = -(-pixels // step) + 1
         start, finish = metric.substrate(images)
         plans.append((metric, first, points, step, start, finish))
@@ -315,7 +318,11 @@ class _Road(Metric):
     order = ""
 
     def __init__(self, *, percentages=None, noise: float = 0.01, seed: int = 0, output: str = "probability"):
-        self.percentages = list(range(1, 100, 2)) if percentages is None else list(percentages)
+        if percentages is None:
+            percentages = range(1, 100, 2)
+        elif isinstance(percentages, numbers.Number):  # one percentage, as MPRT takes one layer
+            percentages = [percentages]
+        self.percentages = list(percentages)
         if not self.percentages:
             raise ValueError("percentages is empty")
         for p in self.percentages:
