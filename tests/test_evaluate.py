@@ -259,6 +259,10 @@ def test_a_bad_metric_option_is_refused_before_any_work(evaluated, tmp_path, opt
         ("mprt.layers=conv1", "conv1"),
         ("mprt.layers=a=b", "a=b"),
         ('mprt.layers="a,b"', "a,b"),
+        ("mprt.final_only=true", True),
+        ("mprt.final_only=True", True),  # Python's spelling as well as JSON's
+        ("mprt.final_only=False", False),
+        ("mprt.layers=True,b", [True, "b"]),
     ],
 )
 def test_a_metric_option_s_value(text, value):

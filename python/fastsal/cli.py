@@ -190,13 +190,13 @@ def _metric_option(text: str) -> tuple[str, str, object]:
     def read(item: str):
         try:
             return json.loads(item)
-        except ValueError:
-            return item.strip()
+        except ValueError:  # Python's spellings of the booleans too: final_only=True
+            return {"True": True, "False": False}.get(item.strip(), item.strip())
 
     try:
         parsed = json.loads(value)  # as a whole first: [1, 2] or "a,b" is one value
     except ValueError:
-        parsed = [read(item) for item in value.split(",")] if "," in value else value.strip()
+        parsed = [read(item) for item in value.split(",")] if "," in value else read(value)
     return metric, name.strip(), parsed
 
 
