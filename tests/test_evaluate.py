@@ -226,7 +226,8 @@ def test_metric_options_reach_the_metrics_and_the_plan(model, evaluated, tmp_pat
     [
         ("deletion.steps=4", "deletion takes step, baseline, softmax"),
         ("mprt.similarities=pearson", "similarities must name some of"),
-        ("deletion.step=-1", "step"),
+        ("deletion.step=-1", "--metric-option deletion.step: step"),
+        ("mprt.final_only=maybe", "--metric-option mprt.final_only: final_only must be"),
         ("insertion.step=4", "insertion is not among the metrics"),
         ("nosuch.step=4", "unknown metric 'nosuch'"),
         ("deletion=4", "expected METRIC.OPTION=VALUE"),

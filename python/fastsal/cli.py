@@ -212,7 +212,14 @@ def _metric_objects(names: list[str], settings: list | None) -> list:
         if name not in known:
             raise ValueError(f"--metric-option {metric}.{name}: {metric} takes {', '.join(known)}")
         chosen[metric][name] = value
-    return [METRICS[name](**options) for name, options in chosen.items()]
+    objects = []
+    for metric, options in chosen.items():
+        try:
+            objects.append(METRICS[metric](**options))
+        except (TypeError, ValueError) as error:  # the constructor's reason, named as the user wrote it
+            given = ", ".join(f"{metric}.{name}" for name in options)
+            raise ValueError(f"--metric-option {given}: {error}" if options else str(error)) from error
+    return objects
 
 
 def parser() -> argparse.ArgumentParser:
