@@ -173,7 +173,10 @@ def test_other_settings_are_refused_unless_overwrite(model, images, tmp_path):
     _evaluate_job.evaluate_store(out, ["deletion", "insertion"], quiet=True)
     before = metric_arrays(out)
     maps = zarr.open_group(str(out), mode="r")["maps"][:]
-    with pytest.raises(jobs.JobError, match="deletion with other settings; give --overwrite"):
+    with pytest.raises(
+        jobs.JobError,
+        match=r"deletion with other settings \(deletion.step 7 asked, default stored\); give --overwrite",
+    ):
         _evaluate_job.evaluate_store(out, [Deletion(step=7)], quiet=True)
     assert all(np.array_equal(metric_arrays(out)[k], v, equal_nan=True) for k, v in before.items())
     _evaluate_job.evaluate_store(out, [Deletion(step=7)], overwrite=True, quiet=True)

@@ -113,6 +113,19 @@ class EvaluationSummary:
         return f"fastsal: {', '.join(self.metrics)} of {plural(self.evaluated, 'image')} ({done}) -> {output}"
 
 
+def _differences(metric: str, stored: dict, asked: dict) -> str:
+    """Which of a metric's settings differ from those stored, as a user would set them (None: default)."""
+
+    def shown(value) -> str:
+        return "default" if value is None else json.dumps(value)
+
+    return "; ".join(
+        f"{metric}.{key} {shown(asked.get(key))} asked, {shown(stored.get(key))} stored"
+        for key in sorted(stored.keys() | asked.keys())
+        if stored.get(key) != asked.get(key)
+    )
+
+
 def evaluate_store(
     output, metrics, *, overwrite=False, batch_size=None, gpu=None, threads=None, quiet=False
 ) -> EvaluationSummary:
@@ -173,8 +186,9 @@ def evaluate_store(
         changed = [n for n in names if n in recorded and recorded[n] != settings[n]]
         if changed and not overwrite:
             raise JobError(
-                f"{output} holds {', '.join(changed)} with other settings; give --overwrite to replace "
-                "them (only those metrics' arrays)"
+                f"{output} holds {', '.join(changed)} with other settings ("
+                + "; ".join(_differences(n, recorded[n], settings[n]) for n in changed)
+                + "); give --overwrite to replace them (only those metrics' arrays)"
             )
         for name in changed:
             _remove_metric(out, metrics_group, name)
