@@ -134,6 +134,7 @@ DESCRIPTION = """\
 Saliency and attribution maps of Caffe models, from a batched C++ engine.
 
   fastsal run IMAGES --model-def deploy.prototxt --pretrained-model model.caffemodel -o maps.zarr
+  fastsal evaluate maps.zarr --metrics deletion,insertion,mprt [--metric-option mprt.final_only=true]
   fastsal status maps.zarr
   fastsal report maps.zarr [more.zarr ...] --labels synset_words.txt -o report/
   fastsal export maps.zarr --png overlays/ --npy maps/ --csv results.csv --labels synset_words.txt
