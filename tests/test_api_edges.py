@@ -275,3 +275,23 @@ def test_readme_says_what_a_concurrent_pycaffe_forward_sees():
     bullet = next(part for part in readme.split("\n- ") if "openblas_set_num_threads" in part)
     for words in ("another thread", "one thread", "last bit", "fast_layers=False", "not concurrently"):
         assert words in " ".join(bullet.split()), words
+
+
+def test_the_readme_s_submodules_are_reached_from_import_fastsal():
+    """README writes fastsal.examples.digits_net(), fastsal.jobs.run_job(...): after a plain
+    ``import fastsal`` they are there (imported on first use: torch only with fastsal.torch_port)."""
+    done = run_isolated(
+        """
+        import sys, fastsal
+        assert callable(fastsal.examples.digits_net) and callable(fastsal.jobs.run_job)
+        assert callable(fastsal.report.write_report) and "torch" not in sys.modules
+        try:
+            fastsal.no_such_thing
+        except AttributeError as error:
+            assert "no_such_thing" in str(error)
+        else:
+            raise AssertionError("fastsal.no_such_thing did not raise")
+        print("OK")
+        """
+    )
+    assert done.stdout.strip() == "OK", done.stderr[-2000:]

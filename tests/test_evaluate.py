@@ -173,7 +173,10 @@ def test_other_settings_are_refused_unless_overwrite(model, images, tmp_path):
     _evaluate_job.evaluate_store(out, ["deletion", "insertion"], quiet=True)
     before = metric_arrays(out)
     maps = zarr.open_group(str(out), mode="r")["maps"][:]
-    with pytest.raises(jobs.JobError, match="deletion with other settings; give --overwrite"):
+    with pytest.raises(
+        jobs.JobError,
+        match=r"deletion with other settings \(deletion.step 7 asked, default stored\); give --overwrite",
+    ):
         _evaluate_job.evaluate_store(out, [Deletion(step=7)], quiet=True)
     assert all(np.array_equal(metric_arrays(out)[k], v, equal_nan=True) for k, v in before.items())
     _evaluate_job.evaluate_store(out, [Deletion(step=7)], overwrite=True, quiet=True)
@@ -226,7 +229,8 @@ def test_metric_options_reach_the_metrics_and_the_plan(model, evaluated, tmp_pat
     [
         ("deletion.steps=4", "deletion takes step, baseline, softmax"),
         ("mprt.similarities=pearson", "similarities must name some of"),
-        ("deletion.step=-1", "step"),
+        ("deletion.step=-1", "--metric-option deletion.step: step"),
+        ("mprt.final_only=maybe", "--metric-option mprt.final_only: final_only must be"),
         ("insertion.step=4", "insertion is not among the metrics"),
         ("nosuch.step=4", "unknown metric 'nosuch'"),
         ("deletion=4", "expected METRIC.OPTION=VALUE"),

@@ -197,6 +197,9 @@ def test_score_rewritten_in_place_warns(tmp_path, rng):
     images = random_images(rng, net, 2)
     reference, _ = seed_recipe(net, str(tmp_path / "net.prototxt"), images, np.tile([1], (2, 1)), "fc")
     np.testing.assert_allclose(saliency.compute(images, 1), reference, atol=1e-6)
+    with pytest.warns(UserWarning, match="rewritten in place") as caught:  # through compute's cache too
+        fastsal.compute(net, images, 1, score="fc")
+    assert [w.filename for w in caught if "rewritten in place" in str(w.message)] == [__file__]
 
 
 # ---- stale or refused where the user did nothing wrong ----

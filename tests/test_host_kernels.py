@@ -9,6 +9,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 
 import fastsal
@@ -54,6 +55,28 @@ def test_exact_cpu_engines_warn_once_when_openblas_runs_generic_kernels(tmp_path
     slow = [str(w.message) for w in caught if issubclass(w.category, fastsal.SlowBlasWarning)]
     assert inexact_only == []
     assert slow == ([expected] if expected else [])
+
+
+@pytest.mark.parametrize("call", ["Saliency", "compute", "attribute", "evaluate"])
+def test_slow_blas_warning_names_the_callers_line(tmp_path, monkeypatch, call):
+    """The warning points at the user's own line, not at fastsal's internals, whichever entry point
+    builds the first exact engine (the advice is forced: this host may not need it)."""
+    net = make_net(tmp_path, NETS["conv_maxpool_fc_softmax"][0])
+    images = np.random.default_rng(0).standard_normal((1, 3, 12, 12)).astype(np.float32)
+    monkeypatch.setattr(_build, "_blas_checked", False)
+    monkeypatch.setattr(_build, "slow_blas_advice", lambda core, flags: "forced advice")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if call == "Saliency":
+            fastsal.Saliency(net)
+        elif call == "compute":
+            fastsal.compute(net, images, 0)
+        elif call == "attribute":
+            fastsal.attribute(net, images, 0, method="integrated_gradients", n_steps=2)
+        else:
+            fastsal.evaluate(net, images, [0], ["deletion"], method="saliency")
+    slow = [w for w in caught if issubclass(w.category, fastsal.SlowBlasWarning)]
+    assert [(w.filename, str(w.message)) for w in slow] == [(__file__, "forced advice")]
 
 
 # conv_big's 32x32 output is Winograd's size, conv_small's 16x16 is not; conv_1x1 is pointwise.

@@ -375,3 +375,20 @@ def test_empty_folder_and_status_of_a_non_store(tmp_path, model, capsys):
     assert "no images found" in capsys.readouterr().err
     assert run("status", tmp_path / "empty") == 2
     assert "is not a fastsal store" in capsys.readouterr().err
+
+
+def test_run_job_names_a_misspelt_or_misplaced_option(model, dataset, tmp_path):
+    """run_job's keywords are the CLI's flags with underscores, method options in method_options: a
+    wrong one is refused naming run_job (not an internal function), and a method's option says where
+    it goes. Nothing is written."""
+    prototxt, weights = model
+    out = tmp_path / "out.zarr"
+    with pytest.raises(
+        TypeError, match=r"run_job\(\) got an unknown option 'mean_vlue'; it takes .*mean_value"
+    ):
+        jobs.run_job(dataset, prototxt, weights, out, mean_vlue=MEAN)
+    with pytest.raises(
+        TypeError, match=r"'samples' is an option of the method: method_options=\{'samples': 25\}"
+    ):
+        jobs.run_job(dataset, prototxt, weights, out, method="smoothgrad", samples=25)
+    assert not out.exists()

@@ -356,6 +356,21 @@ def test_a_reloaded_engine_gives_a_fresh_engine_s_maps(small_net, rng, method, o
     np.testing.assert_array_equal(reloaded, fresh)
 
 
+def test_mprt_copy_of_the_net_does_not_log_caffe_s_setup(small_net, capfd):
+    """MPRT's private copy of the net is built without Caffe's per-layer INFO lines (dozens of lines per
+    layer on the user's terminal), at the user's own log level, which is restored afterwards."""
+    net, _, _ = small_net
+    fastsal.set_caffe_log_level(0)
+    try:
+        capfd.readouterr()
+        fastsal.metrics.net_copy(net)
+        logged = capfd.readouterr().err
+        assert fastsal._core.log_level() == 0
+    finally:
+        fastsal.set_caffe_log_level(1)  # conftest's level
+    assert "Setting up" not in logged and "Initializing net" not in logged
+
+
 @pytest.mark.parametrize("method", ["saliency", "lrp", "deeplift"])
 def test_attribute_follows_weights_written_in_place(tmp_path, rng, method):
     """fastsal.attribute's cached engine after the user writes the net's weights in place (as

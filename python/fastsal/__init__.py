@@ -45,3 +45,14 @@ __all__ = [
     "visualize_classes",
 ]
 __version__ = "0.1.0"
+
+# Public submodules that cost more to import, reached as fastsal.examples, fastsal.jobs, ... on first use.
+_LAZY = ("examples", "jobs", "report", "torch_port")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fastsal' has no attribute {name!r}")

@@ -4,6 +4,7 @@ libcaffe copies in one process."""
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 from . import _core
@@ -67,7 +68,19 @@ def _cpu_flags() -> set[str]:
 _blas_checked = False
 
 
-def warn_if_blas_is_slow(stacklevel: int) -> None:
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by fastsal's caller name the first line outside
+    fastsal (fastsal.compute, attribute and evaluate reach the engine through several layers of it)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_if_blas_is_slow() -> None:
     """Once per process, a SlowBlasWarning when Caffe's forward runs on OpenBLAS's generic kernels."""
     global _blas_checked
     if _blas_checked:
@@ -75,7 +88,7 @@ def warn_if_blas_is_slow(stacklevel: int) -> None:
     _blas_checked = True
     advice = slow_blas_advice(_core.build_info()["openblas_core"], _cpu_flags())
     if advice:
-        warnings.warn(advice, SlowBlasWarning, stacklevel=stacklevel + 1)
+        warnings.warn(advice, SlowBlasWarning, stacklevel=user_stacklevel())
 
 
 def has_cuda() -> bool:

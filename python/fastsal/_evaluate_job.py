@@ -123,6 +123,19 @@ class EvaluationSummary:
         return f"fastsal: {', '.join(self.metrics)} of {plural(self.evaluated, 'image')} ({done}) -> {output}"
 
 
+def _differences(metric: str, stored: dict, asked: dict) -> str:
+    """Which of a metric's settings differ from those stored, as a user would set them (None: default)."""
+
+    def shown(value) -> str:
+        return "default" if value is None else json.dumps(value)
+
+    return "; ".join(
+        f"{metric}.{key} {shown(asked.get(key))} asked, {shown(stored.get(key))} stored"
+        for key in sorted(stored.keys() | asked.keys())
+        if stored.get(key) != asked.get(key)
+    )
+
+
 def evaluate_store(
     output, metrics, *, overwrite=False, batch_size=None, gpu=None, threads=None, quiet=False
 ) -> EvaluationSummary:
@@ -184,8 +197,9 @@ def evaluate_store(
         held = [n for n in changed if _holds(out, metrics_group, n)]
         if held and not overwrite:
             raise JobError(
-                f"{output} holds {', '.join(held)} with other settings; give --overwrite to replace "
-                "them (only those metrics' arrays)"
+                f"{output} holds {', '.join(held)} with other settings ("
+                + "; ".join(_differences(n, recorded[n], settings[n]) for n in held)
+                + "); give --overwrite to replace them (only those metrics' arrays)"
             )
         for name in held:
             _remove_metric(out, metrics_group, name)

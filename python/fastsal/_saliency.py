@@ -12,7 +12,7 @@ import caffe
 import numpy as np
 
 from . import _core
-from ._build import warn_if_blas_is_slow
+from ._build import user_stacklevel, warn_if_blas_is_slow
 from ._threads import check_threads, default_threads
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
@@ -134,7 +134,7 @@ class Saliency:
             deeplift=bool(_deeplift),
         )
         if device is None and self._options["exact"]:
-            warn_if_blas_is_slow(stacklevel=2)  # the exact CPU forward is Caffe's OpenBLAS arithmetic
+            warn_if_blas_is_slow()  # the exact CPU forward is Caffe's OpenBLAS arithmetic
         self._net = weakref.ref(net)
         self._warn = _warn
         self._lock = threading.Lock()
@@ -149,7 +149,7 @@ class Saliency:
                 + " after the layer that computes it; the maps are gradients of its value after them, as "
                 "net.blobs shows it (an in-place ReLU zeroes the gradient of every negative score)",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         return engine
 

@@ -134,6 +134,7 @@ DESCRIPTION = """\
 Saliency and attribution maps of Caffe models, from a batched C++ engine.
 
   fastsal run IMAGES --model-def deploy.prototxt --pretrained-model model.caffemodel -o maps.zarr
+  fastsal evaluate maps.zarr --metrics deletion,insertion,mprt [--metric-option mprt.final_only=true]
   fastsal status maps.zarr
   fastsal report maps.zarr [more.zarr ...] --labels synset_words.txt -o report/
   fastsal export maps.zarr --png overlays/ --npy maps/ --csv results.csv --labels synset_words.txt
@@ -215,7 +216,14 @@ def _metric_objects(names: list[str], settings: list | None) -> list:
         if name not in known:
             raise ValueError(f"--metric-option {metric}.{name}: {metric} takes {', '.join(known)}")
         chosen[metric][name] = value
-    return [METRICS[name](**options) for name, options in chosen.items()]
+    objects = []
+    for metric, options in chosen.items():
+        try:
+            objects.append(METRICS[metric](**options))
+        except (TypeError, ValueError) as error:  # the constructor's reason, named as the user wrote it
+            given = ", ".join(f"{metric}.{name}" for name in options)
+            raise ValueError(f"--metric-option {given}: {error}" if options else str(error)) from error
+    return objects
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1158,6 +1158,26 @@ def _changed_chunks(spec: JobSpec, done: dict[int, dict]) -> list[int]:
     )
 
 
+def _check_job_options(options: dict) -> None:
+    """run_job's own message for a keyword it does not take (not _prepare's), pointing a method's option
+    (samples=, n_steps=, ...) to method_options, where the CLI's --samples goes."""
+    import inspect
+
+    known = [n for n, p in inspect.signature(_prepare).parameters.items() if p.kind == p.KEYWORD_ONLY]
+    method_options = {name for defaults in _attribution._OPTIONS.values() for name in defaults} | {"exact"}
+    for name in options:
+        if name not in known:
+            where = (
+                f"; {name!r} is an option of the method: method_options={{{name!r}: {options[name]!r}}}"
+                if name in method_options
+                else ""
+            )
+            raise TypeError(
+                f"run_job() got an unknown option {name!r}; it takes {', '.join(known)}, and workers, "
+                f"scheduler, quiet{where}"
+            )
+
+
 def run_job(
     images, model_def, pretrained_model, output, *, workers=None, scheduler=None, quiet=False, **options
 ):
@@ -1166,6 +1186,7 @@ def run_job(
     before any work, JobUnfinished when chunks are left pending, JobInterrupted on Ctrl-C."""
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise JobError(f"workers must be a positive integer, got {workers!r}")
+    _check_job_options(options)
     threads = options.get("threads")
     spec, attribution, lock = _prepare(images, model_def, pretrained_model, output, **options)
     if workers and threads is None:  # the threads split between the workers, not each taking them all

@@ -22,6 +22,7 @@ from . import _core
 from ._attribution import _OPTIONS as _METHOD_OPTIONS
 from ._attribution import Attribution
 from ._forward import Forward, softmax
+from ._load import _quiet_caffe
 
 ENGINE_OPTIONS = ("score", "input", "batch_size", "fast_layers", "exact", "device", "threads")
 
@@ -413,7 +414,8 @@ def net_copy(net: caffe.Net) -> caffe.Net:
         path = os.path.join(folder, "net.prototxt")
         with open(path, "w") as f:
             f.write(_core.net_prototxt(net))
-        copy = caffe.Net(path, caffe.TEST)
+        with _quiet_caffe():  # Caffe's per-layer INFO lines, on the user's terminal, at every evaluate
+            copy = caffe.Net(path, caffe.TEST)
     for name in net.inputs:
         copy.blobs[name].reshape(*net.blobs[name].data.shape)
     copy.reshape()
