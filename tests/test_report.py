@@ -276,6 +276,9 @@ def test_signed_as_export_decides(stores, tmp_path):
     assert "diverging, centred on zero" in (out / "index.html").read_text()
     assert report._open(str(copy)).signed == signed_maps(jobs.status(str(copy))["plan"]) is True
     assert report._open(str(made["saliency"][0])).signed is False  # absmax maps: sequential
+    # occlusion's default channel reduction is the mean of signed score drops
+    assert signed_maps({"method": "occlusion", "options": {"reduce": "mean"}})
+    assert not signed_maps({"method": "occlusion", "options": {"reduce": "absmax"}})
 
 
 def test_probabilities_only_when_the_store_has_them(stores, tmp_path):

@@ -23,12 +23,12 @@ _STATUS = ("pending", "ok", "failed")  # jobs.PENDING, OK, FAILED
 
 
 def signed_maps(plan: dict) -> bool:
-    """Whether the plan's maps carry a sign: reduce="sum" (except squares and variances), or a CAM
-    without its ReLU. absmax maps, the default, are |values|."""
+    """Whether the plan's maps carry a sign: reduce="sum" or occlusion's "mean" (except squares and
+    variances), or a CAM without its ReLU. absmax maps, the gradients' default, are |values|."""
     options = plan.get("options", {})
     if plan.get("method") in _UNSIGNED_METHODS:
         return False
-    return options.get("reduce") == "sum" or options.get("relu") is False
+    return options.get("reduce") in ("sum", "mean") or options.get("relu") is False
 
 
 def preprocessing_of(plan: dict) -> Preprocessing | None:
