@@ -222,6 +222,12 @@ def test_metric_options_reach_the_metrics_and_the_plan(model, evaluated, tmp_pat
     settings = group["metrics"].attrs[_evaluate_job.SETTINGS]
     assert settings["deletion"]["step"] == 448 and settings["mprt"]["similarities"] == ["spearman", "ssim"]
     np.testing.assert_array_equal(found["insertion"], metric_arrays(evaluated)["insertion"])  # untouched
+    shown = subprocess.run(
+        [sys.executable, "-m", "fastsal.cli", "status", str(out)], capture_output=True, text=True, timeout=600
+    ).stdout
+    assert "metric deletion (step=448): " in shown  # what differs from the metric's defaults
+    assert 'metric mprt (similarities=["spearman", "ssim"]): ' in shown
+    assert "metric insertion: " in shown  # defaults: nothing to say
 
 
 @pytest.mark.parametrize(

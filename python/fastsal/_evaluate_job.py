@@ -331,13 +331,16 @@ def _write_chunk(out: Path, metrics_group, spec, chunk, results, missing) -> Non
 
 
 def summaries(output) -> dict[str, dict]:
-    """Per metric array (N, K) of the store: evaluated (image, class) pairs, mean and quartiles."""
+    """Per metric array (N, K) of the store: evaluated (image, class) pairs, mean and quartiles, and the
+    settings it was evaluated with where they are not the metric's defaults (as --metric-option sets them)."""
+    from fastsal.metrics import METRICS
 
     group = _open(output, "r")
     if GROUP not in group:
         return {}
     found = {}
     metrics_group = group[GROUP]
+    recorded = dict(metrics_group.attrs.get(SETTINGS, {}))
     for key in sorted(metrics_group.array_keys()):
         array = metrics_group[key]
         if array.ndim != 2:
@@ -345,10 +348,14 @@ def summaries(output) -> dict[str, dict]:
         values = np.asarray(array[:], np.float64).ravel()
         values = values[np.isfinite(values)]
         quartiles = np.percentile(values, [25, 50, 75]).tolist() if values.size else [np.nan] * 3
+        defaults = metric_settings(METRICS[key]()) if key in METRICS else {}
         found[key] = {
             "evaluated": int(values.size),
             "mean": float(values.mean()) if values.size else np.nan,
             "quartiles": quartiles,
+            "options": {
+                k: v for k, v in recorded.get(key, {}).items() if k != "class" and defaults.get(k) != v
+            },
         }
     return found
 

@@ -654,8 +654,10 @@ def _status(output: str) -> int:
             print(f"fastsal: warning: {delta['warning']}", file=sys.stderr)
     for name, found in info.get("metrics", {}).items():
         q1, median, q3 = found["quartiles"]
+        options = ", ".join(f"{key}={json.dumps(value)}" for key, value in found.get("options", {}).items())
         print(
-            f"metric {name}: {found['evaluated']} evaluated, mean {found['mean']:.4g}, "
+            f"metric {name}{f' ({options})' if options else ''}: {found['evaluated']} evaluated, "
+            f"mean {found['mean']:.4g}, "
             f"quartiles {q1:.4g} / {median:.4g} / {q3:.4g}"
         )
     if info["pending"] or info["chunks_done"] < info["chunks"]:
