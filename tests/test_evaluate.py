@@ -189,6 +189,19 @@ def test_other_settings_are_refused_unless_overwrite(model, images, tmp_path):
     assert not (out / "metrics").exists()
 
 
+def test_overwrite_leaves_an_array_the_user_put_beside_the_metric(model, images, tmp_path):
+    """--overwrite replaces the arrays the metric wrote, not one the user named after it."""
+    out = tmp_path / "maps.zarr"
+    assert cli_run(model, images, out, "--chunk-size", 4).returncode == 1
+    _evaluate_job.evaluate_store(out, ["deletion"], quiet=True)
+    mine = np.arange(8, dtype=np.float32).reshape(4, 2)
+    zarr.open_group(str(out), mode="r+").create_array("metrics/deletion_mine", data=mine)
+    _evaluate_job.evaluate_store(out, [Deletion(step=7)], overwrite=True, quiet=True)
+    found = metric_arrays(out)
+    np.testing.assert_array_equal(found["deletion_mine"], mine)
+    assert found["deletion_curve"].shape[2] == -(-32 * 32 // 7) + 1  # the metric's own: replaced
+
+
 def test_run_evaluate_after_the_run(model, images, evaluated, tmp_path):
     out = tmp_path / "maps.zarr"
     done = cli_run(model, images, out, "--chunk-size", 3, "--top-k", 2, "--evaluate", METRICS)

@@ -75,8 +75,20 @@ def _consolidate(out: Path) -> None:
         zarr.consolidate_metadata(str(out))  # xarray and zarr readers see the new arrays
 
 
+OWNER = "fastsal_metric"  # each metric array's attribute: the metric that wrote it
+
+
 def _arrays(group, name: str) -> list[str]:
-    return [a for a in group.array_keys() if a == name or a.startswith(f"{name}_")]
+    """The arrays metric ``name`` wrote: those whose OWNER attribute names it (an array someone else
+    put beside them, metrics/deletion_mine, is not the metric's). In a store written before fastsal
+    marked them (no array marked as the metric's), they are recognised by name."""
+    owners = {key: array.attrs.get(OWNER) for key, array in group.arrays()}
+    marked = [key for key, owner in owners.items() if owner == name]
+    if marked or name not in owners:
+        return marked
+    return [
+        key for key, owner in owners.items() if owner is None and (key == name or key.startswith(f"{name}_"))
+    ]
 
 
 def _holds(out: Path, group, name: str) -> bool:
@@ -318,6 +330,7 @@ def _write_chunk(out: Path, metrics_group, spec, chunk, results, missing) -> Non
                 dtype="float32",
                 fill_value=np.nan,
                 dimension_names=dims,
+                attributes={OWNER: owner.name},
             )
             created = True
         array = metrics_group[key]
