@@ -204,15 +204,13 @@ def _metric_option(text: str) -> tuple[str, str, object]:
 def _metric_objects(names: list[str], settings: list | None) -> list:
     """The metric objects of ``names`` with their --metric-option settings (each option checked by
     the metric's own constructor: its message names what is wrong)."""
-    import inspect
-
     chosen = {name: {} for name in names}
     for metric, name, value in settings or []:
         if metric not in chosen:
             raise ValueError(
                 f"--metric-option {metric}.{name}: {metric} is not among the metrics ({', '.join(names)})"
             )
-        known = list(inspect.signature(METRICS[metric]).parameters)
+        known = METRICS[metric].keywords()
         if name not in known:
             raise ValueError(f"--metric-option {metric}.{name}: {metric} takes {', '.join(known)}")
         chosen[metric][name] = value

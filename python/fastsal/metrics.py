@@ -106,6 +106,11 @@ class Metric:
     def run(self, context: _Context) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    @classmethod
+    def keywords(cls) -> list[str]:
+        """The options the metric's constructor takes (its paper's parameters)."""
+        return list(inspect.signature(cls).parameters)
+
 
 # ---- deletion and insertion (RISE) ----
 
@@ -815,7 +820,7 @@ def evaluate(
     misplaced = sorted(
         (key, type(metric).__name__)
         for metric in chosen
-        for key in inspect.signature(type(metric)).parameters
+        for key in metric.keywords()
         if key in options and key not in method_takes  # seed: SmoothGrad's and MPRT's alike
     )
     if misplaced:  # a metric's option given to evaluate would reach the method as an unknown option
